@@ -1,0 +1,46 @@
+"""Feature extraction: run a frozen encoder once, in eval mode, and cache the embeddings for every evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@torch.inference_mode()
+def extract_embeddings(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    preprocess: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    module: nn.Module | None = None,
+) -> np.ndarray:
+    """Embed ``images`` (uint8 (N, C, H, W)) -> float32 (N, D) numpy array.
+
+    ``preprocess`` turns a uint8 batch on ``device`` into the encoder's input
+    (normalisation, no augmentation). ``module`` (default: ``encoder`` itself if
+    it is a module) is put in eval mode for the extraction, so BatchNorm uses its
+    running statistics and dropout is off, and restored to its mode afterwards.
+    """
+    module = module if module is not None else (encoder if isinstance(encoder, nn.Module) else None)
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        chunks = []
+        for start in range(0, images.shape[0], batch_size):
+            x = preprocess(images[start : start + batch_size].to(device))
+            chunks.append(encoder(x).float().cpu())
+        return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
+    finally:
+        if module is not None:
+            module.train(was_training)
+
+
+def raw_pixels(images: torch.Tensor, preprocess: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 2048) -> np.ndarray:
+    """The raw-pixel baseline's "embedding": normalised pixels, flattened to (N, C*H*W)."""
+    return extract_embeddings(lambda x: x.flatten(1), images, preprocess, batch_size=batch_size)

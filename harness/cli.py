@@ -1,0 +1,114 @@
+"""Command line: ``python -m harness VERB``.
+
+Exit codes: 0 success, 2 bad input (usage, config, missing data), 1 a failure while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from harness.errors import BadInput, HarnessError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors raise BadInput (one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadInput(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m harness", description="Benchmark and ablation harness for self-supervised learning.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    run = verbs.add_parser("run", help="one trial: pretrain, evaluate, log to MLflow", description="Pretrain one method on one dataset, run the evaluation battery and log everything to MLflow.")
+    run.add_argument("config", help="run config YAML (e.g. configs/simclr_shapes.yaml)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.epochs=2 method.temperature=0.2")
+    run.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint (same as pretrain.resume=CHECKPOINT)")
+
+    show = verbs.add_parser("config", help="print the resolved config (defaults filled in) without running", description="Validate a config with its overrides and print it resolved.")
+    show.add_argument("config", help="run config YAML")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+
+    lst = verbs.add_parser("list", help="list methods, datasets or timm backbones", description="List registered methods, datasets, or timm backbones matching a pattern.")
+    lst.add_argument("what", nargs="?", choices=["methods", "datasets", "backbones"], default="methods")
+    lst.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*' or 'vit_*'")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        if args.verb is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        return _VERBS[args.verb](args)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.run import run
+
+    overrides = list(args.overrides) + ([f"pretrain.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    try:
+        metrics = run(cfg)
+    except HarnessError:
+        raise
+    except Exception as err:  # a failure while running: one line; HARNESS_DEBUG=1 shows the traceback
+        if os.environ.get("HARNESS_DEBUG"):
+            raise
+        print(f"error: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    for key in sorted(metrics):
+        if key.startswith(("eval/", "baseline/")):
+            print(f"{key:40s} {metrics[key]:.4f}")
+    return EXIT_OK
+
+
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from harness.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.as_dict(), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from methods import REGISTRY, list_methods
+
+        for name in list_methods(args.pattern):
+            t = REGISTRY[name].taxonomy()
+            print(f"{name:16s} negatives={str(t['uses_negatives']):5s} networks={t['networks']}  loss={t['loss']}")
+    elif args.what == "datasets":
+        from harness.datasets import list_datasets
+
+        print("\n".join(n for n in list_datasets() if args.pattern is None or fnmatch.fnmatch(n, args.pattern)))
+    else:
+        from harness.backbones import list_backbones
+
+        print("\n".join(list_backbones(args.pattern)))
+    return EXIT_OK
+
+
+_VERBS = {"run": _run, "config": _config, "list": _list}

@@ -1,0 +1,352 @@
+"""The typed run configuration: YAML in, ``key=value`` overrides, validated before anything runs.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error
+naming the dotted key (with the closest valid key), never a silently ignored option.
+A method's own parameters are validated by that method's ``Params`` model, with the
+paper's defaults written next to the method (see :mod:`methods`).
+
+    cfg = load_config("configs/simclr_shapes.yaml", ["pretrain.epochs=2"])
+    cfg.pretrain.lr          # effective lr = base_lr * batch_size / 256
+    flatten(cfg.as_dict())   # {"pretrain.epochs": 2, ...}, what MLflow logs as params
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import ConfigError, suggest
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are refused, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(Section):
+    """Which dataset, where it lives and at what resolution."""
+
+    name: str = "shapes"
+    root: Path | None = None
+    """Folder holding real datasets (``<root>/cifar-10-batches-py``, ``<root>/stl10_binary``, ...)."""
+    image_size: int = Field(32, ge=8, le=1024)
+    """Side of the square images the model sees (generated, resized or centre-cropped to it)."""
+    num_train: int | None = Field(None, ge=1)
+    """Training images: the number generated for ``shapes``; the first n (seeded, per class) otherwise."""
+    num_test: int | None = Field(None, ge=1)
+    seed: int = 0
+    """Seed of the data itself (generated images, subsets); the trial seed does not change the data."""
+    verify_checksums: bool = False
+    """Check the md5 sums of CIFAR/STL-10 files, as torchvision does for the full archives."""
+
+
+class BackboneConfig(Section):
+    """Any timm model by name, used as a feature extractor (``num_classes=0``)."""
+
+    name: str = "resnet18"
+    cifar_stem: bool = False
+    """Replace a ResNet's 7x7/2 conv + max-pool with a 3x3/1 conv and no pool (for 32 px inputs)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``patch_size``)."""
+
+
+class PretrainConfig(Section):
+    """Optimisation of the self-supervised objective. The training loop owns all of it."""
+
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(256, ge=2)
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"
+    base_lr: float = Field(0.3, gt=0)
+    """Learning rate for a batch of 256; the effective lr is ``base_lr * batch_size / 256``."""
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = Field(1.0, ge=0)
+    final_lr: float = Field(0.0, ge=0)
+    """Learning rate at the end of the cosine schedule (absolute, not scaled)."""
+    amp: bool = True
+    """bf16 autocast on CUDA; ignored on the CPU."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA; ignored on the CPU."""
+    checkpoint_dir: Path | None = None
+    """Where the per-epoch checkpoint goes; default ``outputs/<experiment>/<run id>``."""
+    resume: Path | None = None
+    """A checkpoint to continue from (weights, optimiser, epoch); the config must match."""
+    progress: bool = True
+    """Show a progress bar when stderr is a terminal."""
+
+    @property
+    def lr(self) -> float:
+        """Effective peak learning rate, linearly scaled by batch size (Goyal et al. 2017)."""
+        return self.base_lr * self.batch_size / 256
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> PretrainConfig:
+        if self.epochs and self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+
+class AugmentConfig(Section):
+    """The SimCLR augmentation recipe, applied per image and per view on the training device."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Area fraction range of the random resized crop (SimCLR: 0.08-1; 0.2-1 for small images)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_p: float = Field(0.5, ge=0, le=1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.4, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_p: float = Field(0.0, ge=0, le=1)
+    """Gaussian blur probability (SimCLR ImageNet: 0.5; off for 32 px images)."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    @field_validator("crop_scale", "crop_ratio", "blur_sigma")
+    @classmethod
+    def _ordered_positive_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0 < lo <= hi:
+            raise ValueError(f"must be a range (low, high) with 0 < low <= high, got {list(v)}")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_at_most_one(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] > 1:
+            raise ValueError(f"crop area fraction cannot exceed 1, got {list(v)}")
+        return v
+
+
+class KnnConfig(Section):
+    """Weighted kNN on L2-normalised embeddings (Wu et al. 2018; DINO's defaults)."""
+
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+
+
+class EvalConfig(Section):
+    """The evaluation battery and its protocol parameters (logged next to every number)."""
+
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    baselines: bool = True
+    """Also score raw pixels and the random-init backbone with the same protocol."""
+    batch_size: int = Field(512, ge=1)
+    """Batch size of feature extraction."""
+
+
+class TrackingConfig(Section):
+    """Where runs are logged. ``uri`` falls back to MLFLOW_TRACKING_URI, then ``sqlite:///mlflow.db``."""
+
+    uri: str | None = None
+    experiment: str = "harness"
+    run_name: str | None = None
+
+
+class RunConfig(Section):
+    """Everything one trial needs; a trial is a pure function of it."""
+
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "simclr"}, validate_default=True)
+    """``name`` plus that method's own parameters, validated by its ``Params`` model."""
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"unknown device {v!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_params(cls, v: Any) -> dict[str, Any]:
+        from methods import get_method_class  # the registry imports torch; keep config import light
+
+        if isinstance(v, str):
+            v = {"name": v}
+        if not isinstance(v, dict) or "name" not in v:
+            raise ValueError("must be a mapping with a 'name' (e.g. {name: simclr, temperature: 0.5})")
+        params = dict(v)
+        name = params.pop("name")
+        method_cls = get_method_class(name)  # BadInput with suggestions when unknown
+        try:
+            validated = method_cls.Params(**params)
+        except ValidationError as err:
+            raise ConfigError(_first_error(err, prefix="method")) from None
+        return {"name": name, **validated.model_dump()}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe nested dict (paths as strings)."""
+        return self.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, validate. Raises ConfigError."""
+    raw = read_yaml(path) if path is not None else {}
+    return build_config(raw, overrides, source=str(path) if path else "defaults")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping; a missing file or malformed YAML is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> RunConfig:
+    """Validate a nested dict (plus overrides) into a RunConfig, or raise a one-line ConfigError."""
+    raw = apply_overrides(raw, overrides, RunConfig)
+    try:
+        return RunConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err)) from None
+    except TypeError as err:  # e.g. a section given as a scalar
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: type[BaseModel]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``dotted.key=value`` set; values parse as YAML scalars.
+
+    A key that the schema does not have is refused here, with the closest valid key,
+    so that a typo on the command line never silently does nothing.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. pretrain.epochs=5")
+        _check_override_key(key, schema, raw)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and part == "method":
+                child = node[part] = {"name": child}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _check_override_key(key: str, schema: type[BaseModel], raw: dict[str, Any]) -> None:
+    """Refuse a dotted key that names no field (``method.*`` is checked by the method's Params)."""
+    model: type[BaseModel] | None = schema
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if model is None:
+            return  # a free-form mapping (backbone.kwargs, method params): checked on validation
+        fields = model.model_fields
+        if part not in fields:
+            path = ".".join(parts[:depth] + [part])
+            known = [".".join(parts[:depth] + [f]) for f in fields]
+            raise ConfigError(f"override {key}: unknown key {path!r}{suggest(path, known, n=1)}")
+        if model is RunConfig and part == "method" and depth + 1 < len(parts):
+            _check_method_key(parts[depth + 1], raw)
+            return
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _check_method_key(param: str, raw: dict[str, Any]) -> None:
+    from methods import get_method_class
+
+    method = raw.get("method", {"name": "simclr"})
+    name = method if isinstance(method, str) else (method or {}).get("name", "simclr")
+    if param == "name":
+        return
+    try:
+        fields = get_method_class(name).Params.model_fields
+    except ConfigError:
+        return  # the unknown method itself is reported on validation
+    if param not in fields:
+        known = ["method." + f for f in ["name", *fields]]
+        raise ConfigError(f"override method.{param}: unknown key 'method.{param}' for method {name!r}{suggest('method.' + param, known, n=1)}")
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> str:
+    """One line for pydantic's first error: ``dotted.key: what is wrong (got value)``."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
+    loc = loc or prefix or "config"
+    if e["type"] == "extra_forbidden":
+        known = _known_keys(err, e, prefix)
+        return f"{loc}: unknown key{suggest(loc, known, n=1)}"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+def _known_keys(err: ValidationError, e: dict[str, Any], prefix: str) -> list[str]:
+    """Dotted names of the valid keys next to an unknown one, for suggestions."""
+    loc = [str(p) for p in e["loc"]]
+    model: type[BaseModel] | None = RunConfig
+    head = [prefix] if prefix else []
+    if prefix == "method":
+        title = err.title  # the Params model's class name does not give the method; look it up
+        model = next((c.Params for c in _all_method_classes() if c.Params.__name__ == title), None)
+    for part in loc[:-1]:
+        if model is None:
+            return []
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return []
+    parent = head + loc[:-1]
+    return [".".join(parent + [f]) for f in model.model_fields]
+
+
+def _all_method_classes() -> list[type]:
+    from methods import REGISTRY
+
+    return list(REGISTRY.values())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and tuples stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,43 @@
+"""What a run records about where it came from: git commit, library versions, peak memory."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import resource
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+_LIBRARIES = ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "mlflow", "ray", "numpy")
+
+
+@functools.cache
+def git_commit() -> str:
+    """The commit the harness runs from, with ``-dirty`` when the tree has changes; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that change numbers, plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

@@ -1,0 +1,153 @@
+"""MLflow behind one small module: the rest of the harness never imports mlflow.
+
+    with start_run("harness", run_name="simclr-shapes", tags={...}) as run:
+        run.log_params(flatten(cfg.as_dict()))
+        run.log_metrics({"train/loss": 4.1}, step=1)
+    # FINISHED on success; FAILED on an exception; KILLED on Ctrl-C
+
+The store is MLflow's own default, ``sqlite:///mlflow.db`` in the working
+directory (so plain ``mlflow ui`` there shows the runs), unless the config's
+``tracking.uri`` or ``MLFLOW_TRACKING_URI`` names another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+_MAX_PARAM_LEN = 6000
+_BATCH = 100
+T = TypeVar("T")
+
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """The config's URI, else ``MLFLOW_TRACKING_URI``, else the local SQLite default."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
+    """Call ``fn``, retrying with backoff while SQLite answers 'database is locked'."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - MLflow wraps the driver's error in several types
+            if "database is locked" not in str(err) or i == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**i)
+    raise AssertionError("unreachable")
+
+
+class Run:
+    """One MLflow run, logged through ``MlflowClient`` (no global active-run state)."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_str(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), _BATCH):
+            _retry(lambda chunk=items[i : i + _BATCH]: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), _BATCH):
+            _retry(lambda chunk=items[i : i + _BATCH]: self.client.log_batch(self.run_id, metrics=chunk))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        _retry(lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        _retry(lambda: self.client.log_text(self.run_id, text, artifact_file))
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        _retry(lambda: self.client.log_dict(self.run_id, data, artifact_file))
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        _retry(lambda: self.client.log_figure(self.run_id, figure, artifact_file))
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        _retry(lambda: self.client.log_artifact(self.run_id, path, artifact_path))
+
+    def end(self, status: str) -> None:
+        """Set the final status: FINISHED, FAILED or KILLED."""
+        _retry(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def _param_str(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= _MAX_PARAM_LEN else text[: _MAX_PARAM_LEN - 3] + "..."
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if needed (tolerating a concurrent creator)."""
+    exp = _retry(lambda: client.get_experiment_by_name(name))
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return _retry(lambda: client.create_experiment(name))
+    except Exception:  # noqa: BLE001 - another process created it first
+        exp = _retry(lambda: client.get_experiment_by_name(name))
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextmanager
+def start_run(experiment: str, *, run_name: str | None = None, tags: dict[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None) -> Iterator[Run]:
+    """Open a run; it ends FINISHED when the block completes, FAILED on an exception, KILLED on Ctrl-C or SystemExit."""
+    client = _client(tracking_uri(uri))
+    exp_id = experiment_id(client, experiment)
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    info = _retry(lambda: client.create_run(exp_id, run_name=run_name, tags=all_tags))
+    run = Run(client, info.info.run_id)
+    try:
+        yield run
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a scheduler stopping the trial
+        run.end("KILLED")
+        raise
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
+
+
+def get_run(run_id: str, uri: str | None = None) -> dict[str, Any]:
+    """A run's status, params, metrics and tags as plain dicts (for tests and ``eval``)."""
+    client = _client(tracking_uri(uri))
+    r = _retry(lambda: client.get_run(run_id))
+    return {"status": r.info.status, "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags), "experiment_id": r.info.experiment_id}
+
+
+def search_runs(experiment: str, uri: str | None = None) -> list[dict[str, Any]]:
+    """All runs of an experiment as plain dicts (newest first); empty if it does not exist."""
+    client = _client(tracking_uri(uri))
+    exp = _retry(lambda: client.get_experiment_by_name(experiment))
+    if exp is None:
+        return []
+    runs = _retry(lambda: client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]))
+    return [{"run_id": r.info.run_id, "status": r.info.status, "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)} for r in runs]

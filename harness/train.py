@@ -1,0 +1,211 @@
+"""The pretraining loop. It owns optimisation, precision, devices, seeding and checkpoints; methods own losses.
+
+Same config and seed, same numbers on the CPU: every epoch draws its shuffling
+and augmentation from a generator seeded by (seed, epoch), so an epoch resumed
+from a checkpoint sees exactly the batches and views it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from harness.augment import Augmenter
+from harness.config import RunConfig
+from harness.errors import BadInput, Diverged
+from harness.optim import build_optimizer, cosine_lr
+from methods.base import Method, StepInfo
+
+log = logging.getLogger(__name__)
+
+#: Keys that may differ between a checkpoint's config and the config resuming from it.
+RESUMABLE_DIFFERENCES = ("pretrain.resume", "pretrain.checkpoint_dir", "pretrain.progress", "tracking.", "eval.", "device")
+
+EpochCallback = Callable[[int, dict[str, float], Path | None], None]
+
+
+@dataclass
+class TrainResult:
+    """What pretraining did: per-epoch mean losses, wall time and throughput of this process."""
+
+    losses: list[float] = field(default_factory=list)
+    epochs: int = 0
+    steps: int = 0
+    time_s: float = 0.0
+    images_per_s: float = 0.0
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU; ``cuda`` without CUDA is BadInput."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"device: {spec!r} requested but CUDA is not available here; use device=cpu or device=auto")
+    return torch.device(spec)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A distinct, reproducible seed per (trial seed, epoch)."""
+    return (seed * 1_000_003 + epoch * 7919 + 12345) % (2**63 - 1)
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """A random permutation of ``range(n)`` in full batches (the last partial batch is dropped)."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+def pretrain(
+    method: Method,
+    images: torch.Tensor,
+    cfg: RunConfig,
+    augmenter: Augmenter,
+    device: torch.device,
+    *,
+    checkpoint_path: Path | None = None,
+    provenance: dict[str, Any] | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> TrainResult:
+    """Pretrain ``method`` on ``images`` (uint8 (N, C, H, W)) for ``cfg.pretrain.epochs`` epochs.
+
+    After each epoch: ``log_metrics({"train/loss": ..., ...}, epoch)``, an atomic
+    checkpoint at ``checkpoint_path`` (if given), then ``on_epoch_end(epoch,
+    metrics, checkpoint_path)`` (Ray Tune reports from there). If
+    ``cfg.pretrain.resume`` names a checkpoint, training continues after its epoch.
+    Raises :class:`Diverged` on a non-finite loss.
+    """
+    p = cfg.pretrain
+    n = images.shape[0]
+    if p.batch_size > n:
+        raise BadInput(f"pretrain.batch_size: {p.batch_size} is larger than the training set ({n} images)")
+    steps_per_epoch = n // p.batch_size
+    total_steps = steps_per_epoch * p.epochs
+    warmup_steps = round(p.warmup_epochs * steps_per_epoch)
+    cuda = device.type == "cuda"
+
+    method.to(device)
+    if cuda and p.channels_last:
+        method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(method, p)
+    result = TrainResult()
+    start_epoch = 0
+    if p.resume is not None:
+        start_epoch, result.losses = load_checkpoint(p.resume, method, optimizer, cfg)
+        log.info("resumed from %s after epoch %d", p.resume, start_epoch)
+
+    images = images.to(device)
+    views = method.views(images.shape[-1])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and p.amp else nullcontext()
+    show_bar = p.progress and sys.stderr.isatty()
+    step = start_epoch * steps_per_epoch
+    t0 = time.perf_counter()
+    seen = 0
+    for epoch in range(start_epoch, p.epochs):
+        method.train()
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and other in-model randomness
+        epoch_loss, epoch_t0 = 0.0, time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", disable=not show_bar, leave=False)
+        for idx in batch_indices(n, p.batch_size, generator):
+            lr = cosine_lr(step, total_steps, warmup_steps, p.lr, p.final_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = images[idx.to(device)]
+            xs = [augmenter(batch, spec, generator) for spec in views]
+            if cuda and p.channels_last:
+                xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+            info = StepInfo(epoch=epoch, step=step, total_steps=total_steps)
+            with autocast:
+                out = method.training_step(xs, info)
+            loss = out.loss.item()
+            if not math.isfinite(loss):
+                raise Diverged(f"loss diverged at epoch {epoch + 1} step {step - epoch * steps_per_epoch + 1} (loss={loss})")
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            method.after_step(info)
+            epoch_loss += loss
+            step += 1
+            seen += p.batch_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        mean_loss = epoch_loss / steps_per_epoch
+        result.losses.append(mean_loss)
+        epoch_time = time.perf_counter() - epoch_t0
+        metrics = {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": steps_per_epoch * p.batch_size / epoch_time}
+        metrics.update({f"train/{k}": float(v) for k, v in out.logs.items()})
+        log.info("epoch %d/%d  loss %.4f  lr %.4g  %.0f img/s", epoch + 1, p.epochs, mean_loss, lr, metrics["train/images_per_s"])
+        if log_metrics is not None:
+            log_metrics(metrics, epoch + 1)
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, method, optimizer, epoch + 1, result.losses, cfg, provenance or {})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, metrics, checkpoint_path)
+    result.time_s = time.perf_counter() - t0
+    result.epochs = p.epochs - start_epoch
+    result.steps = result.epochs * steps_per_epoch
+    result.images_per_s = seen / result.time_s if result.time_s > 0 else 0.0
+    return result
+
+
+def save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], cfg: RunConfig, provenance: dict[str, Any]) -> None:
+    """Write weights, optimiser state, epoch, resolved config and provenance atomically (tmp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "losses": list(losses),
+        "config": cfg.as_dict(),
+        "provenance": {k: str(v) for k, v in provenance.items()},
+    }
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer | None, cfg: RunConfig | None) -> tuple[int, list[float]]:
+    """Load a checkpoint (``weights_only=True``) into ``method`` (and ``optimizer``); return (epoch, losses).
+
+    When ``cfg`` is given, the checkpoint's config must match it except for the
+    keys in :data:`RESUMABLE_DIFFERENCES`; otherwise resuming would silently
+    continue a different experiment.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"pretrain.resume: checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same bad input
+        raise BadInput(f"pretrain.resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
+    if cfg is not None:
+        _check_same_experiment(state["config"], cfg, path)
+    method.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), [float(x) for x in state["losses"]]
+
+
+def _check_same_experiment(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    from harness.config import flatten
+
+    old, new = flatten(saved), flatten(cfg.as_dict())
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_DIFFERENCES))
+    if differ:
+        k = differ[0]
+        raise BadInput(f"pretrain.resume: {path} was trained with {k}={old.get(k)!r}, this config has {new.get(k)!r} ({len(differ)} key(s) differ)")

@@ -1,0 +1,65 @@
+"""Self-supervised methods, one file each, registered by name.
+
+    from methods import create_method, list_methods
+    method = create_method("simclr", backbone, temperature=0.2)
+
+A new method is a new file in this package with a ``@register`` class
+(see :class:`methods.base.Method` for the interface); it is discovered on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+from torch import nn
+
+from harness.errors import ConfigError, suggest
+from methods.base import Method, StepInfo, StepOutput
+
+REGISTRY: dict[str, type[Method]] = {}
+
+_SHARED_MODULES = {"base", "heads"}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a Method subclass to the registry under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} needs a class attribute 'name'")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise TypeError(f"method name {cls.name!r} registered twice ({REGISTRY[cls.name].__qualname__}, {cls.__qualname__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _SHARED_MODULES and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def list_methods(pattern: str | None = None) -> list[str]:
+    """Registered method names, sorted; ``pattern`` is a shell-style filter (``moco*``)."""
+    import fnmatch
+
+    names = sorted(REGISTRY)
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The registered class for ``name``; an unknown name is a ConfigError listing the known ones."""
+    if name not in REGISTRY:
+        raise ConfigError(f"method.name: unknown method {name!r}{suggest(str(name), REGISTRY)}; known: {', '.join(list_methods())}")
+    return REGISTRY[name]
+
+
+def create_method(name: str, backbone: nn.Module, **params: Any) -> Method:
+    """Build method ``name`` around ``backbone``; params are validated by the method's Params model."""
+    cls = get_method_class(name)
+    return cls(backbone, cls.Params(**params))
+
+
+_discover()
+
+__all__ = ["Method", "StepInfo", "StepOutput", "REGISTRY", "register", "create_method", "get_method_class", "list_methods"]

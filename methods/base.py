@@ -1,0 +1,93 @@
+"""The method interface: what a self-supervised method owns, and what it leaves to the training loop.
+
+A method owns its heads, its loss and its between-step state (EMA target, queue,
+prototypes). It declares the views it needs and its taxonomy for result tables.
+The training loop (:mod:`harness.train`) owns data, augmentation, optimisation,
+precision, devices and distribution; it calls, per step::
+
+    views = [augment(images, spec) for spec in method.views(image_size)]
+    out = method.training_step(views, step)     # StepOutput(loss, logs)
+    out.loss.backward(); optimizer.step()
+    method.after_step(step)                     # e.g. EMA update of a target network
+
+and for evaluation ``method.embed(images)`` on normalised, un-augmented images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from harness.augment import ViewSpec
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown keys are refused, defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training is: pure schedules (EMA momentum, temperatures) are functions of these."""
+
+    epoch: int
+    step: int
+    """Global optimisation step, from 0."""
+    total_steps: int
+
+
+@dataclass
+class StepOutput:
+    """The loss to minimise and scalars to log (floats or 0-d tensors; logged as ``train/<key>``)."""
+
+    loss: torch.Tensor
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of self-supervised methods.
+
+    Subclasses set the class attributes, define ``Params`` (a :class:`MethodParams`
+    with the paper's defaults) and implement :meth:`training_step`. ``self.backbone``
+    is the timm feature extractor, with ``num_features`` outputs.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    # Taxonomy for the result tables.
+    uses_negatives: ClassVar[bool] = False
+    networks: ClassVar[int] = 1
+    """Networks with their own weights (online only: 1; online + EMA target: 2; one per view: 2)."""
+    loss_name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __init__(self, backbone: nn.Module, params: MethodParams) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.params = params
+
+    def views(self, image_size: int) -> list[ViewSpec]:
+        """The augmented views one training step needs; default two full-size views."""
+        return [ViewSpec(image_size), ViewSpec(image_size)]
+
+    def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
+        """Compute the loss on a list of augmented views, each (B, C, H, W)."""
+        raise NotImplementedError
+
+    def after_step(self, step: StepInfo) -> None:
+        """Called after each optimiser step (EMA updates, queue bookkeeping). Default: nothing."""
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The representation used for evaluation: (B, C, H, W) -> (B, D). Default: backbone features."""
+        return self.backbone(images)
+
+    @classmethod
+    def taxonomy(cls) -> dict[str, object]:
+        """The row this method contributes to the methods table."""
+        return {"method": cls.name, "uses_negatives": cls.uses_negatives, "networks": cls.networks, "loss": cls.loss_name}

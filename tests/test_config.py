@@ -1,0 +1,93 @@
+"""The config schema: defaults, overrides, and one-line errors that name the dotted key."""
+
+import pytest
+
+from harness.config import RunConfig, build_config, flatten, load_config
+from harness.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_fill_method_params_from_the_method():
+    cfg = build_config({})
+    assert cfg.method == {"name": "simclr", "temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128, "proj_layers": 2}
+    assert cfg.data.name == "shapes" and cfg.pretrain.optimizer == "sgd"
+
+
+def test_shipped_default_config_is_valid():
+    cfg = load_config("configs/simclr_shapes.yaml")
+    assert cfg.method["name"] == "simclr" and cfg.data.name == "shapes"
+
+
+def test_overrides_parse_yaml_scalars_and_nest(tmp_path):
+    path = write(tmp_path, "pretrain: {epochs: 3}\nmethod: {name: simclr}\n")
+    cfg = load_config(path, ["pretrain.epochs=7", "method.temperature=0.2", "augment.crop_scale=[0.3, 0.9]", "tracking.uri=sqlite:///x.db", "backbone.kwargs.drop_rate=0.1"])
+    assert cfg.pretrain.epochs == 7
+    assert cfg.method["temperature"] == 0.2
+    assert cfg.augment.crop_scale == (0.3, 0.9)
+    assert cfg.tracking.uri == "sqlite:///x.db"
+    assert cfg.backbone.kwargs == {"drop_rate": 0.1}
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(build_config({}).as_dict())
+    assert flat["pretrain.batch_size"] == 256 and flat["method.temperature"] == 0.5 and flat["backbone.kwargs"] == {}
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        ({"pretrain": {"epoch": 3}}, r"^pretrain.epoch: unknown key \(did you mean 'pretrain.epochs'\?\)"),
+        ({"pretrain": {"batch_size": "many"}}, r"^pretrain.batch_size: .*integer.*'many'"),
+        ({"method": {"name": "simclr", "temperature": 0}}, r"^method.temperature: .*greater than 0"),
+        ({"method": {"name": "simclr", "temperature": -1}}, r"^method.temperature: "),
+        ({"method": {"name": "simclr", "temprature": 0.1}}, r"^method.temprature: unknown key \(did you mean 'method.temperature'\?\)"),
+        ({"method": {"name": "simclear"}}, r"^method.name: unknown method 'simclear' \(did you mean 'simclr'\?\)"),
+        ({"pretrain": {"optimizer": "rmsprop"}}, r"^pretrain.optimizer: .*'sgd', 'lars' or 'adamw'"),
+        ({"eval": {"knn": {"temperature": 0}}}, r"^eval.knn.temperature: "),
+        ({"augment": {"crop_scale": [0.9, 0.2]}}, r"^augment.crop_scale: .*low <= high"),
+        ({"device": "tpu"}, r"^device: unknown device 'tpu'"),
+        ({"pretrain": {"epochs": 2, "warmup_epochs": 5}}, r"^pretrain: warmup_epochs"),
+        ({"daata": {}}, r"^daata: unknown key \(did you mean 'data'\?\)"),
+    ],
+)
+def test_bad_values_name_the_dotted_key(raw, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        build_config(raw)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("pretrain.epoch=3", r"unknown key 'pretrain.epoch' \(did you mean 'pretrain.epochs'\?\)"),
+        ("nope=1", r"unknown key 'nope'"),
+        ("method.temprature=0.1", r"unknown key 'method.temprature' for method 'simclr'"),
+        ("pretrain.epochs", r"expected key=value"),
+        ("pretrain.epochs=abc", r"^pretrain.epochs: .*integer"),
+    ],
+)
+def test_bad_overrides_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config({}, [override])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "pretrain:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: line \d+, column \d+: malformed YAML"):
+        load_config(path)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_method_may_be_given_as_a_bare_name():
+    assert RunConfig(method="simclr").method["temperature"] == 0.5

@@ -1,0 +1,112 @@
+"""The training loop: determinism, resume with identical numbers, the divergence guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.config import build_config
+from harness.errors import BadInput, Diverged
+from harness.run import prepare
+from harness.train import batch_indices, load_checkpoint, pretrain
+from methods.base import StepOutput
+
+
+def train(overrides, checkpoint=None):
+    cfg = build_config({}, overrides)
+    trial = prepare(cfg)
+    result = pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device, checkpoint_path=checkpoint)
+    return trial.method, result
+
+
+def weights(method):
+    return {k: v.clone() for k, v in method.state_dict().items()}
+
+
+def test_same_seed_same_numbers(tiny_overrides):
+    m1, r1 = train(tiny_overrides)
+    m2, r2 = train(tiny_overrides)
+    assert r1.losses == r2.losses
+    assert all(torch.equal(a, b) for a, b in zip(weights(m1).values(), weights(m2).values()))
+    _, r3 = train([*tiny_overrides, "seed=1"])
+    assert r3.losses != r1.losses
+
+
+def test_resume_continues_with_identical_numbers(tiny_overrides, tmp_path):
+    full, full_result = train([*tiny_overrides, "pretrain.epochs=3"])
+
+    ckpt = tmp_path / "one" / "checkpoint.pt"
+    # Stop after one epoch by training a config that is identical except for the epochs ...
+    cfg3 = build_config({}, [*tiny_overrides, "pretrain.epochs=3"])
+    trial = prepare(cfg3)
+    stop_after_one = StopAfter(1)
+    with pytest.raises(StopAfter.Stop):
+        pretrain(trial.method, trial.data.train.images, cfg3, trial.augmenter, trial.device, checkpoint_path=ckpt, on_epoch_end=stop_after_one)
+    # ... then resume from its checkpoint in a fresh process-like setting (new model, new optimiser).
+    resumed, resumed_result = train([*tiny_overrides, "pretrain.epochs=3", f"pretrain.resume={ckpt}"])
+    assert resumed_result.losses == full_result.losses
+    for (name, a), b in zip(weights(full).items(), weights(resumed).values()):
+        assert torch.equal(a, b), name
+
+
+class StopAfter:
+    """An on_epoch_end callback that interrupts training after ``n`` epochs (like a killed process)."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, epoch, metrics, path):
+        assert path is not None and path.is_file()
+        if epoch >= self.n:
+            raise self.Stop
+
+
+def test_checkpoint_holds_config_and_loads_weights_only(tiny_overrides, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    method, _ = train(tiny_overrides, checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["pretrain"]["epochs"] == 2
+    assert set(state) >= {"model", "optimizer", "epoch", "config", "provenance"}
+    fresh = prepare(build_config({}, tiny_overrides)).method
+    assert load_checkpoint(ckpt, fresh, None, None)[0] == 2
+    assert all(torch.equal(a, b) for a, b in zip(weights(method).values(), weights(fresh).values()))
+
+
+def test_resume_with_a_different_config_is_refused(tiny_overrides, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    train(tiny_overrides, checkpoint=ckpt)
+    with pytest.raises(BadInput, match=r"pretrain.resume: .* trained with method.temperature=0.5, this config has 0.1"):
+        train([*tiny_overrides, "method.temperature=0.1", f"pretrain.resume={ckpt}"])
+    with pytest.raises(BadInput, match="checkpoint .* not found"):
+        train([*tiny_overrides, f"pretrain.resume={tmp_path / 'absent.pt'}"])
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tiny_overrides, monkeypatch):
+    cfg = build_config({}, tiny_overrides)
+    trial = prepare(cfg)
+    calls = {"n": 0}
+    real_step = trial.method.training_step
+
+    def step(views, info):
+        calls["n"] += 1
+        out = real_step(views, info)
+        return StepOutput(out.loss * float("nan")) if calls["n"] == 6 else out
+
+    monkeypatch.setattr(trial.method, "training_step", step)
+    # 128 images / batch 32 = 4 steps per epoch: the 6th step is epoch 2, step 2.
+    with pytest.raises(Diverged, match=r"^loss diverged at epoch 2 step 2 "):
+        pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device)
+
+
+def test_batches_are_a_permutation_without_the_partial_tail():
+    batches = list(batch_indices(10, 3, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [3, 3, 3]
+    assert len(set(torch.cat(batches).tolist())) == 9
+
+
+def test_batch_larger_than_dataset_is_bad_input(tiny_overrides):
+    with pytest.raises(BadInput, match=r"pretrain.batch_size: 256 is larger than the shapes training set \(128 images\)"):
+        prepare(build_config({}, [*tiny_overrides, "pretrain.batch_size=256"]))
