@@ -1,0 +1,1 @@
+"""The evaluation battery: pure functions on cached embeddings, plus feature extraction."""
