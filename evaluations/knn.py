@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from evaluations.search import inner_product_topk
+from evaluations.search import check_matrix, inner_product_topk
 
 __all__ = ["knn_classify", "knn_evaluate", "knn_scores", "l2_normalize"]
 
@@ -41,17 +41,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
         x = x.astype(np.float32)
     norms = np.sqrt(np.einsum("...i,...i->...", x, x))  # no (n, d) temporary
     return x / np.maximum(norms, x.dtype.type(eps))[..., None]
-
-
-def _check_features(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (n, dim), got shape {x.shape}")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name} must be a numeric array, got dtype {x.dtype}")
-    if x.size and not np.isfinite(np.sum(x, dtype=np.float64)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
 
 
 def _check_labels(y: np.ndarray, name: str, n: int) -> np.ndarray:
@@ -101,8 +90,8 @@ def _neighbours(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate, normalise, search: (sims float32 (N_test, k'), neighbour labels (N_test, k'), train_y int64)."""
     _check_k_temperature(k, temperature)
-    train_x = _check_features(train_x, "train_x")
-    test_x = _check_features(test_x, "test_x")
+    train_x = check_matrix(train_x, "train_x")
+    test_x = check_matrix(test_x, "test_x")
     if train_x.shape[0] == 0:
         raise ValueError("train_x must have at least one row")
     train_y = _check_labels(train_y, "train_y", train_x.shape[0])
@@ -213,7 +202,7 @@ def knn_evaluate(
     Returns:
         {"top1": float, "top5": float}.
     """
-    test_x = _check_features(test_x, "test_x")
+    test_x = check_matrix(test_x, "test_x")
     test_y = _check_labels(test_y, "test_y", test_x.shape[0])
     if test_y.shape[0] == 0:
         raise ValueError("test_x must have at least one row to compute an accuracy")

@@ -37,7 +37,7 @@ def gpu_available() -> bool:
         return False
 
 
-def _check_matrix(x: np.ndarray, name: str) -> np.ndarray:
+def check_matrix(x: np.ndarray, name: str) -> np.ndarray:
     """Validate a 2-D finite float matrix (any float dtype); returns it as an ndarray, uncopied."""
     x = np.asarray(x)
     if x.ndim != 2:
@@ -101,8 +101,8 @@ def inner_product_topk(
         (similarities float32 (Q, min(k, N)), indices int64 (Q, min(k, N))),
         best first. The order among exactly tied similarities is faiss's, unspecified.
     """
-    database = _check_matrix(database, "database")
-    queries = _check_matrix(queries, "queries")
+    database = check_matrix(database, "database")
+    queries = check_matrix(queries, "queries")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:

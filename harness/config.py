@@ -253,10 +253,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
             value = text
         node = raw
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
-                child = node[part] = {}
+                child = node[part] = _default_section(schema, part) if depth == 0 else {}
             elif isinstance(child, str) and part == "method":
                 child = node[part] = {"name": child}
             elif not isinstance(child, dict):
@@ -264,6 +264,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
             node = child
         node[parts[-1]] = value
     return raw
+
+
+def _default_section(schema: type[BaseModel], name: str) -> dict[str, Any]:
+    """A missing top-level mapping starts from the schema's default (``method`` keeps its default name)."""
+    default = schema.model_fields[name].get_default(call_default_factory=True)
+    return dict(default) if isinstance(default, dict) else {}
 
 
 def _check_override_key(key: str, schema: type[BaseModel], raw: dict[str, Any]) -> None:
