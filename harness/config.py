@@ -187,7 +187,7 @@ class RunConfig(Section):
         try:
             validated = method_cls.Params(**params)
         except ValidationError as err:
-            raise ConfigError(_first_error(err, prefix="method")) from None
+            raise ConfigError(_first_error(err, method_cls.Params, prefix="method")) from None
         return {"name": name, **validated.model_dump()}
 
     def as_dict(self) -> dict[str, Any]:
@@ -287,8 +287,7 @@ def _check_override_key(key: str, schema: type[BaseModel], raw: dict[str, Any]) 
         if model is RunConfig and part == "method" and depth + 1 < len(parts):
             _check_method_key(parts[depth + 1], raw)
             return
-        annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = _submodel(model, part)
 
 
 def _check_method_key(param: str, raw: dict[str, Any]) -> None:
@@ -307,13 +306,21 @@ def _check_method_key(param: str, raw: dict[str, Any]) -> None:
         raise ConfigError(f"override method.{param}: unknown key 'method.{param}' for method {name!r}{suggest('method.' + param, known, n=1)}")
 
 
-def _first_error(err: ValidationError, prefix: str = "") -> str:
-    """One line for pydantic's first error: ``dotted.key: what is wrong (got value)``."""
+def _first_error(err: ValidationError, model: type[BaseModel] = RunConfig, prefix: str = "") -> str:
+    """One line for pydantic's first error: ``dotted.key: what is wrong (got value)``.
+
+    ``model`` is the schema that was validated (``RunConfig``, or a method's Params
+    under ``prefix="method"``); it gives the valid neighbours of an unknown key.
+    """
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-    loc = loc or prefix or "config"
+    parts = [str(p) for p in e["loc"]]
+    loc = ".".join(([prefix] if prefix else []) + parts) or "config"
     if e["type"] == "extra_forbidden":
-        known = _known_keys(err, e, prefix)
+        parent: type[BaseModel] | None = model
+        for part in parts[:-1]:
+            parent = _submodel(parent, part)
+        head = ([prefix] if prefix else []) + parts[:-1]
+        known = [".".join(head + [f]) for f in parent.model_fields] if parent else []
         return f"{loc}: unknown key{suggest(loc, known, n=1)}"
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
@@ -321,29 +328,11 @@ def _first_error(err: ValidationError, prefix: str = "") -> str:
     return f"{loc}: {msg}{shown}"
 
 
-def _known_keys(err: ValidationError, e: dict[str, Any], prefix: str) -> list[str]:
-    """Dotted names of the valid keys next to an unknown one, for suggestions."""
-    loc = [str(p) for p in e["loc"]]
-    model: type[BaseModel] | None = RunConfig
-    head = [prefix] if prefix else []
-    if prefix == "method":
-        title = err.title  # the Params model's class name does not give the method; look it up
-        model = next((c.Params for c in _all_method_classes() if c.Params.__name__ == title), None)
-    for part in loc[:-1]:
-        if model is None:
-            return []
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    if model is None:
-        return []
-    parent = head + loc[:-1]
-    return [".".join(parent + [f]) for f in model.model_fields]
-
-
-def _all_method_classes() -> list[type]:
-    from methods import REGISTRY
-
-    return list(REGISTRY.values())
+def _submodel(model: type[BaseModel] | None, field: str) -> type[BaseModel] | None:
+    """The section model of ``model.field``, or None for a plain value, a free-form mapping or no such field."""
+    info = model.model_fields.get(field) if model is not None else None
+    annotation = info.annotation if info is not None else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
