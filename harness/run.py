@@ -22,10 +22,9 @@ from harness.augment import Augmenter
 from harness.backbones import create_backbone
 from harness.config import RunConfig, flatten
 from harness.datasets import DataSplits, load_dataset
-from harness.errors import BadInput
 from harness.provenance import git_commit, library_versions, peak_rss_mb
 from harness.tracking import Run, start_run
-from harness.train import EpochCallback, pretrain, resolve_device
+from harness.train import EpochCallback, check_batch_size, pretrain, resolve_device
 from evaluations.features import extract_embeddings, raw_pixels
 from evaluations.knn import knn_evaluate
 from methods import Method, create_method
@@ -49,8 +48,7 @@ def prepare(cfg: RunConfig) -> Trial:
     seed_everything(cfg.seed)
     d = cfg.data
     data = load_dataset(d.name, root=d.root, image_size=d.image_size, num_train=d.num_train, num_test=d.num_test, seed=d.seed, verify_checksums=d.verify_checksums)
-    if cfg.pretrain.batch_size > len(data.train):
-        raise BadInput(f"pretrain.batch_size: {cfg.pretrain.batch_size} is larger than the {d.name} training set ({len(data.train)} images)")
+    check_batch_size(cfg.pretrain.batch_size, len(data.train), d.name)
     device = resolve_device(cfg.device)
     b = cfg.backbone
     backbone = create_backbone(b.name, in_chans=data.channels, img_size=data.image_size, cifar_stem=b.cifar_stem, **b.kwargs)

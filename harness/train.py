@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from harness.augment import Augmenter
-from harness.config import RunConfig
+from harness.config import RunConfig, flatten
 from harness.errors import BadInput, Diverged
 from harness.optim import build_optimizer, cosine_lr
 from methods.base import Method, StepInfo
@@ -53,6 +53,13 @@ def resolve_device(spec: str) -> torch.device:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"device: {spec!r} requested but CUDA is not available here; use device=cpu or device=auto")
     return torch.device(spec)
+
+
+def check_batch_size(batch_size: int, num_images: int, dataset: str = "") -> None:
+    """Full batches only: a batch larger than the training set is bad input, before anything runs."""
+    if batch_size > num_images:
+        where = f"the {dataset} training set" if dataset else "the training set"
+        raise BadInput(f"pretrain.batch_size: {batch_size} is larger than {where} ({num_images} images)")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -89,8 +96,7 @@ def pretrain(
     """
     p = cfg.pretrain
     n = images.shape[0]
-    if p.batch_size > n:
-        raise BadInput(f"pretrain.batch_size: {p.batch_size} is larger than the training set ({n} images)")
+    check_batch_size(p.batch_size, n)
     steps_per_epoch = n // p.batch_size
     total_steps = steps_per_epoch * p.epochs
     warmup_steps = round(p.warmup_epochs * steps_per_epoch)
@@ -202,8 +208,6 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
 
 
 def _check_same_experiment(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
-    from harness.config import flatten
-
     old, new = flatten(saved), flatten(cfg.as_dict())
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_DIFFERENCES))
     if differ:
