@@ -298,6 +298,15 @@ class _CIFAR100(_CIFAR10, tv_datasets.CIFAR100):
     """torchvision's CIFAR-100 reader (fine labels) with the same integrity rule."""
 
 
+def _require_files(folder: Path, expected: Sequence[str], title: str, layout: str) -> None:
+    """DataNotFound naming ``folder`` when it, or any of the ``expected`` files in it, is missing."""
+    if not folder.is_dir():
+        raise DataNotFound(f"data.root: {title} not found at {folder} ({layout}); nothing is downloaded")
+    missing = [name for name in expected if not (folder / name).is_file()]
+    if missing:
+        raise DataNotFound(f"data.root: {title} at {folder} lacks {', '.join(missing)} ({layout}); nothing is downloaded")
+
+
 def _load_cifar(request: DatasetRequest, reader: type[_CIFAR10], title: str, mean: tuple[float, ...], std: tuple[float, ...]) -> DataSplits:
     """CIFAR python version (Krizhevsky 2009): pickled batches of (n, 3072) uint8 rows, CHW order."""
     folder_name = reader.base_folder
@@ -305,11 +314,7 @@ def _load_cifar(request: DatasetRequest, reader: type[_CIFAR10], title: str, mea
     folder = root / folder_name
     expected = [name for name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
     layout = f"expected the python version: {_describe_files(expected)}"
-    if not folder.is_dir():
-        raise DataNotFound(f"data.root: {title} not found at {folder} ({layout}); nothing is downloaded")
-    missing = [name for name in expected if not (folder / name).is_file()]
-    if missing:
-        raise DataNotFound(f"data.root: {title} at {folder} lacks {', '.join(missing)} ({layout}); nothing is downloaded")
+    _require_files(folder, expected, title, layout)
     splits = []
     for train in (True, False):
         try:
@@ -366,11 +371,7 @@ def _load_stl10(request: DatasetRequest) -> DataSplits:
     folder = root / _STL10.base_folder
     expected = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
     layout = f"expected the binary version: {', '.join(expected)}"
-    if not folder.is_dir():
-        raise DataNotFound(f"data.root: STL-10 not found at {folder} ({layout}); nothing is downloaded")
-    missing = [name for name in expected if not (folder / name).is_file()]
-    if missing:
-        raise DataNotFound(f"data.root: STL-10 at {folder} lacks {', '.join(missing)} ({layout}); nothing is downloaded")
+    _require_files(folder, expected, "STL-10", layout)
     splits = []
     for split in ("train", "test"):
         try:
