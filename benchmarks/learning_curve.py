@@ -1,0 +1,44 @@
+"""kNN top-1 of the backbone during pretraining: how fast a config learns, epoch by epoch.
+
+Prints the epoch, mean loss, kNN top-1 on the test split (the run's own protocol) and wall
+time every ``--every`` epochs, next to the raw-pixel and random-init baselines.
+
+    python benchmarks/learning_curve.py configs/simclr_shapes.yaml pretrain.epochs=50 --every 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from harness.config import load_config
+from harness.run import baselines, embed_splits, evaluate, prepare
+from harness.train import pretrain
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--every", type=int, default=2, help="evaluate every N epochs")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, [*args.overrides, "pretrain.progress=false"])
+    trial = prepare(cfg)
+    ytr, yte = trial.data.train.labels.numpy(), trial.data.test.labels.numpy()
+    print("baselines:", {k: round(v, 4) for k, v in baselines(trial).items()}, flush=True)
+    t0 = time.perf_counter()
+
+    def report(epoch: int, metrics: dict[str, float], _path: object) -> None:
+        if epoch % args.every and epoch != cfg.pretrain.epochs:
+            return
+        train_x, test_x = embed_splits(trial, trial.method.embed, trial.method)
+        top1 = evaluate(cfg, train_x, ytr, test_x, yte)["eval/knn/top1"]
+        trial.method.train()
+        print(f"epoch {epoch:4d}  loss {metrics['train/loss']:.4f}  knn_top1 {top1:.4f}  {time.perf_counter() - t0:6.0f} s", flush=True)
+
+    pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device, on_epoch_end=report)
+
+
+if __name__ == "__main__":
+    main()
