@@ -118,10 +118,13 @@ def _vote(sims: np.ndarray, labels: np.ndarray, num_classes: int, temperature: f
     return scores.reshape(n, num_classes)
 
 
-def _blocks(n: int, num_classes: int):
+def _voted_blocks(sims: np.ndarray, labels: np.ndarray, num_classes: int, temperature: float):
+    """Yield (rows, class scores of those rows) in blocks of at most _VOTE_BUDGET scores."""
+    n = sims.shape[0]
     step = max(1, _VOTE_BUDGET // num_classes)
     for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
+        rows = slice(start, min(start + step, n))
+        yield rows, _vote(sims[rows], labels[rows], num_classes, temperature)
 
 
 def knn_scores(
@@ -148,8 +151,8 @@ def knn_scores(
     sims, labels, train_y = _neighbours(train_x, train_y, test_x, k, temperature)
     c = _resolve_num_classes(num_classes, int(train_y.max()))
     out = np.empty((sims.shape[0], c), dtype=np.float64)
-    for rows in _blocks(sims.shape[0], c):
-        out[rows] = _vote(sims[rows], labels[rows], c, temperature)
+    for rows, scores in _voted_blocks(sims, labels, c, temperature):
+        out[rows] = scores
     return out
 
 
@@ -174,8 +177,8 @@ def knn_classify(
     sims, labels, train_y = _neighbours(train_x, train_y, test_x, k, temperature)
     c = _resolve_num_classes(num_classes, int(train_y.max()))
     pred = np.empty(sims.shape[0], dtype=np.int64)
-    for rows in _blocks(sims.shape[0], c):
-        pred[rows] = np.argmax(_vote(sims[rows], labels[rows], c, temperature), axis=1)
+    for rows, scores in _voted_blocks(sims, labels, c, temperature):
+        pred[rows] = np.argmax(scores, axis=1)
     return pred
 
 
@@ -210,8 +213,7 @@ def knn_evaluate(
     c = max(int(train_y.max()), int(test_y.max())) + 1
     top = min(5, c)
     hits1 = hits5 = 0
-    for rows in _blocks(sims.shape[0], c):
-        scores = _vote(sims[rows], labels[rows], c, temperature)
+    for rows, scores in _voted_blocks(sims, labels, c, temperature):
         y = test_y[rows]
         n = scores.shape[0]
         s_true = scores[np.arange(n), y][:, None]

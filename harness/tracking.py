@@ -136,13 +136,6 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: dict[str, A
     run.end("FINISHED")
 
 
-def get_run(run_id: str, uri: str | None = None) -> dict[str, Any]:
-    """A run's status, params, metrics and tags as plain dicts (for tests and ``eval``)."""
-    client = _client(tracking_uri(uri))
-    r = _retry(lambda: client.get_run(run_id))
-    return {"status": r.info.status, "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags), "experiment_id": r.info.experiment_id}
-
-
 def search_runs(experiment: str, uri: str | None = None) -> list[dict[str, Any]]:
     """All runs of an experiment as plain dicts (newest first); empty if it does not exist."""
     client = _client(tracking_uri(uri))
