@@ -38,6 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", help="run config YAML")
     show.add_argument("overrides", nargs="*", metavar="key=value")
 
+    sweep = verbs.add_parser("sweep", help="run a YAML ablation with Ray Tune, log to MLflow, write the tables", description="Run every trial of a sweep (Ray Tune), log a parent run and one child run per trial to MLflow, then write results/<sweep>/ tables and plots.")
+    sweep.add_argument("sweep", help="sweep YAML (e.g. sweeps/temperature.yaml)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys (max_concurrent=1, seeds=[0]) or run keys (pretrain.epochs=2)")
+    sweep.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep: finished trials are kept")
+    sweep.add_argument("--results", default="results", metavar="DIR", help="where results/<sweep>/ goes (default: results)")
+
+    table = verbs.add_parser("table", help="rebuild a sweep's tables and plots from MLflow", description="Rebuild results/<sweep>/table.{md,tex,csv} and the plots from the MLflow runs alone.")
+    table.add_argument("sweep", help="a sweep YAML or an MLflow experiment name")
+    table.add_argument("--results", default="results", metavar="DIR", help="where results/<sweep>/ goes (default: results)")
+    table.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+    ui = verbs.add_parser("ui", help="serve the MLflow UI for the harness's store", description="Start MLflow's UI on 127.0.0.1 against the store the harness writes, and print its URL.")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
     lst = verbs.add_parser("list", help="list methods, datasets or timm backbones", description="List registered methods, datasets, or timm backbones matching a pattern.")
     lst.add_argument("what", nargs="?", choices=["methods", "datasets", "backbones"], default="methods")
     lst.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*' or 'vit_*'")
@@ -83,6 +98,59 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness import tables
+    from harness.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides)
+    print(f"sweep {sweep.cfg.name!r}: {len(sweep.trials)} trials ({len(sweep.trials) // len(sweep.cfg.seeds)} points x {len(sweep.cfg.seeds)} seeds)", flush=True)
+    outcome = run_sweep(sweep, resume=args.resume, verbose=0 if args.quiet else 1)
+    for key, error in outcome.failed.items():
+        print(f"FAILED  {key}: {error}", file=sys.stderr)
+    if outcome.interrupted:
+        print(f"interrupted: {len(outcome.interrupted)} trial(s) unfinished; continue with: python -m harness sweep {args.sweep} --resume", file=sys.stderr)
+    from harness.tracking import absolute_uri, tracking_uri
+
+    uri = absolute_uri(tracking_uri(sweep.configs[sweep.keys[0]].tracking.uri))
+    out = Path(args.results) / sweep.cfg.name
+    files = tables.build(sweep.cfg.name, out, uri)
+    print(f"{len(outcome.finished)}/{len(sweep.trials)} trials finished, {len(outcome.failed)} failed, {len(outcome.stopped)} stopped early, in {outcome.wall_s:.0f} s")
+    print(f"tables: {out}/table.md (also {', '.join(p.name for p in files if p.name != 'table.md')})")
+    print(f"MLflow: parent run {outcome.parent_run_id} in experiment {sweep.cfg.name!r} of {uri}; browse with: python -m harness ui")
+    if outcome.failed:
+        print(f"error: {len(outcome.failed)} of {len(sweep.trials)} trials failed", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness import tables
+    from harness.tracking import absolute_uri, tracking_uri
+
+    name, uri = args.sweep, args.uri
+    if name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        from harness.sweep import load_sweep
+
+        sweep = load_sweep(name)
+        name, uri = sweep.cfg.name, uri or sweep.configs[sweep.keys[0]].tracking.uri
+    uri = absolute_uri(tracking_uri(uri))
+    out = Path(args.results) / name
+    files = tables.build(name, out, uri)
+    print("\n".join(str(p) for p in files))
+    return EXIT_OK
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from harness.tracking import serve_ui, tracking_uri
+
+    uri = tracking_uri(args.uri)
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    return serve_ui(uri, port=args.port)
+
+
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -111,4 +179,4 @@ def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_VERBS = {"run": _run, "config": _config, "list": _list}
+_VERBS = {"run": _run, "sweep": _sweep, "table": _table, "ui": _ui, "config": _config, "list": _list}

@@ -240,17 +240,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
     A key that the schema does not have is refused here, with the closest valid key,
     so that a typo on the command line never silently does nothing.
     """
-    raw = copy.deepcopy(raw)
+    values: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. pretrain.epochs=5")
-        _check_override_key(key, schema, raw)
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            values[key] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
-            value = text
+            values[key] = text
+    return set_values(raw, values, schema)
+
+
+def set_values(raw: dict[str, Any], values: dict[str, Any], schema: type[BaseModel], what: str = "override") -> dict[str, Any]:
+    """Return a copy of ``raw`` with each dotted key of ``values`` set to its (already typed) value.
+
+    Keys the schema does not have are refused with the closest valid key; ``what``
+    names the source in the message (``override``, ``space``).
+    """
+    raw = copy.deepcopy(raw)
+    for key, value in values.items():
+        _check_override_key(key, schema, raw, what)
         node = raw
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
@@ -260,9 +271,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
             elif isinstance(child, str) and part == "method":
                 child = node[part] = {"name": child}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {key}: {part} is a value, not a section")
+                raise ConfigError(f"{what} {key}: {part} is a value, not a section")
             node = child
-        node[parts[-1]] = value
+        node[parts[-1]] = copy.deepcopy(value)
     return raw
 
 
@@ -272,7 +283,7 @@ def _default_section(schema: type[BaseModel], name: str) -> dict[str, Any]:
     return dict(default) if isinstance(default, dict) else {}
 
 
-def _check_override_key(key: str, schema: type[BaseModel], raw: dict[str, Any]) -> None:
+def _check_override_key(key: str, schema: type[BaseModel], raw: dict[str, Any], what: str = "override") -> None:
     """Refuse a dotted key that names no field (``method.*`` is checked by the method's Params)."""
     model: type[BaseModel] | None = schema
     parts = key.split(".")
@@ -283,14 +294,14 @@ def _check_override_key(key: str, schema: type[BaseModel], raw: dict[str, Any]) 
         if part not in fields:
             path = ".".join(parts[:depth] + [part])
             known = [".".join(parts[:depth] + [f]) for f in fields]
-            raise ConfigError(f"override {key}: unknown key {path!r}{suggest(path, known, n=1)}")
+            raise ConfigError(f"{what} {key}: unknown key {path!r}{suggest(path, known, n=1)}")
         if model is RunConfig and part == "method" and depth + 1 < len(parts):
-            _check_method_key(parts[depth + 1], raw)
+            _check_method_key(parts[depth + 1], raw, what)
             return
         model = _submodel(model, part)
 
 
-def _check_method_key(param: str, raw: dict[str, Any]) -> None:
+def _check_method_key(param: str, raw: dict[str, Any], what: str = "override") -> None:
     from methods import get_method_class
 
     method = raw.get("method", {"name": "simclr"})
@@ -303,7 +314,7 @@ def _check_method_key(param: str, raw: dict[str, Any]) -> None:
         return  # the unknown method itself is reported on validation
     if param not in fields:
         known = ["method." + f for f in ["name", *fields]]
-        raise ConfigError(f"override method.{param}: unknown key 'method.{param}' for method {name!r}{suggest('method.' + param, known, n=1)}")
+        raise ConfigError(f"{what} method.{param}: unknown key 'method.{param}' for method {name!r}{suggest('method.' + param, known, n=1)}")
 
 
 def _first_error(err: ValidationError, model: type[BaseModel] = RunConfig, prefix: str = "") -> str:

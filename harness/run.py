@@ -27,7 +27,7 @@ from harness.tracking import Run, start_run
 from harness.train import EpochCallback, check_batch_size, pretrain, resolve_device
 from evaluations.features import extract_embeddings, raw_pixels
 from evaluations.knn import knn_evaluate
-from methods import Method, create_method
+from methods import Method, create_method, get_method_class
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     cfg, data, method, device = trial.cfg, trial.data, trial.method, trial.device
     checkpoint = cfg.pretrain.checkpoint_dir or Path("outputs") / cfg.tracking.experiment / mlrun.run_id
     checkpoint_path = Path(checkpoint) / "checkpoint.pt"
-    log_run_inputs(mlrun, cfg, method, checkpoint_path)
+    log_run_inputs(mlrun, cfg, checkpoint_path)
     metrics: dict[str, float] = {}
 
     if cfg.eval.baselines:
@@ -114,12 +114,18 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     return metrics
 
 
-def log_run_inputs(mlrun: Run, cfg: RunConfig, method: Method, checkpoint_path: Path) -> None:
-    """Params (flattened config, effective lr), the resolved config YAML and provenance."""
+def log_run_inputs(mlrun: Run, cfg: RunConfig, checkpoint_path: Path | None = None) -> None:
+    """Params (flattened config, effective lr), taxonomy tags, the resolved config YAML and provenance.
+
+    Params already on the run (a sweep's trial resumed or retried into the child
+    run the driver opened) are kept: MLflow params are write-once.
+    """
     params = flatten(cfg.as_dict())
     params["pretrain.lr"] = cfg.pretrain.lr  # effective lr next to base_lr
-    mlrun.log_params(params)
-    mlrun.set_tags({f"taxonomy.{k}": v for k, v in method.taxonomy().items() if k != "method"} | {"checkpoint": str(checkpoint_path)})
+    logged = mlrun.info()["params"]
+    mlrun.log_params({k: v for k, v in params.items() if k not in logged})
+    tags = {f"taxonomy.{k}": v for k, v in get_method_class(cfg.method["name"]).taxonomy().items() if k != "method"}
+    mlrun.set_tags(tags | ({"checkpoint": str(checkpoint_path)} if checkpoint_path else {}))
     mlrun.log_text(yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")
     mlrun.log_dict({"git_commit": git_commit(), "libraries": library_versions()}, "provenance.json")
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -31,6 +34,19 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 def tracking_uri(configured: str | None = None) -> str:
     """The config's URI, else ``MLFLOW_TRACKING_URI``, else the local SQLite default."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def absolute_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/cwd/mlflow.db`` (and plain relative paths likewise).
+
+    Trials run in other processes, possibly in other folders: they must write to the
+    store the driver means, not to one relative to their own working directory.
+    """
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
 
 
 def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
@@ -89,6 +105,15 @@ class Run:
         """Set the final status: FINISHED, FAILED or KILLED."""
         _retry(lambda: self.client.set_terminated(self.run_id, status=status))
 
+    def set_status(self, status: str) -> None:
+        """Set a non-final status (SCHEDULED, RUNNING) without an end time."""
+        _retry(lambda: self.client.update_run(self.run_id, status=status))
+
+    def info(self) -> dict[str, Any]:
+        """Status, params, metrics and tags as stored now."""
+        r = _retry(lambda: self.client.get_run(self.run_id))
+        return _as_dict(r)
+
 
 def _param_str(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
@@ -115,16 +140,26 @@ def experiment_id(client: Any, name: str) -> str:
         return exp.experiment_id
 
 
-@contextmanager
-def start_run(experiment: str, *, run_name: str | None = None, tags: dict[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None) -> Iterator[Run]:
-    """Open a run; it ends FINISHED when the block completes, FAILED on an exception, KILLED on Ctrl-C or SystemExit."""
+def create_run(experiment: str, *, run_name: str | None = None, tags: dict[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None) -> Run:
+    """Create a run (status RUNNING) in ``experiment``, nested under ``parent_run_id`` if given."""
     client = _client(tracking_uri(uri))
     exp_id = experiment_id(client, experiment)
     all_tags = {k: str(v) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     info = _retry(lambda: client.create_run(exp_id, run_name=run_name, tags=all_tags))
-    run = Run(client, info.info.run_id)
+    return Run(client, info.info.run_id)
+
+
+def open_run(run_id: str, uri: str | None = None) -> Run:
+    """An existing run, to log into from another process (a sweep's trial)."""
+    return Run(_client(tracking_uri(uri)), run_id)
+
+
+@contextmanager
+def start_run(experiment: str, *, run_name: str | None = None, tags: dict[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None) -> Iterator[Run]:
+    """Open a run; it ends FINISHED when the block completes, FAILED on an exception, KILLED on Ctrl-C or SystemExit."""
+    run = create_run(experiment, run_name=run_name, tags=tags, uri=uri, parent_run_id=parent_run_id)
     try:
         yield run
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a scheduler stopping the trial
@@ -136,11 +171,45 @@ def start_run(experiment: str, *, run_name: str | None = None, tags: dict[str, A
     run.end("FINISHED")
 
 
-def search_runs(experiment: str, uri: str | None = None) -> list[dict[str, Any]]:
-    """All runs of an experiment as plain dicts (newest first); empty if it does not exist."""
+def search_runs(experiment: str, uri: str | None = None, filter_string: str = "") -> list[dict[str, Any]]:
+    """Runs of an experiment as plain dicts (newest first), optionally filtered
+    (MLflow's syntax, e.g. ``tags.mlflow.parentRunId = '...'``); empty if the experiment does not exist."""
     client = _client(tracking_uri(uri))
     exp = _retry(lambda: client.get_experiment_by_name(experiment))
     if exp is None:
         return []
-    runs = _retry(lambda: client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]))
-    return [{"run_id": r.info.run_id, "status": r.info.status, "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)} for r in runs]
+    runs, token = [], None
+    while True:
+        page = _retry(lambda t=token: client.search_runs([exp.experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1000, page_token=t))
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return [_as_dict(r) for r in runs]
+
+
+def _as_dict(r: Any) -> dict[str, Any]:
+    return {
+        "run_id": r.info.run_id,
+        "run_name": r.info.run_name,
+        "status": r.info.status,
+        "start_time": r.info.start_time,
+        "params": dict(r.data.params),
+        "metrics": dict(r.data.metrics),
+        "tags": dict(r.data.tags),
+    }
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
+    """``(step, value)`` of every logged value of one metric, in step order."""
+    client = _client(tracking_uri(uri))
+    return sorted((m.step, m.value) for m in _retry(lambda: client.get_metric_history(run_id, key)))
+
+
+def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The command that serves MLflow's UI for ``uri`` (a local store or a server's URI)."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+
+
+def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run MLflow's UI in the foreground until Ctrl-C; returns its exit code."""
+    return subprocess.call(ui_command(uri, host, port))
