@@ -156,7 +156,7 @@ def run_trials(
         if key is None:
             continue
         if result.error is not None:
-            outcome.errors.setdefault(key, _one_line(result.error))
+            outcome.errors.setdefault(key, one_line(result.error))
         elif key not in outcome.results and result.metrics:
             outcome.results[key] = dict(result.metrics)
     outcome.wall_s = time.perf_counter() - t0
@@ -178,7 +178,7 @@ def _scheduler(spec: dict[str, Any] | None) -> Any:
     )
 
 
-def _one_line(error: BaseException | str) -> str:
+def one_line(error: BaseException | str) -> str:
     """The last line of a (possibly remote, multi-line) error: usually the original exception."""
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(error).__name__
@@ -187,8 +187,8 @@ def _one_line(error: BaseException | str) -> str:
 def _error_of(trial: Any) -> str:
     path = getattr(trial, "error_file", None)
     if path and Path(path).is_file():
-        return _one_line(Path(path).read_text())
-    return _one_line(getattr(trial, "error_msg", None) or "trial failed")
+        return one_line(Path(path).read_text())
+    return one_line(getattr(trial, "error_msg", None) or "trial failed")
 
 
 def _make_callback_class() -> type:

@@ -44,7 +44,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from harness import raytune
 from harness.config import RunConfig, Section, _first_error, build_config, flatten, read_yaml, set_values
-from harness.errors import BadInput, ConfigError, suggest
+from harness.errors import BadInput, ConfigError, RunFailed, suggest
 from harness.provenance import git_commit
 from harness.tracking import absolute_uri, create_run, open_run, search_runs, tracking_uri
 
@@ -383,6 +383,14 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
             max_concurrent=cfg.max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures, events=events,
             resume=resume, specs=specs,
         )  # fmt: skip
+    except Exception as err:  # Tune itself failed: no trial may stay SCHEDULED or RUNNING
+        for key in todo:
+            if children[key].info()["status"] not in ("FINISHED", "FAILED", "KILLED"):
+                children[key].set_tags({"harness.error": f"sweep failed: {err}"[:5000]})
+                children[key].end("FAILED")
+        parent.set_tags({"harness.error": str(err)[:5000]})
+        parent.end("FAILED")
+        raise RunFailed(f"sweep {cfg.name!r} failed: {raytune.one_line(err)}") from err
     finally:
         if started:
             raytune.shutdown()
@@ -519,12 +527,16 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
         if restored is not None:
             mlrun.set_tags({"harness.resumed": "from the trial's last checkpoint"})
 
+        last: dict[str, float] = {}
+
         def on_epoch_end(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+            last.update(metrics)
             raytune.report({**metrics, "epoch": epoch}, checkpoint_dir=checkpoint.parent if checkpoint else None)
 
         trial = prepare(cfg)
         metrics = execute(trial, mlrun, on_epoch_end=on_epoch_end)
-        raytune.report({**metrics, "epoch": cfg.pretrain.epochs, FINISHED_KEY: 1})
+        # the last epoch's online metrics again, so a scheduler finds its metric in the final report too
+        raytune.report({**last, **metrics, "epoch": cfg.pretrain.epochs, FINISHED_KEY: 1})
     finally:
         shutil.rmtree(work, ignore_errors=True)  # Tune keeps its own copy of the last checkpoint
 
