@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = verbs.add_parser("ui", help="serve the MLflow UI for the harness's store", description="Start MLflow's UI on 127.0.0.1 against the store the harness writes, and print its URL.")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     ui.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
     lst = verbs.add_parser("list", help="list methods, datasets or timm backbones", description="List registered methods, datasets, or timm backbones matching a pattern.")
@@ -148,7 +149,7 @@ def _ui(args: argparse.Namespace) -> int:
 
     uri = tracking_uri(args.uri)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
-    return serve_ui(uri, port=args.port)
+    return serve_ui(uri, port=args.port, workers=args.workers)
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Experiments the harness creates open on MLflow's training-runs view (not the GenAI overview)."""
 _MAX_PARAM_LEN = 6000
 _BATCH = 100
 T = TypeVar("T")
@@ -132,7 +134,7 @@ def experiment_id(client: Any, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return _retry(lambda: client.create_experiment(name))
+        return _retry(lambda: client.create_experiment(name, tags=EXPERIMENT_TAGS))
     except Exception:  # noqa: BLE001 - another process created it first
         exp = _retry(lambda: client.get_experiment_by_name(name))
         if exp is None:
@@ -205,11 +207,14 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[
     return sorted((m.step, m.value) for m in _retry(lambda: client.get_metric_history(run_id, key)))
 
 
-def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
     """The command that serves MLflow's UI for ``uri`` (a local store or a server's URI)."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
-def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
+def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> int:
     """Run MLflow's UI in the foreground until Ctrl-C; returns its exit code."""
-    return subprocess.call(ui_command(uri, host, port))
+    try:
+        return subprocess.call(ui_command(uri, host, port, workers))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,95 @@
+"""After a tiny sweep, ``python -m harness ui`` serves MLflow's UI: its REST API and the experiment page in
+headless Chromium list the child runs under the parent. One screenshot is kept in ``test-artifacts/``.
+
+Needs Debian's ``chromium`` (``.ci/run`` installs it) and the ``playwright`` package (the ``test`` extra);
+the browser is the system one, nothing is downloaded. Skipped where Chromium is missing, except in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from tests.test_sweep import write_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if CHROMIUM is None and not os.environ.get("CI"):
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+        return json.loads(resp.read())
+
+
+def wait_for(base: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            api(base, "/api/2.0/mlflow/experiments/search", {"max_results": 1})
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"MLflow UI at {base} did not answer within {timeout_s} s")
+
+
+def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri) -> None:
+    from playwright.sync_api import sync_playwright
+
+    path = write_sweep(tmp_path, space={"method.temperature": [0.2]}, seeds=[0, 1], max_concurrent=2)
+    assert main(["sweep", str(path), "--results", str(tmp_path / "results")]) == 0
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(base)
+        exp = api(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=unit")["experiment"]
+        runs = api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parents = [r for r, t in zip(runs, tags) if t.get("harness.role") == "sweep"]
+        assert len(parents) == 1
+        parent_id = parents[0]["info"]["run_id"]
+        children = sorted(r["info"]["run_name"] for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent_id)
+        assert children == ["method.temperature=0.2 seed=0", "method.temperature=0.2 seed=1"]
+        assert all(r["info"]["status"] == "FINISHED" for r in runs)
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{base}/#/experiments/{exp['experiment_id']}/runs", timeout=60_000)
+            parent_row = page.get_by_role("row").filter(has_text="unit sweep")
+            parent_row.first.wait_for(timeout=60_000)
+            assert page.get_by_text(children[0], exact=True).count() == 0  # collapsed under the parent
+            parent_row.first.get_by_role("button").first.click()  # the expander in the parent's row
+            for name in children:
+                page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_sweep.png"))
+            browser.close()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
