@@ -140,7 +140,7 @@ def run_trials(
         tuner = tune.Tuner(
             fn,
             param_space={_TRIAL_KEY: tune.grid_search(keys)},
-            tune_config=tune.TuneConfig(scheduler=_scheduler(scheduler), max_concurrent_trials=max_concurrent, num_samples=1, reuse_actors=False),
+            tune_config=tune.TuneConfig(scheduler=_scheduler(scheduler), max_concurrent_trials=max_concurrent, num_samples=1, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage.resolve()),
