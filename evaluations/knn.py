@@ -16,13 +16,16 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 from evaluations.search import check_matrix, inner_product_topk
 
-__all__ = ["knn_classify", "knn_evaluate", "knn_scores", "l2_normalize"]
+__all__ = ["knn_classify", "knn_evaluate", "knn_evaluate_many", "knn_scores", "l2_normalize"]
+
+log = logging.getLogger(__name__)
 
 # Test rows per vote block: bounds the (rows, C) float64 score block to ~256 MiB.
 _VOTE_BUDGET = 1 << 25
@@ -99,6 +102,8 @@ def _neighbours(
         raise ValueError(
             f"test_x has dimension {test_x.shape[1]} but train_x has dimension {train_x.shape[1]}"
         )
+    if k > train_x.shape[0]:
+        log.warning("kNN: k=%d is larger than the %d training samples; using k=%d", k, train_x.shape[0], train_x.shape[0])
     sims, idx = inner_product_topk(l2_normalize(train_x), l2_normalize(test_x), int(k))
     return sims, train_y[idx], train_y
 
@@ -205,12 +210,37 @@ def knn_evaluate(
     Returns:
         {"top1": float, "top5": float}.
     """
+    return knn_evaluate_many(train_x, train_y, test_x, test_y, [(k, temperature)])[(k, temperature)]
+
+
+def knn_evaluate_many(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    settings: list[tuple[int, float]],
+) -> dict[tuple[int, float], dict[str, float]]:
+    """:func:`knn_evaluate` for several ``(k, temperature)`` settings from ONE search with the largest k.
+
+    The k nearest neighbours are a prefix of the max-k nearest, so each setting
+    votes over the first k columns of the same search. Returns
+    ``{(k, temperature): {"top1": ..., "top5": ...}}``.
+    """
+    if not settings:
+        raise ValueError("settings must hold at least one (k, temperature) pair")
+    for k, t in settings:
+        _check_k_temperature(k, t)
     test_x = check_matrix(test_x, "test_x")
     test_y = _check_labels(test_y, "test_y", test_x.shape[0])
     if test_y.shape[0] == 0:
         raise ValueError("test_x must have at least one row to compute an accuracy")
-    sims, labels, train_y = _neighbours(train_x, train_y, test_x, k, temperature)
+    k_max = max(k for k, _ in settings)
+    sims, labels, train_y = _neighbours(train_x, train_y, test_x, k_max, settings[0][1])
     c = max(int(train_y.max()), int(test_y.max())) + 1
+    return {(k, t): _accuracies(sims[:, :k], labels[:, :k], test_y, c, t) for k, t in settings}
+
+
+def _accuracies(sims: np.ndarray, labels: np.ndarray, test_y: np.ndarray, c: int, temperature: float) -> dict[str, float]:
     top = min(5, c)
     hits1 = hits5 = 0
     for rows, scores in _voted_blocks(sims, labels, c, temperature):

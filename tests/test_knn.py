@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import top_k_accuracy_score
 
 from evaluations import search
-from evaluations.knn import knn_classify, knn_evaluate, knn_scores, l2_normalize
+from evaluations.knn import knn_classify, knn_evaluate, knn_evaluate_many, knn_scores, l2_normalize
 from evaluations.search import inner_product_topk
 
 
@@ -389,3 +389,22 @@ def test_gpu_selection_logic(monkeypatch):
     assert chosen[-1] is False
     with pytest.raises(RuntimeError, match="use_gpu=True"):
         inner_product_topk(db, q, 10, use_gpu=True)
+
+
+def test_many_settings_from_one_search_equal_separate_evaluations() -> None:
+    rng = np.random.default_rng(3)
+    train_x, test_x = rng.normal(size=(300, 16)), rng.normal(size=(50, 16))
+    train_y, test_y = rng.integers(0, 7, 300), rng.integers(0, 7, 50)
+    settings = [(20, 0.07), (5, 0.1), (200, 0.1), (1, 1.0)]
+    many = knn_evaluate_many(train_x, train_y, test_x, test_y, settings)
+    assert list(many) == settings
+    for k, t in settings:
+        assert many[(k, t)] == knn_evaluate(train_x, train_y, test_x, test_y, k=k, temperature=t)
+
+
+def test_k_larger_than_the_training_set_is_clamped_with_a_warning(caplog) -> None:
+    train_x, train_y = np.eye(3), np.array([0, 1, 1])
+    with caplog.at_level("WARNING"):
+        got = knn_evaluate(train_x, train_y, np.eye(3)[:1], np.array([0]), k=10)
+    assert "k=10 is larger than the 3 training samples" in caplog.text
+    assert got == knn_evaluate(train_x, train_y, np.eye(3)[:1], np.array([0]), k=3)
