@@ -12,7 +12,7 @@ import argparse
 import time
 
 from harness.config import load_config
-from harness.run import baselines, embed_splits, evaluate, prepare
+from harness.run import baselines, embed_splits, knn_top1, prepare
 from harness.train import pretrain
 
 
@@ -33,7 +33,7 @@ def main() -> None:
         if epoch % args.every and epoch != cfg.pretrain.epochs:
             return
         train_x, test_x = embed_splits(trial, trial.method.embed, trial.method)
-        top1 = evaluate(cfg, train_x, ytr, test_x, yte)["eval/knn/top1"]
+        top1 = knn_top1(cfg, train_x, ytr, test_x, yte)
         trial.method.train()
         print(f"epoch {epoch:4d}  loss {metrics['train/loss']:.4f}  knn_top1 {top1:.4f}  {time.perf_counter() - t0:6.0f} s", flush=True)
 

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.epochs=2 method.temperature=0.2")
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint (same as pretrain.resume=CHECKPOINT)")
 
+    ev = verbs.add_parser("eval", help="re-run the evaluation battery on a trained model, into its MLflow run", description="Re-run the evaluation battery (or a part: eval.* overrides) on a trained model given by MLflow run id or checkpoint file, logging into the run that trained it.")
+    ev.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* keys, e.g. eval.semi.enabled=false eval.knn.k=200")
+
     show = verbs.add_parser("config", help="print the resolved config (defaults filled in) without running", description="Validate a config with its overrides and print it resolved.")
     show.add_argument("config", help="run config YAML")
     show.add_argument("overrides", nargs="*", metavar="key=value")
@@ -96,6 +100,25 @@ def _run(args: argparse.Namespace) -> int:
     for key in sorted(metrics):
         if key.startswith(("eval/", "baseline/")):
             print(f"{key:40s} {metrics[key]:.4f}")
+    return EXIT_OK
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from harness.run import reevaluate
+
+    try:
+        run_id, metrics = reevaluate(args.target, args.overrides)
+    except HarnessError:
+        raise
+    except Exception as err:  # a failure while running: one line; HARNESS_DEBUG=1 shows the traceback
+        if os.environ.get("HARNESS_DEBUG"):
+            raise
+        print(f"error: eval failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    for key in sorted(metrics):
+        if key.startswith("eval/"):
+            print(f"{key:40s} {metrics[key]:.4f}")
+    print(f"logged into MLflow run {run_id}")
     return EXIT_OK
 
 
@@ -180,4 +203,4 @@ def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_VERBS = {"run": _run, "sweep": _sweep, "table": _table, "ui": _ui, "config": _config, "list": _list}
+_VERBS = {"run": _run, "eval": _eval, "sweep": _sweep, "table": _table, "ui": _ui, "config": _config, "list": _list}

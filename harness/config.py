@@ -128,16 +128,87 @@ class AugmentConfig(Section):
 class KnnConfig(Section):
     """Weighted kNN on L2-normalised embeddings (Wu et al. 2018; DINO's defaults)."""
 
+    enabled: bool = True
     k: int = Field(20, ge=1)
     temperature: float = Field(0.07, gt=0)
+    extra: list[tuple[int, float]] = Field(default_factory=list)
+    """More (k, T) pairs scored from the same search, logged as ``eval/knn_k<k>_t<T>/top1``
+    (e.g. ``[[200, 0.1]]``, the InstDisc/lightly protocol)."""
+    fp16: bool = False
+    """Search half-precision copies of the features (halves the memory of big banks)."""
+
+    @field_validator("extra")
+    @classmethod
+    def _positive_pairs(cls, v: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        for k, t in v:
+            if k < 1 or t <= 0:
+                raise ValueError(f"each (k, temperature) needs k >= 1 and temperature > 0, got {[k, t]}")
+        return v
+
+
+class LinearConfig(Section):
+    """Linear probe on the cached frozen features: BatchNorm without affine + linear layer, SGD + cosine."""
+
+    enabled: bool = True
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0)
+    """For a batch of 256; the effective lr is ``lr * batch_size / 256``."""
+    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3], min_length=1)
+    """Chosen by top-1 on a validation split carved from the training set, then retrained on all of it."""
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class SemiConfig(Section):
+    """Semi-supervised fine-tuning: backbone + linear head on class-balanced label subsets, with crop + flip."""
+
+    enabled: bool = True
+    fractions: list[float] = Field(default_factory=lambda: [0.01, 0.1], min_length=1)
+    epochs: list[int] = Field(default_factory=lambda: [60, 30], min_length=1)
+    """Epochs per fraction (SimCLR: 60 for 1%, 30 for 10%); one value applies to all."""
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    """For a batch of 256 (SGD, momentum 0.9, cosine, no weight decay)."""
+    from_projector_layer: int = Field(0, ge=0)
+    """Fine-tune from this many layers into the projection head (SimCLRv2: 1); 0 is the backbone alone."""
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v):
+            raise ValueError(f"fractions must lie in (0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _epochs_per_fraction(self) -> SemiConfig:
+        if len(self.epochs) not in (1, len(self.fractions)):
+            raise ValueError(f"epochs: give one value or one per fraction ({len(self.fractions)}), got {self.epochs}")
+        return self
+
+
+class RetrievalConfig(Section):
+    """Each test embedding queries the others: Recall@k (any same-label item in the top k) and mAP@R."""
+
+    enabled: bool = True
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+
+
+class CollapseConfig(Section):
+    """RankMe, effective rank, std of normalised embeddings, alignment and uniformity, spectrum plot."""
+
+    enabled: bool = True
 
 
 class EvalConfig(Section):
     """The evaluation battery and its protocol parameters (logged next to every number)."""
 
     knn: KnnConfig = Field(default_factory=KnnConfig)
+    linear: LinearConfig = Field(default_factory=LinearConfig)
+    semi: SemiConfig = Field(default_factory=SemiConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     baselines: bool = True
-    """Also score raw pixels and the random-init backbone with the same protocol."""
+    """Also score raw pixels and the random-init backbone with the same kNN protocol."""
     batch_size: int = Field(512, ge=1)
     """Batch size of feature extraction."""
 

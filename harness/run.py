@@ -20,13 +20,17 @@ import yaml
 
 from harness.augment import Augmenter
 from harness.backbones import create_backbone
-from harness.config import RunConfig, flatten
+from harness.config import RunConfig, build_config, flatten
 from harness.datasets import DataSplits, load_dataset
 from harness.provenance import git_commit, library_versions, peak_rss_mb
-from harness.tracking import Run, start_run
-from harness.train import EpochCallback, check_batch_size, pretrain, resolve_device
+from harness.tracking import Run, open_run, start_run, tracking_uri
+from harness.errors import BadInput, ConfigError
+from harness.train import EpochCallback, check_batch_size, load_checkpoint, pretrain, resolve_device
+from evaluations.battery import evaluate_embeddings
 from evaluations.features import extract_embeddings, raw_pixels
+from evaluations.finetune import finetune_subset
 from evaluations.knn import knn_evaluate
+from evaluations.semi_supervised import balanced_subset
 from methods import Method, create_method, get_method_class
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,12 @@ def prepare(cfg: RunConfig) -> Trial:
     d = cfg.data
     data = load_dataset(d.name, root=d.root, image_size=d.image_size, num_train=d.num_train, num_test=d.num_test, seed=d.seed, verify_checksums=d.verify_checksums)
     check_batch_size(cfg.pretrain.batch_size, len(data.train), d.name)
+    if cfg.eval.semi.enabled:  # a subset that cannot be drawn is bad input now, not a failure after training
+        for fraction in cfg.eval.semi.fractions:
+            try:
+                balanced_subset(data.train.labels.numpy(), fraction, cfg.seed)
+            except ValueError as err:
+                raise ConfigError(f"eval.semi.fractions: {fraction} on {d.name} ({len(data.train)} training images): {err}") from None
     device = resolve_device(cfg.device)
     b = cfg.backbone
     backbone = create_backbone(b.name, in_chans=data.channels, img_size=data.image_size, cifar_stem=b.cifar_stem, **b.kwargs)
@@ -91,7 +101,7 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
         metrics.update(baselines(trial))
         mlrun.log_metrics(metrics)
 
-    provenance = {"git_commit": git_commit(), **library_versions()}
+    provenance = {"git_commit": git_commit(), "mlflow_run_id": mlrun.run_id, "tracking_uri": tracking_uri(cfg.tracking.uri), **library_versions()}
     result = pretrain(
         method, data.train.images, cfg, trial.augmenter, device,
         checkpoint_path=checkpoint_path, provenance=provenance,
@@ -102,16 +112,131 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     if result.losses:
         metrics["train/final_loss"] = result.losses[-1]
 
-    t0 = time.perf_counter()
-    train_x, test_x = embed_splits(trial, method.embed, method)
-    metrics["time/extract_s"] = time.perf_counter() - t0
-    metrics.update(evaluate(cfg, train_x, data.train.labels.numpy(), test_x, data.test.labels.numpy()))
+    metrics.update(evaluate(trial, mlrun))
     metrics["memory/peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         metrics["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     mlrun.log_metrics(metrics)
     log.info("results: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
+
+
+def evaluate(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
+    """The evaluation battery of ``cfg.eval`` on the trained method: embeddings extracted once (eval mode),
+    then every enabled evaluation on them, plus semi-supervised fine-tuning. Figures and the label subsets
+    go to ``mlrun`` as artifacts."""
+    cfg, data, method = trial.cfg, trial.data, trial.method
+    ytr, yte = data.train.labels.numpy(), data.test.labels.numpy()
+    t0 = time.perf_counter()
+    train_x, test_x = embed_splits(trial, method.embed, method)
+    metrics = {"time/extract_s": time.perf_counter() - t0}
+    views = projections = None
+    if cfg.eval.collapse.enabled:
+        views = embed_views(trial)
+        projections = _projections(method, train_x, trial.device)
+    battery, figures = evaluate_embeddings(cfg.eval, train_x, ytr, test_x, yte, views=views, projections=projections, seed=cfg.seed)
+    metrics.update(battery)
+    if cfg.eval.semi.enabled:
+        t0 = time.perf_counter()
+        metrics.update(semi_supervised(trial, mlrun))
+        metrics["time/eval/semi_s"] = time.perf_counter() - t0
+    if mlrun is not None:
+        for name, figure in figures.items():
+            mlrun.log_figure(figure, f"eval/{name}")
+    _close(figures)
+    return metrics
+
+
+def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
+    """Fine-tune the trunk + a linear head on each balanced label fraction; the subsets' indices are logged."""
+    cfg, data, method = trial.cfg, trial.data, trial.method
+    semi = cfg.eval.semi
+    trunk, dim = method.trunk(semi.from_projector_layer)
+    light = cfg.augment.model_copy(update={"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0})  # crop + flip only
+    augmenter = Augmenter(light, data.mean, data.std)
+    epochs = semi.epochs * len(semi.fractions) if len(semi.epochs) == 1 else semi.epochs
+    out: dict[str, float] = {}
+    for fraction, n_epochs in zip(semi.fractions, epochs):
+        name = f"semi_{fraction * 100:g}pct"
+        subset = balanced_subset(data.train.labels.numpy(), fraction, cfg.seed)
+        if mlrun is not None:
+            mlrun.log_dict({"fraction": fraction, "seed": cfg.seed, "dataset": cfg.data.name, "num_train": len(data.train), "indices": subset.tolist()}, f"eval/{name}_indices.json")
+        result = finetune_subset(
+            trunk, dim, data.train.images, data.train.labels, subset, data.test.images, data.test.labels, augmenter,
+            epochs=n_epochs, batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed, device=trial.device,
+        )  # fmt: skip
+        out.update({f"eval/{name}/{k}": v for k, v in result.items()})
+    return out
+
+
+def embed_views(trial: Trial) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of two independently augmented views of the test images (alignment), seeded by the trial."""
+    generator = torch.Generator().manual_seed(trial.cfg.seed + 1)
+    images = trial.data.test.images
+    spec = trial.method.views(images.shape[-1])[0]
+    kw: dict[str, Any] = {"batch_size": trial.cfg.eval.batch_size, "device": trial.device, "module": trial.method}
+    return tuple(extract_embeddings(trial.method.embed, images, lambda x: trial.augmenter(x, spec, generator), **kw) for _ in range(2))  # type: ignore[return-value]
+
+
+def _projections(method: Method, features: np.ndarray, device: torch.device) -> np.ndarray | None:
+    was_training = method.training
+    method.eval()
+    try:
+        out = method.project(torch.from_numpy(features).to(device))
+    finally:
+        method.train(was_training)
+    return None if out is None else out.float().cpu().numpy()
+
+
+def _close(figures: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    for figure in figures.values():
+        plt.close(figure)
+
+
+def reevaluate(target: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[str, dict[str, float]]:
+    """Re-run the battery (``eval.*`` overrides choose the part and the protocol) on a trained model, given
+    an MLflow run id or a checkpoint file, and log into the run that trained it. Returns (run id, metrics)."""
+    path = Path(target)
+    run_id, uri = None, None
+    if not path.is_file():
+        run_id, uri = target, None
+        try:
+            tags = open_run(run_id).info()["tags"]
+        except Exception:  # noqa: BLE001 - MLflow raises its own error types for unknown ids
+            raise BadInput(f"eval: {target!r} is neither a checkpoint file nor an MLflow run id in {tracking_uri()}") from None
+        if "checkpoint" not in tags:
+            raise BadInput(f"eval: run {target} has no checkpoint tag; give the checkpoint file instead")
+        path = Path(tags["checkpoint"])
+        if not path.is_file():
+            raise BadInput(f"eval: run {target}'s checkpoint {path} does not exist (any more)")
+    saved = load_saved_config(path)
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "device"))]
+    if bad:
+        raise BadInput(f"eval: only eval.* and device may be overridden on a trained model, got {bad[0]!r}")
+    cfg = build_config(saved["config"], list(overrides))
+    run_id = run_id or saved["provenance"].get("mlflow_run_id")
+    uri = saved["provenance"].get("tracking_uri") if uri is None else uri
+    if not run_id:
+        raise BadInput(f"eval: {path} records no MLflow run; re-run `harness run` to get one")
+    trial = prepare(cfg)
+    load_checkpoint(path, trial.method, None, None)
+    trial.method.to(trial.device)
+    mlrun = open_run(run_id, uri)
+    metrics = evaluate(trial, mlrun)
+    mlrun.log_metrics(metrics)
+    mlrun.log_text(yaml.safe_dump(cfg.as_dict()["eval"], sort_keys=False), "eval/protocol.yaml")
+    return run_id, metrics
+
+
+def load_saved_config(path: Path) -> dict[str, Any]:
+    """The config and provenance stored in a checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same bad input
+        raise BadInput(f"eval: {path} is not a readable checkpoint ({type(err).__name__})") from None
+    return {"config": state["config"], "provenance": state.get("provenance", {})}
 
 
 def log_run_inputs(mlrun: Run, cfg: RunConfig, checkpoint_path: Path | None = None) -> None:
@@ -138,13 +263,9 @@ def embed_splits(trial: Trial, encoder: Callable[[torch.Tensor], torch.Tensor], 
     return extract_embeddings(encoder, trial.data.train.images, prep, **kw), extract_embeddings(encoder, trial.data.test.images, prep, **kw)
 
 
-def evaluate(cfg: RunConfig, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, prefix: str = "eval") -> dict[str, float]:
-    """The evaluation battery on cached embeddings; metric names ``<prefix>/<evaluation>/<metric>``."""
-    t0 = time.perf_counter()
-    knn = knn_evaluate(train_x, train_y, test_x, test_y, k=cfg.eval.knn.k, temperature=cfg.eval.knn.temperature)
-    out = {f"{prefix}/knn/{k}": v for k, v in knn.items()}
-    out[f"time/{prefix}/knn_s"] = time.perf_counter() - t0
-    return out
+def knn_top1(cfg: RunConfig, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """kNN top-1 with the run's protocol (the baselines' and the learning curve's number)."""
+    return knn_evaluate(train_x, train_y, test_x, test_y, k=cfg.eval.knn.k, temperature=cfg.eval.knn.temperature)["top1"]
 
 
 def baselines(trial: Trial) -> dict[str, float]:

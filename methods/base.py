@@ -22,6 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from harness.errors import BadInput
+
 from harness.augment import ViewSpec
 
 
@@ -86,6 +88,19 @@ class Method(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The representation used for evaluation: (B, C, H, W) -> (B, D). Default: backbone features."""
         return self.backbone(images)
+
+    @torch.no_grad()
+    def project(self, features: torch.Tensor) -> torch.Tensor | None:
+        """The projector's output on evaluation features (collapse diagnostics); None without a projector."""
+        projector = getattr(self, "projector", None)
+        return projector(features) if isinstance(projector, nn.Module) else None
+
+    def trunk(self, projector_layers: int = 0) -> tuple[nn.Module, int]:
+        """What semi-supervised evaluation fine-tunes, and its output size: the backbone; methods whose
+        projection head can be fine-tuned from (SimCLRv2) also accept ``projector_layers`` > 0."""
+        if projector_layers:
+            raise BadInput(f"eval.semi.from_projector_layer: method {self.name!r} cannot fine-tune from its projection head; use 0")
+        return self.backbone, int(self.backbone.num_features)
 
     @classmethod
     def taxonomy(cls) -> dict[str, object]:

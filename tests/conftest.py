@@ -16,6 +16,9 @@ TINY = [
     "pretrain.warmup_epochs=0.5",
     "pretrain.progress=false",
     "eval.knn.k=5",
+    "eval.linear.epochs=5",
+    "eval.semi.fractions=[0.25]",
+    "eval.semi.epochs=[1]",
     "device=cpu",
 ]
 

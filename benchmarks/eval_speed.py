@@ -1,0 +1,93 @@
+"""Evaluation speed on cached embeddings: FAISS kNN against scikit-learn, and the linear probe.
+
+Data: 50,000 x 512 float32 training embeddings and 10,000 queries, 10 classes
+(class means + Gaussian noise), seeded.
+
+  knn     evaluations.knn.knn_classify (k=20, T=0.07, exact faiss search) against
+          sklearn KNeighborsClassifier(n_neighbors=20, algorithm="brute",
+          metric="cosine") fit + predict on the same arrays. Goal: >= 3x faster.
+          (sklearn votes by majority, ours by exp(s/T): the agreement is printed
+          as a sanity check, not expected to be 100%.)
+  linear  one 100-epoch linear_probe fit on the 50,000 x 512 features with a single
+          weight decay (no selection split: exactly one fit). Goal: <= 30 s.
+          Then the full default grid (4 weight decays: one selection fit of the 4
+          heads sharing each batch on 45,000 rows, plus the retrain on 50,000).
+
+    python benchmarks/eval_speed.py [--epochs 100] [--skip-grid]
+
+Thread settings are left to the environment (torch, faiss and sklearn defaults);
+the load average and OMP_WAIT_POLICY are printed because on a shared, busy
+2-core machine OpenMP's spinning worker threads can slow small per-step ops by
+orders of magnitude (OMP_WAIT_POLICY=PASSIVE avoids that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def make_data(n_train: int = 50_000, n_test: int = 10_000, dim: int = 512, classes: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(classes, dim)).astype(np.float32) * 0.15
+    train_y = rng.integers(0, classes, n_train)
+    test_y = rng.integers(0, classes, n_test)
+    train_x = means[train_y] + rng.standard_normal((n_train, dim), dtype=np.float32)
+    test_x = means[test_y] + rng.standard_normal((n_test, dim), dtype=np.float32)
+    return train_x, train_y, test_x, test_y
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--skip-grid", action="store_true", help="time only the single linear-probe fit")
+    args = parser.parse_args()
+
+    import torch
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from evaluations.knn import knn_classify
+    from evaluations.linear import linear_probe
+
+    print(
+        f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
+        f"loadavg={' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
+    train_x, train_y, test_x, test_y = make_data()
+    print(f"data: train {train_x.shape}, test {test_x.shape}, 10 classes")
+
+    knn_classify(train_x[:1000], train_y[:1000], test_x[:10], k=20, temperature=0.07)  # warm-up
+    ours, t_ours = timed(lambda: knn_classify(train_x, train_y, test_x, k=20, temperature=0.07))
+    sk = KNeighborsClassifier(n_neighbors=20, algorithm="brute", metric="cosine")
+    theirs, t_sk = timed(lambda: sk.fit(train_x, train_y).predict(test_x))
+    print(f"knn   faiss knn_classify (k=20, T=0.07): {t_ours:7.2f} s   top1 {np.mean(ours == test_y):.4f}")
+    print(f"knn   sklearn brute cosine (k=20):       {t_sk:7.2f} s   top1 {np.mean(theirs == test_y):.4f}")
+    print(f"knn   speed-up {t_sk / t_ours:.1f}x (goal >= 3x); predictions agree on {np.mean(ours == theirs):.1%}")
+
+    one, t_one = timed(
+        lambda: linear_probe(train_x, train_y, test_x, test_y, epochs=args.epochs, weight_decays=(1e-4,))
+    )
+    print(
+        f"linear one fit, {args.epochs} epochs, batch 256, wd 1e-4: {t_one:7.2f} s (goal <= 30 s)   "
+        f"top1 {one['top1']:.4f} top5 {one['top5']:.4f}"
+    )
+    if not args.skip_grid:
+        grid, t_grid = timed(lambda: linear_probe(train_x, train_y, test_x, test_y, epochs=args.epochs))
+        print(
+            f"linear default grid (4 wd: selection fit of 4 heads + retrain): {t_grid:7.2f} s   "
+            f"chosen wd {grid['weight_decay']} val_top1 {grid['val_top1']:.4f} top1 {grid['top1']:.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Semi-supervised fine-tuning on class-balanced label subsets (SimCLR's 1% / 10% protocol).
+
+The pretrained trunk (the backbone, or for SimCLRv2 the backbone plus the first
+layers of its projection head) and a new linear head are fine-tuned together on
+a class-balanced subset of the training labels, with random resized crops and
+horizontal flips only; top-1/top-5 are measured on the full test set with the
+model in eval mode. The subset comes from
+:func:`evaluations.semi_supervised.balanced_subset`, so its indices can be saved
+and reused by another library.
+
+    result = finetune_subset(trunk, dim, images, labels, subset, test_images, test_labels,
+                             augmenter, epochs=60, batch_size=64, lr=0.05, seed=0)
+    result["top1"]
+
+Optimiser: SGD with Nesterov momentum 0.9, no weight decay, lr = ``lr * batch/256``
+on a cosine schedule over all steps. The trunk is deep-copied: the pretrained
+model is left untouched for the other evaluations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from harness.augment import Augmenter, ViewSpec
+from harness.optim import cosine_lr
+
+__all__ = ["finetune_subset"]
+
+
+def finetune_subset(
+    trunk: nn.Module,
+    dim: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    subset: np.ndarray,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    augmenter: Augmenter,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    eval_batch_size: int = 512,
+) -> dict[str, float]:
+    """Fine-tune a copy of ``trunk`` (features of size ``dim``) plus a linear head on ``images[subset]``.
+
+    ``augmenter`` is called with a full-size view per batch (crop + flip: the
+    caller builds it without colour distortion). Returns ``{"top1", "top5"}`` on
+    the test set (top5 counts min(5, C) classes).
+    """
+    device = torch.device(device)
+    num_classes = int(max(labels.max(), test_labels.max())) + 1
+    model = nn.Sequential(copy.deepcopy(trunk), nn.Linear(dim, num_classes)).to(device)
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
+    base_lr = lr * batch_size / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    subset_t = torch.as_tensor(np.asarray(subset), dtype=torch.long)
+    steps_per_epoch = math.ceil(len(subset_t) / batch_size)
+    total = steps_per_epoch * epochs
+    generator = torch.Generator().manual_seed(seed)
+    view = ViewSpec(images.shape[-1])
+    step = 0
+    model.train()
+    for _ in range(epochs):
+        order = subset_t[torch.randperm(len(subset_t), generator=generator)]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:  # BatchNorm in train mode needs two samples
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total, 0, base_lr, 0.0)
+            x = augmenter(images[idx].to(device), view, generator)
+            loss = F.cross_entropy(model(x), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return _accuracy(model, test_images, test_labels, augmenter, device, eval_batch_size, num_classes)
+
+
+@torch.inference_mode()
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augmenter: Augmenter, device: torch.device, batch_size: int, num_classes: int) -> dict[str, float]:
+    model.eval()
+    top = min(5, num_classes)
+    hits1 = hits5 = 0
+    for start in range(0, images.shape[0], batch_size):
+        logits = model(augmenter.normalize(images[start : start + batch_size].to(device))).float()
+        y = labels[start : start + batch_size].to(device)
+        ranked = logits.topk(top, dim=1).indices
+        hits1 += int((ranked[:, 0] == y).sum())
+        hits5 += int((ranked == y[:, None]).any(dim=1).sum())
+    n = images.shape[0]
+    return {"top1": hits1 / n, "top5": hits5 / n}
