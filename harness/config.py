@@ -135,7 +135,8 @@ class KnnConfig(Section):
     """More (k, T) pairs scored from the same search, logged as ``eval/knn_k<k>_t<T>/top1``
     (e.g. ``[[200, 0.1]]``, the InstDisc/lightly protocol)."""
     fp16: bool = False
-    """Search half-precision copies of the features (halves the memory of big banks)."""
+    """Round the features to float16 before the search, as fp16 feature banks do (the CPU index
+    still searches in float32, so this changes the numbers, not the memory)."""
 
     @field_validator("extra")
     @classmethod
