@@ -8,7 +8,8 @@ point of the search space: mean ± sample std (ddof 1) over the seeds that
 finished, their number, the point's status (failed, stopped early or interrupted
 trials are counted there), the method taxonomy, and every metric the trials
 logged (final values). The best mean of each metric column is in bold (lower is
-better for losses, times and memory; ``train/lr`` is not ranked).
+better for losses, times, memory, alignment and uniformity; chosen settings such as
+the linear probe's weight decay, the learning rate and throughput are not ranked).
 
 Everything is a pure function of the runs, so deleting ``results/<sweep>/`` and
 running ``table`` again gives the same files.
@@ -30,8 +31,9 @@ from harness.errors import BadInput
 from harness.tracking import search_runs
 
 TAXONOMY = ("uses_negatives", "networks", "loss")
-LOWER_IS_BETTER = re.compile(r"(loss|^time/|^memory/|alignment)")
-UNRANKED = {"train/lr", "epoch"}
+LOWER_IS_BETTER = re.compile(r"(loss|^time/|^memory/|alignment|uniformity)")
+UNRANKED = re.compile(r"(^train/lr$|^epoch$|weight_decay$|images_per_s)")
+"""Columns that are settings or rates, not scores: never bold."""
 METRIC_ORDER = ("eval/", "baseline/", "collapse/", "train/", "time/", "memory/")
 BASELINES = ("baseline/raw_pixels/knn_top1", "baseline/random_init/knn_top1")
 
@@ -98,7 +100,7 @@ def best_rows(frame: pd.DataFrame) -> dict[str, set[int]]:
     """For each ranked metric column, the row positions holding its best mean."""
     best: dict[str, set[int]] = {}
     for metric in metric_columns(frame):
-        if metric in UNRANKED or "images_per_s" in metric:
+        if UNRANKED.search(metric):
             continue
         col = frame[metric].to_numpy(dtype=float)
         if np.isnan(col).all():
