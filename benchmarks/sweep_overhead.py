@@ -2,7 +2,7 @@
 
 Two levels, each as wall time per trial:
   tune    Ray Tune alone: a trainable that reports one number (Ray started once, outside the timing)
-  harness the harness's sweep of N trivial run configs (no pretraining epoch, no baselines),
+  harness the harness's sweep of N trivial run configs (no pretraining epoch, kNN only),
           against ``harness.run.run`` on the same configs in a loop; includes Ray's start and
           the MLflow parent/child bookkeeping, excludes writing the tables
 
@@ -51,7 +51,7 @@ def harness_level(n: int, work: Path) -> tuple[float, float]:
     from harness.sweep import load_sweep, run_sweep
 
     run_cfg = {"data": {"num_train": 64, "num_test": 32, "image_size": 16}, "backbone": {"name": "resnet10t"}, "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
-               "pretrain": {"epochs": 0, "batch_size": 32, "warmup_epochs": 0, "progress": False}, "eval": {"baselines": False, "knn": {"k": 5}}, "device": "cpu"}  # fmt: skip
+               "pretrain": {"epochs": 0, "batch_size": 32, "warmup_epochs": 0, "progress": False}, "eval": {"baselines": False, "knn": {"k": 5}, **{e: {"enabled": False} for e in ("linear", "semi", "retrieval", "collapse")}}, "device": "cpu"}  # fmt: skip
     sweep_file = work / "overhead.yaml"
     sweep_file.write_text(yaml.safe_dump({"name": "overhead", "run": run_cfg, "space": {"method.temperature": [0.1 + 0.01 * i for i in range(n)]}, "storage": str(work / "outputs")}))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
