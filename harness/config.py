@@ -259,7 +259,10 @@ class RunConfig(Section):
         try:
             validated = method_cls.Params(**params)
         except ValidationError as err:
-            raise ConfigError(_first_error(err, method_cls.Params, prefix="method")) from None
+            message = _first_error(err, method_cls.Params, prefix="method")
+            if err.errors()[0]["type"] == "extra_forbidden":
+                message += f"; {name} takes: {', '.join(['name', *method_cls.Params.model_fields]) }"
+            raise ConfigError(message) from None
         return {"name": name, **validated.model_dump()}
 
     def as_dict(self) -> dict[str, Any]:

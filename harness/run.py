@@ -64,6 +64,7 @@ def prepare(cfg: RunConfig) -> Trial:
     backbone = create_backbone(b.name, in_chans=data.channels, img_size=data.image_size, cifar_stem=b.cifar_stem, **b.kwargs)
     params = {k: v for k, v in cfg.method.items() if k != "name"}
     method = create_method(cfg.method["name"], backbone, **params)
+    method.check(cfg.pretrain.batch_size)
     return Trial(cfg, data, method, Augmenter(cfg.augment, data.mean, data.std), device)
 
 

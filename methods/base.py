@@ -89,6 +89,9 @@ class Method(nn.Module):
         """The representation used for evaluation: (B, C, H, W) -> (B, D). Default: backbone features."""
         return self.backbone(images)
 
+    def check(self, batch_size: int) -> None:
+        """Refuse a run this method cannot do (raise ConfigError naming the key), before training. Default: nothing."""
+
     @torch.no_grad()
     def project(self, features: torch.Tensor) -> torch.Tensor | None:
         """The projector's output on evaluation features (collapse diagnostics); None without a projector."""

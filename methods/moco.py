@@ -1,0 +1,78 @@
+"""MoCo v2: Improved Baselines with Momentum Contrastive Learning (Chen, Fan, Girshick & He, 2020),
+on MoCo (He et al., CVPR 2020).
+
+A query encoder (backbone + MLP head) is trained with InfoNCE against the key
+encoder's output for the other view (the positive) and a queue of keys from
+earlier batches (the negatives). The key encoder is a momentum copy of the query
+encoder (m = 0.999) and receives no gradients; the current keys enter the queue
+after the loss has used it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from harness.errors import ConfigError
+from methods import register
+from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.heads import mlp
+from methods.momentum import ema_update, frozen_copy
+from methods.queue import FeatureQueue
+
+
+def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """InfoNCE of MoCo: logits ``[q.k, q.queue] / T`` with the positive at index 0, mean over the batch.
+
+    q, k: (N, D) and queue: (K, D), all L2-normalised by the caller. Equal logits give log(K + 1).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    positives = (q * k).sum(dim=1, keepdim=True)
+    negatives = q @ queue.T
+    logits = torch.cat([positives, negatives], dim=1).float() / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+class MoCoV2Params(MethodParams):
+    temperature: float = Field(0.2, gt=0, description="InfoNCE temperature (MoCo v2: 0.2)")
+    momentum: float = Field(0.999, ge=0, lt=1, description="key encoder EMA momentum")
+    queue_size: int = Field(65536, ge=1, description="negatives kept from earlier batches")
+    proj_hidden_dim: int = Field(2048, ge=1)
+    proj_dim: int = Field(128, ge=1)
+
+
+@register
+class MoCoV2(Method):
+    name = "moco_v2"
+    Params = MoCoV2Params
+    uses_negatives = True
+    networks = 2
+    loss_name = "InfoNCE (queue)"
+    paper = "Chen et al. 2020, arXiv:2003.04297"
+
+    def __init__(self, backbone: nn.Module, params: MoCoV2Params) -> None:
+        super().__init__(backbone, params)
+        # MoCo v2's head: Linear-ReLU-Linear, no BatchNorm
+        self.projector = mlp(backbone.num_features, params.proj_hidden_dim, params.proj_dim, 2, batch_norm=False)
+        self.key_encoder = frozen_copy(nn.Sequential(backbone, self.projector))
+        self.queue = FeatureQueue(params.queue_size, params.proj_dim)
+
+    def check(self, batch_size: int) -> None:
+        if self.params.queue_size < batch_size:
+            raise ConfigError(f"method.queue_size: {self.params.queue_size} is smaller than pretrain.batch_size {batch_size}; the queue must hold at least one batch")
+
+    def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
+        x_q, x_k = views[0], views[1]
+        q = F.normalize(self.projector(self.backbone(x_q)), dim=1)
+        with torch.no_grad():
+            k = F.normalize(self.key_encoder(x_k), dim=1)
+        loss = moco_loss(q, k, self.queue.features(), self.params.temperature)
+        self._keys = k  # enqueued after the optimiser step: this step's keys are not its own negatives
+        return StepOutput(loss)
+
+    def after_step(self, step: StepInfo) -> None:
+        self.queue.enqueue(self._keys)
+        ema_update(self.key_encoder, nn.Sequential(self.backbone, self.projector), self.params.momentum)

@@ -1,0 +1,179 @@
+"""Methods: losses against closed forms and invariances, the shared EMA target and queue, and a
+contract every registered method must meet (finite losses, gradients everywhere, representation
+shape, state round trip)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from harness.augment import Augmenter
+from harness.backbones import create_backbone
+from harness.config import AugmentConfig
+from harness.errors import ConfigError
+from harness.shapes import generate_shapes
+from methods import create_method, list_methods
+from methods.barlow_twins import barlow_twins_loss
+from methods.base import StepInfo
+from methods.byol import byol_loss
+from methods.moco import moco_loss
+from methods.momentum import cosine_momentum, ema_update, frozen_copy
+from methods.queue import FeatureQueue
+from methods.simsiam import simsiam_loss
+
+# Small heads so the contract runs in seconds; every method's Params accepts these or keeps its defaults.
+SMALL = {
+    "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
+    "moco_v2": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64},
+    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
+    "simsiam": {"proj_dim": 32, "pred_hidden_dim": 8},
+    "barlow_twins": {"proj_hidden_dim": 32, "proj_dim": 32},
+}
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_moco_loss_with_equal_logits_is_log_k_plus_1() -> None:
+    q = torch.nn.functional.normalize(torch.ones(4, 8), dim=1)
+    queue = q[:1].repeat(31, 1)
+    assert moco_loss(q, q, queue, 0.2).item() == pytest.approx(math.log(32), abs=1e-5)
+
+
+def test_moco_loss_against_a_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(5, 6, generator=g), dim=1) for _ in range(2))
+    queue = torch.nn.functional.normalize(torch.randn(9, 6, generator=g), dim=1)
+    expected = 0.0
+    for i in range(5):
+        logits = torch.cat([(q[i] * k[i]).sum()[None], q[i] @ queue.T]) / 0.1
+        expected += -torch.log_softmax(logits, 0)[0].item() / 5
+    assert moco_loss(q, k, queue, 0.1).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_byol_and_simsiam_of_identical_inputs() -> None:
+    x = torch.randn(6, 10)
+    assert byol_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert simsiam_loss(x, x).item() == pytest.approx(-1.0, abs=1e-6)
+    assert byol_loss(x, -x).item() == pytest.approx(4.0, abs=1e-5)
+
+
+def test_barlow_twins_closed_form_and_invariance() -> None:
+    # perfectly correlated, decorrelated: orthogonal zero-mean columns with equal norms -> C = I -> 0
+    h = torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]])
+    z = h[:, 1:]  # three zero-mean, mutually orthogonal columns
+    assert barlow_twins_loss(z, z).item() == pytest.approx(0.0, abs=1e-4)
+    x, y = torch.randn(32, 8), torch.randn(32, 8)
+    assert barlow_twins_loss(x, y).item() == pytest.approx(barlow_twins_loss(2 * x + 4, y).item(), rel=1e-4)
+    # by hand: C of uncorrelated views, lambda weighting
+    c = ((x - x.mean(0)) / x.std(0, unbiased=False)).T @ ((y - y.mean(0)) / y.std(0, unbiased=False)) / 32
+    by_hand = ((1 - c.diagonal()) ** 2).sum() + 0.01 * (c**2).sum() - 0.01 * (c.diagonal() ** 2).sum()
+    assert barlow_twins_loss(x, y, 0.01).item() == pytest.approx(by_hand.item(), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- shared parts
+
+
+def test_ema_update_and_the_target_has_no_gradient() -> None:
+    online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    target = frozen_copy(online)
+    assert not any(p.requires_grad for p in target.parameters())
+    before = [p.clone() for p in target.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    online(torch.randn(8, 3))  # moves the BN running statistics
+    ema_update(target, online, 0.9)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+    torch.testing.assert_close(target[1].running_mean, online[1].running_mean)
+    assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert cosine_momentum(50, 100, 0.996) == pytest.approx(0.998)
+    assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
+
+
+def test_queue_is_fifo_and_the_loss_sees_it_before_the_enqueue() -> None:
+    queue = FeatureQueue(4, 2)
+    a = torch.tensor([[1.0, 0], [0, 1]])
+    queue.enqueue(a)
+    queue.enqueue(2 * a)
+    queue.enqueue(3 * a)  # overwrites the oldest rows
+    torch.testing.assert_close(queue.features(), torch.cat([3 * a, 2 * a]))
+    assert int(queue.ptr) == 2
+    # MoCo: the keys of this step are not among the negatives of this step
+    torch.manual_seed(0)
+    backbone = create_backbone("test_resnet", in_chans=3, img_size=16)
+    method = create_method("moco_v2", backbone, **SMALL["moco_v2"])
+    before = method.queue.features().clone()
+    x = torch.randn(8, 3, 16, 16)
+    seen = {}
+    import methods.moco as moco
+
+    original = moco.moco_loss
+
+    def spy(q, k, queue_, t):
+        seen["queue"] = queue_.clone()
+        return original(q, k, queue_, t)
+
+    moco.moco_loss = spy
+    try:
+        method.training_step([x, x], StepInfo(0, 0, 10))
+    finally:
+        moco.moco_loss = original
+    torch.testing.assert_close(seen["queue"], before)
+    torch.testing.assert_close(method.queue.features(), before)  # not yet: the keys go in after the step
+    method.after_step(StepInfo(0, 0, 10))
+    torch.testing.assert_close(method.queue.features()[:8], method._keys)
+
+
+def test_bad_method_parameters_are_config_errors() -> None:
+    from harness.config import build_config
+
+    with pytest.raises(ConfigError, match="method.momentum"):
+        build_config({"method": {"name": "moco_v2", "momentum": 1.0}})
+    with pytest.raises(ConfigError, match="method.temperature.*unknown key"):
+        build_config({"method": {"name": "byol", "temperature": 0.1}})
+    backbone = create_backbone("test_resnet", in_chans=3, img_size=16)
+    with pytest.raises(ConfigError, match="method.queue_size: 16 is smaller than pretrain.batch_size 32"):
+        create_method("moco_v2", backbone, queue_size=16).check(32)
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_method_contract(name: str, tmp_path) -> None:
+    assert name in SMALL, f"add small heads for {name!r} to SMALL"
+    torch.manual_seed(0)
+    images, _, _ = generate_shapes(16, image_size=16, seed=0)
+    augmenter = Augmenter(AugmentConfig(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    method = create_method(name, create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL[name])
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        views = [augmenter(images, spec, g) for spec in method.views(16)]
+        out = method.training_step(views, StepInfo(0, step, 3))
+        assert torch.isfinite(out.loss), (name, step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        if step == 1:  # not step 0: timm zero-initialises the last BN of each residual block, so its convs get no gradient yet
+            missing = [n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
+            assert missing == [], f"{name}: no gradient for {missing[:5]}"
+            frozen = [n for n, p in method.named_parameters() if not p.requires_grad]
+            assert all(p.grad is None for n, p in method.named_parameters() if n in frozen)
+        optimizer.step()
+        method.after_step(StepInfo(0, step, 3))
+    method.eval()
+    x = augmenter.normalize(images[:4])
+    rep = method.embed(x)
+    assert rep.shape == (4, method.backbone.num_features)
+    torch.save(method.state_dict(), tmp_path / "m.pt")
+    fresh = create_method(name, create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL[name])
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    fresh.eval()
+    for key, value in method.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, msg=f"{name}: {key}")
+    torch.testing.assert_close(fresh.embed(x), rep)
