@@ -87,7 +87,7 @@ def test_ema_update_and_the_target_has_no_gradient() -> None:
             p.add_(1.0)
     online(torch.randn(8, 3))  # moves the BN running statistics
     ema_update(target, online, 0.9)
-    for t, b, o in zip(target.parameters(), before, online.parameters()):
+    for t, b, o in zip(target.parameters(), before, online.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
     torch.testing.assert_close(target[1].running_mean, online[1].running_mean)
     assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
