@@ -20,6 +20,8 @@ from methods.barlow_twins import barlow_twins_loss
 from methods.base import StepInfo
 from methods.byol import byol_loss
 from methods.moco import moco_loss
+from methods.moco_v3 import mocov3_loss
+from methods.nnclr import nearest_neighbour, nnclr_loss
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 from methods.queue import FeatureQueue
 from methods.simsiam import simsiam_loss
@@ -31,6 +33,9 @@ SMALL = {
     "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
     "simsiam": {"proj_dim": 32, "pred_hidden_dim": 8},
     "barlow_twins": {"proj_hidden_dim": 32, "proj_dim": 32},
+    "simclr_v2": {"proj_hidden_dim": 32, "proj_dim": 16},
+    "moco_v3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
+    "nnclr": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64},
 }
 
 
@@ -177,3 +182,30 @@ def test_method_contract(name: str, tmp_path) -> None:
     for key, value in method.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value, msg=f"{name}: {key}")
     torch.testing.assert_close(fresh.embed(x), rep)
+
+
+def test_mocov3_loss_closed_form_and_scale() -> None:
+    q = torch.ones(8, 4)
+    # identical q and k: every logit equal -> CE = log N, times 2T
+    assert mocov3_loss(q, q, 0.2).item() == pytest.approx(math.log(8) * 0.4, rel=1e-5)
+    eye = torch.eye(4)
+    assert mocov3_loss(eye, eye, 0.01).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_nnclr_takes_the_neighbour_from_the_support_set() -> None:
+    support = torch.eye(3)
+    z = torch.nn.functional.normalize(torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8]]), dim=1)
+    torch.testing.assert_close(nearest_neighbour(z, support), support[[0, 2]])
+    # the support neighbours of perfect predictions: loss as in-batch InfoNCE of one-hot pairs
+    assert nnclr_loss(torch.eye(3), torch.eye(3), 0.01).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_simclr_v2_fine_tunes_from_the_middle_of_its_head() -> None:
+    method = create_method("simclr_v2", create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL["simclr_v2"])
+    trunk, dim = method.trunk(1)
+    assert dim == 32 and trunk(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+    assert method.trunk(0)[1] == method.backbone.num_features
+    with pytest.raises(Exception, match="from_projector_layer"):
+        method.trunk(3)
+    with pytest.raises(Exception, match="from_projector_layer"):
+        create_method("simclr", create_backbone("test_resnet", in_chans=3, img_size=16)).trunk(1)

@@ -1,0 +1,72 @@
+"""NNCLR: With a Little Help from My Friends (Dwibedi et al., ICCV 2021).
+
+Nearest-neighbour contrastive learning: the positive for one view is the nearest
+neighbour of its projection in a support queue of past projections (looked up
+before this batch is enqueued), contrasted against the other view's prediction
+with in-batch negatives; symmetric over the two views.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from harness.errors import ConfigError
+from methods import register
+from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.heads import mlp
+from methods.queue import FeatureQueue
+
+
+def nearest_neighbour(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """For each L2-normalised row of z (N, D), the most similar row of ``support`` (K, D) (no gradient)."""
+    return support[(z.detach() @ support.T).argmax(dim=1)]
+
+
+def nnclr_loss(nn_z: torch.Tensor, p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """``CE(NN(z_i) . p_j / T, i)``: the support neighbour of view 1 against the predictions of view 2."""
+    logits = F.normalize(nn_z.float(), dim=1) @ F.normalize(p.float(), dim=1).T / temperature
+    return F.cross_entropy(logits, torch.arange(p.shape[0], device=p.device))
+
+
+class NNCLRParams(MethodParams):
+    temperature: float = Field(0.1, gt=0)
+    queue_size: int = Field(98304, ge=1, description="support set of past projections")
+    proj_hidden_dim: int = Field(2048, ge=1)
+    proj_dim: int = Field(256, ge=1)
+    pred_hidden_dim: int = Field(4096, ge=1)
+
+
+@register
+class NNCLR(Method):
+    name = "nnclr"
+    Params = NNCLRParams
+    uses_negatives = True
+    networks = 1
+    loss_name = "InfoNCE (nearest-neighbour positive)"
+    paper = "Dwibedi et al., ICCV 2021"
+
+    def __init__(self, backbone: nn.Module, params: NNCLRParams) -> None:
+        super().__init__(backbone, params)
+        self.projector = mlp(backbone.num_features, params.proj_hidden_dim, params.proj_dim, 3, last_bn=True)
+        self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim)
+        self.support = FeatureQueue(params.queue_size, params.proj_dim)
+
+    def check(self, batch_size: int) -> None:
+        if self.params.queue_size < batch_size:
+            raise ConfigError(f"method.queue_size: {self.params.queue_size} is smaller than pretrain.batch_size {batch_size}; the support queue must hold at least one batch")
+
+    def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
+        z = self.projector(self.backbone(torch.cat([views[0], views[1]])))
+        p1, p2 = self.predictor(z).chunk(2)
+        z1, z2 = F.normalize(z, dim=1).chunk(2)
+        support = self.support.features()  # before this batch is enqueued
+        nn1, nn2 = nearest_neighbour(z1, support), nearest_neighbour(z2, support)
+        loss = 0.5 * (nnclr_loss(nn1, p2, self.params.temperature) + nnclr_loss(nn2, p1, self.params.temperature))
+        self._enqueue = z1.detach()
+        return StepOutput(loss)
+
+    def after_step(self, step: StepInfo) -> None:
+        self.support.enqueue(self._enqueue)
