@@ -293,6 +293,8 @@ def _fmt_number(x: float, like: float | None = None) -> str:
 def _fmt_value(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
+    if isinstance(v, dict) and "name" in v:  # a swept mapping (e.g. a whole method): its name; the rest is in the params
+        return str(v["name"])
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
