@@ -65,6 +65,7 @@ def prepare(cfg: RunConfig) -> Trial:
     params = {k: v for k, v in cfg.method.items() if k != "name"}
     method = create_method(cfg.method["name"], backbone, **params)
     method.check(cfg.pretrain.batch_size)
+    method.views(data.image_size)  # a multi-crop that does not fit the image is bad input now, before any run
     return Trial(cfg, data, method, Augmenter(cfg.augment, data.mean, data.std), device)
 
 

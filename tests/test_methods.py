@@ -36,6 +36,7 @@ SMALL = {
     "simclr_v2": {"proj_hidden_dim": 32, "proj_dim": 16},
     "moco_v3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
     "nnclr": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64},
+    "swav": {"proj_hidden_dim": 32, "proj_dim": 16, "num_prototypes": 10, "num_small_crops": 2, "small_crop_size_ratio": 0.5, "freeze_prototypes_steps": 0},
 }
 
 
