@@ -66,6 +66,8 @@ def prepare(cfg: RunConfig) -> Trial:
     method = create_method(cfg.method["name"], backbone, **params)
     method.check(cfg.pretrain.batch_size)
     method.views(data.image_size)  # a multi-crop that does not fit the image is bad input now, before any run
+    if cfg.eval.semi.enabled:
+        method.trunk(cfg.eval.semi.from_projector_layer)  # fine-tuning from the head: only where the method has one
     return Trial(cfg, data, method, Augmenter(cfg.augment, data.mean, data.std), device)
 
 

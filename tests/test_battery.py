@@ -71,6 +71,8 @@ def test_semi_fraction_too_small_is_bad_input_before_training(tmp_path, tiny_ove
     assert main(["-q", "run", str(cfg), *tiny_overrides, "eval.semi.fractions=[0.01]"]) == 2
     err = capsys.readouterr().err
     assert "eval.semi.fractions" in err and "0.01" in err
+    assert main(["-q", "run", str(cfg), *tiny_overrides, "eval.semi.from_projector_layer=1"]) == 2  # simclr has no such trunk
+    assert "eval.semi.from_projector_layer" in capsys.readouterr().err
     assert search_runs("semi", tracking_uri) == []
 
 
