@@ -10,11 +10,13 @@ import fnmatch
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from harness.errors import BadInput, HarnessError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,38 +90,43 @@ def _run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"pretrain.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    try:
-        metrics = run(cfg)
-    except HarnessError:
-        raise
-    except Exception as err:  # a failure while running: one line; HARNESS_DEBUG=1 shows the traceback
-        if os.environ.get("HARNESS_DEBUG"):
-            raise
-        print(f"error: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+    metrics = _failure_is_one_line("run", lambda: run(cfg))
+    if metrics is None:
         return EXIT_FAILED
-    for key in sorted(metrics):
-        if key.startswith(("eval/", "baseline/")):
-            print(f"{key:40s} {metrics[key]:.4f}")
+    _print_metrics(metrics, ("eval/", "baseline/"))
     return EXIT_OK
 
 
 def _eval(args: argparse.Namespace) -> int:
     from harness.run import reevaluate
 
-    try:
-        run_id, metrics = reevaluate(args.target, args.overrides)
-    except HarnessError:
-        raise
-    except Exception as err:  # a failure while running: one line; HARNESS_DEBUG=1 shows the traceback
-        if os.environ.get("HARNESS_DEBUG"):
-            raise
-        print(f"error: eval failed: {type(err).__name__}: {err}", file=sys.stderr)
+    result = _failure_is_one_line("eval", lambda: reevaluate(args.target, args.overrides))
+    if result is None:
         return EXIT_FAILED
-    for key in sorted(metrics):
-        if key.startswith("eval/"):
-            print(f"{key:40s} {metrics[key]:.4f}")
+    run_id, metrics = result
+    _print_metrics(metrics, ("eval/",))
     print(f"logged into MLflow run {run_id}")
     return EXIT_OK
+
+
+def _failure_is_one_line(verb: str, fn: Callable[[], T]) -> T | None:
+    """Run ``fn``; a failure while running (not bad input) prints one line and returns None.
+    ``HARNESS_DEBUG=1`` shows the traceback instead."""
+    try:
+        return fn()
+    except HarnessError:
+        raise
+    except Exception as err:
+        if os.environ.get("HARNESS_DEBUG"):
+            raise
+        print(f"error: {verb} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
+def _print_metrics(metrics: dict[str, float], prefixes: tuple[str, ...]) -> None:
+    for key in sorted(metrics):
+        if key.startswith(prefixes):
+            print(f"{key:40s} {metrics[key]:.4f}")
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -315,17 +315,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
     A key that the schema does not have is refused here, with the closest valid key,
     so that a typo on the command line never silently does nothing.
     """
+    return set_values(raw, parse_overrides(overrides), schema)
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...], example: str = "pretrain.epochs=5") -> dict[str, Any]:
+    """``["a.b=1", "c=[1,2]"]`` -> ``{"a.b": 1, "c": [1, 2]}``: values parse as YAML scalars (else stay text)."""
     values: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. pretrain.epochs=5")
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. {example}")
         try:
             values[key] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             values[key] = text
-    return set_values(raw, values, schema)
+    return values
 
 
 def set_values(raw: dict[str, Any], values: dict[str, Any], schema: type[BaseModel], what: str = "override") -> dict[str, Any]:

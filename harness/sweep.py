@@ -43,7 +43,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from harness import raytune
-from harness.config import RunConfig, Section, _first_error, build_config, flatten, read_yaml, set_values
+from harness.config import RunConfig, Section, _first_error, build_config, flatten, parse_overrides, read_yaml, set_values
 from harness.errors import BadInput, ConfigError, RunFailed, suggest
 from harness.provenance import git_commit
 from harness.tracking import absolute_uri, create_run, open_run, search_runs, tracking_uri
@@ -241,16 +241,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``key=value`` on the command line: sweep keys (``max_concurrent=1``, ``seeds=[0]``,
     ``space.method.temperature=[0.1,0.2]``) or run-config keys (``pretrain.epochs=2``, set under ``run``)."""
-    values: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. max_concurrent=1 or pretrain.epochs=2")
-        try:
-            values[key] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            values[key] = text
+    values = parse_overrides(overrides, example="max_concurrent=1 or pretrain.epochs=2")
     raw = json.loads(json.dumps(raw, default=str))  # a deep copy of plain YAML data
     for key, value in values.items():
         head, _, rest = key.partition(".")

@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.augment import Augmenter, ViewSpec
+from harness.augment import ViewSpec
 from harness.backbones import create_backbone
-from harness.config import AugmentConfig, build_config
+from harness.config import build_config
 from harness.errors import ConfigError
-from harness.shapes import generate_shapes
 from methods import create_method, swav
 from methods.base import StepInfo
 from methods.swav import sinkhorn, swapped_prediction_loss
@@ -271,39 +270,7 @@ def test_the_queue_enters_the_codes_once_full(monkeypatch) -> None:
 # ----------------------------------------------------------------------------- the contract
 
 
-def test_swav_meets_the_method_contract(tmp_path) -> None:
-    """tests/test_methods.py::test_method_contract for "swav" with SMALL_SWAV."""
-    name = "swav"
-    torch.manual_seed(0)
-    images, _, _ = generate_shapes(16, image_size=16, seed=0)
-    augmenter = Augmenter(AugmentConfig(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    method = create_method(name, create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL_SWAV)
-    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
-    g = torch.Generator().manual_seed(0)
-    for step in range(3):
-        views = [augmenter(images, spec, g) for spec in method.views(16)]
-        out = method.training_step(views, StepInfo(0, step, 3))
-        assert torch.isfinite(out.loss), (name, step)
-        optimizer.zero_grad()
-        out.loss.backward()
-        if step == 1:
-            missing = [n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
-            assert missing == [], f"{name}: no gradient for {missing[:5]}"
-            frozen = [n for n, p in method.named_parameters() if not p.requires_grad]
-            assert all(p.grad is None for n, p in method.named_parameters() if n in frozen)
-        optimizer.step()
-        method.after_step(StepInfo(0, step, 3))
-    method.eval()
-    x = augmenter.normalize(images[:4])
-    rep = method.embed(x)
-    assert rep.shape == (4, method.backbone.num_features)
-    torch.save(method.state_dict(), tmp_path / "m.pt")
-    fresh = create_method(name, create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL_SWAV)
-    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
-    fresh.eval()
-    for key, value in method.state_dict().items():
-        torch.testing.assert_close(fresh.state_dict()[key], value, msg=f"{name}: {key}")
-    torch.testing.assert_close(fresh.embed(x), rep)
+# The registry-wide contract (tests/test_methods.py::test_method_contract) covers swav too.
 
 
 def test_the_contract_with_the_queue_on(tmp_path) -> None:
