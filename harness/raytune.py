@@ -74,13 +74,18 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
         raise BadInput(f"address: Ray cluster at {address!r} does not answer ({err.strerror or err}); start one with `ray start --head` or leave address unset for a local instance") from None
 
 
+def cluster_address(configured: str | None) -> str | None:
+    """The Ray cluster to join: the config's address, else ``RAY_ADDRESS``, else None (a local instance)."""
+    return configured or os.environ.get("RAY_ADDRESS") or None
+
+
 def init(address: str | None) -> bool:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local instance; True if we started one."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
         check_address(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)

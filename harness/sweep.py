@@ -317,8 +317,9 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
         state = _load_state(state_path, sweep, uri)
     else:
         _check_preparable(sweep)
-        if cfg.address or raytune_address():
-            raytune.check_address(cfg.address or raytune_address())  # type: ignore[arg-type]
+        address = raytune.cluster_address(cfg.address)
+        if address:
+            raytune.check_address(address)
         state = _new_state(sweep, uri, root)
     parent = open_run(state["parent_run_id"], uri)
     children = {key: open_run(run_id, uri) for key, run_id in state["trials"].items()}
@@ -401,12 +402,6 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
     state["complete"] = not interrupted
     _write_json(state_path, state)
     return SweepOutcome(state["parent_run_id"], finished, failed, stopped, interrupted, outcome.wall_s)
-
-
-def raytune_address() -> str | None:
-    import os
-
-    return os.environ.get("RAY_ADDRESS")
 
 
 def _check_preparable(sweep: Sweep) -> None:

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harness.errors import ConfigError
 from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
 from methods.heads import mlp
@@ -55,8 +54,7 @@ class NNCLR(Method):
         self.support = FeatureQueue(params.queue_size, params.proj_dim)
 
     def check(self, batch_size: int) -> None:
-        if self.params.queue_size < batch_size:
-            raise ConfigError(f"method.queue_size: {self.params.queue_size} is smaller than pretrain.batch_size {batch_size}; the support queue must hold at least one batch")
+        self.support.check_holds_batch(batch_size)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z = self.projector(self.backbone(torch.cat([views[0], views[1]])))

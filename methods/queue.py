@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.errors import ConfigError
+
 __all__ = ["FeatureQueue"]
 
 
@@ -26,6 +28,12 @@ class FeatureQueue(nn.Module):
             raise ValueError(f"queue size and dim must be >= 1, got size={size}, dim={dim}")
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def check_holds_batch(self, batch_size: int, key: str = "method.queue_size") -> None:
+        """Refuse a queue smaller than one batch (ConfigError naming ``key``), before training."""
+        size = self.queue.shape[0]
+        if size < batch_size:
+            raise ConfigError(f"{key}: {size} is smaller than pretrain.batch_size {batch_size}; the queue must hold at least one batch")
 
     def features(self) -> torch.Tensor:
         """The current contents, (size, dim), detached."""
