@@ -64,6 +64,7 @@ def prepare(cfg: RunConfig) -> Trial:
     backbone = create_backbone(b.name, in_chans=data.channels, img_size=data.image_size, cifar_stem=b.cifar_stem, **b.kwargs)
     params = {k: v for k, v in cfg.method.items() if k != "name"}
     method = create_method(cfg.method["name"], backbone, **params)
+    method.setup(data)
     method.check(cfg.pretrain.batch_size)
     method.views(data.image_size)  # a multi-crop that does not fit the image is bad input now, before any run
     if cfg.eval.semi.enabled:

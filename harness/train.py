@@ -133,7 +133,7 @@ def pretrain(
             xs = [augmenter(batch, spec, generator) for spec in views]
             if cuda and p.channels_last:
                 xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-            info = StepInfo(epoch=epoch, step=step, total_steps=total_steps)
+            info = StepInfo(epoch=epoch, step=step, total_steps=total_steps, indices=idx)
             with autocast:
                 out = method.training_step(xs, info)
             loss = out.loss.item()

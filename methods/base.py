@@ -2,11 +2,12 @@
 
 A method owns its heads, its loss and its between-step state (EMA target, queue,
 prototypes). It declares the views it needs and its taxonomy for result tables.
-The training loop (:mod:`harness.train`) owns data, augmentation, optimisation,
+Before training, ``method.setup(data)`` sees the dataset once. The training loop
+(:mod:`harness.train`) owns data, augmentation, optimisation,
 precision, devices and distribution; it calls, per step::
 
     views = [augment(images, spec) for spec in method.views(image_size)]
-    out = method.training_step(views, step)     # StepOutput(loss, logs)
+    out = method.training_step(views, step)     # StepOutput(loss, logs); step.indices: the batch's rows
     out.loss.backward(); optimizer.step()
     method.after_step(step)                     # e.g. EMA update of a target network
 
@@ -16,7 +17,7 @@ and for evaluation ``method.embed(images)`` on normalised, un-augmented images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +26,9 @@ from torch import nn
 from harness.errors import BadInput
 
 from harness.augment import ViewSpec
+
+if TYPE_CHECKING:
+    from harness.datasets import DataSplits
 
 
 class MethodParams(BaseModel):
@@ -41,6 +45,8 @@ class StepInfo:
     step: int
     """Global optimisation step, from 0."""
     total_steps: int
+    indices: torch.Tensor | None = None
+    """Positions of this batch's images in the training split (for per-image data such as captions)."""
 
 
 @dataclass
@@ -72,6 +78,12 @@ class Method(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.params = params
+
+    def setup(self, data: DataSplits) -> None:
+        """Called once with the dataset, before ``check`` and before the optimiser is built: methods that
+        need more than images (captions, class names, channel groups) take it here and may add modules
+        (a tokenizer's vocabulary sizes a text tower). Raise BadInput/ConfigError for a dataset they
+        cannot use. Default: nothing."""
 
     def views(self, image_size: int) -> list[ViewSpec]:
         """The augmented views one training step needs; default two full-size views."""

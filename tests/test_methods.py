@@ -13,6 +13,7 @@ from torch import nn
 from harness.augment import Augmenter
 from harness.backbones import create_backbone
 from harness.config import AugmentConfig
+from harness.datasets import load_dataset
 from harness.errors import ConfigError
 from harness.shapes import generate_shapes
 from methods import create_method, list_methods
@@ -150,18 +151,37 @@ def test_bad_method_parameters_are_config_errors() -> None:
 # ----------------------------------------------------------------------------- the contract
 
 
+CONTRACT_BACKBONE = {"name": "test_resnet"}
+"""The contract's backbone; a method that needs another kind (a ViT) names it as ``SMALL[name]["_backbone"]``."""
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes():
+    return load_dataset("shapes", image_size=16, num_train=16, num_test=8, seed=0)
+
+
+def _contract_method(name: str, data) -> object:
+    small = dict(SMALL[name])
+    spec = {**CONTRACT_BACKBONE, **small.pop("_backbone", {})}
+    backbone = create_backbone(spec.pop("name"), in_chans=data.channels, img_size=data.image_size, **spec)
+    method = create_method(name, backbone, **small)
+    method.setup(data)
+    return method
+
+
 @pytest.mark.parametrize("name", list_methods())
-def test_method_contract(name: str, tmp_path) -> None:
+def test_method_contract(name: str, tiny_shapes, tmp_path) -> None:
     assert name in SMALL, f"add small heads for {name!r} to SMALL"
     torch.manual_seed(0)
-    images, _, _ = generate_shapes(16, image_size=16, seed=0)
-    augmenter = Augmenter(AugmentConfig(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    method = create_method(name, create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL[name])
+    images = tiny_shapes.train.images
+    augmenter = Augmenter(AugmentConfig(), tiny_shapes.mean, tiny_shapes.std)
+    method = _contract_method(name, tiny_shapes)
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
     g = torch.Generator().manual_seed(0)
+    indices = torch.arange(len(images))
     for step in range(3):
         views = [augmenter(images, spec, g) for spec in method.views(16)]
-        out = method.training_step(views, StepInfo(0, step, 3))
+        out = method.training_step(views, StepInfo(0, step, 3, indices=indices))
         assert torch.isfinite(out.loss), (name, step)
         optimizer.zero_grad()
         out.loss.backward()
@@ -171,13 +191,14 @@ def test_method_contract(name: str, tmp_path) -> None:
             frozen = [n for n, p in method.named_parameters() if not p.requires_grad]
             assert all(p.grad is None for n, p in method.named_parameters() if n in frozen)
         optimizer.step()
-        method.after_step(StepInfo(0, step, 3))
+        method.after_step(StepInfo(0, step, 3, indices=indices))
     method.eval()
     x = augmenter.normalize(images[:4])
     rep = method.embed(x)
     assert rep.shape == (4, method.backbone.num_features)
     torch.save(method.state_dict(), tmp_path / "m.pt")
-    fresh = create_method(name, create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL[name])
+    torch.manual_seed(1)  # a fresh initialisation, then the saved state
+    fresh = _contract_method(name, tiny_shapes)
     fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     fresh.eval()
     for key, value in method.state_dict().items():
