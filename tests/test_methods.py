@@ -15,7 +15,6 @@ from harness.backbones import create_backbone
 from harness.config import AugmentConfig
 from harness.datasets import load_dataset
 from harness.errors import ConfigError
-from harness.shapes import generate_shapes
 from methods import create_method, list_methods
 from methods.barlow_twins import barlow_twins_loss
 from methods.base import StepInfo
