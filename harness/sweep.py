@@ -11,7 +11,8 @@
     python -m harness sweep sweeps/temperature.yaml [key=value ...] [--resume]
 
 A swept key is any dotted key of the run config. Domains: ``grid`` (every value),
-``choice`` (drawn), ``uniform`` and ``loguniform`` (drawn); ``num_samples`` draws
+``choice`` (drawn), ``uniform`` and ``loguniform`` (drawn), ``cases`` (a grid whose
+points set several keys at once, :class:`Domain`); ``num_samples`` draws
 of the random domains are crossed with the grids, and every point is repeated
 for each seed. Everything is validated (every trial's run config built) before
 Ray starts; each trial then runs exactly what ``harness run`` runs
@@ -61,9 +62,23 @@ FINISHED_KEY = "trial/finished"
 
 
 class Domain(Section):
-    """Values of one swept key: exactly one of ``grid``, ``choice``, ``uniform``, ``loguniform``."""
+    """Values of one swept key: exactly one of ``grid``, ``choice``, ``uniform``, ``loguniform``, ``cases``.
+
+    ``cases`` is a grid whose points each set several run keys at once, e.g. a method
+    together with its own optimiser; the swept key is then only the label of the column
+    (the value a case gives that key, or the case itself, names the point)::
+
+        method:
+          cases:
+            - {method: {name: simclr, temperature: 0.2}}
+            - {method: {name: barlow_twins}, pretrain.optimizer: lars, pretrain.base_lr: 0.2}
+
+    Every key of a case is set as if it were swept alone (a mapping replaces the section it
+    names; a dotted key changes one value).
+    """
 
     grid: list[Any] | None = Field(None, min_length=1)
+    cases: list[dict[str, Any]] | None = Field(None, min_length=1)
     choice: list[Any] | None = Field(None, min_length=1)
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
@@ -74,14 +89,16 @@ class Domain(Section):
         if isinstance(v, list):
             return {"grid": v}
         if not isinstance(v, dict):
-            raise ValueError("expected {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]} or {loguniform: [lo, hi]}")
+            raise ValueError("expected {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {cases: [{key: value, ...}, ...]}")
         return v
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Domain:
-        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        given = [k for k in ("grid", "choice", "uniform", "loguniform", "cases") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, cases (got {', '.join(given) or 'none'})")
+        if self.cases is not None and any(not case for case in self.cases):
+            raise ValueError("cases: every case sets at least one run key")
         if self.uniform is not None and not self.uniform[0] < self.uniform[1]:
             raise ValueError(f"uniform: need lo < hi (got {list(self.uniform)})")
         if self.loguniform is not None:
@@ -94,11 +111,23 @@ class Domain(Section):
 
     @property
     def random(self) -> bool:
-        return self.grid is None
+        return self.grid is None and self.cases is None
+
+    def points(self) -> list[Any]:
+        """Every value of a grid-like domain (grid or cases)."""
+        return list(self.grid or self.cases or [])
 
     def bounds(self) -> list[Any]:
-        """The values a trial config must accept: every grid/choice value, or both ends of a range."""
-        return list(self.grid or self.choice or self.uniform or self.loguniform or [])
+        """The values a trial config must accept: every grid/choice value or case, or both ends of a range."""
+        return list(self.grid or self.cases or self.choice or self.uniform or self.loguniform or [])
+
+    def run_values(self, key: str, value: Any) -> dict[str, Any]:
+        """The run-config keys one value of this domain sets: ``{key: value}``, or a case's keys."""
+        return dict(value) if self.cases is not None else {key: value}
+
+    def label(self, key: str, value: Any) -> Any:
+        """What names the value in tags and tables: the value, or what a case sets ``key`` to (else the case)."""
+        return value.get(key, value) if self.cases is not None else value
 
     def draw(self, rng: np.random.Generator) -> Any:
         if self.choice is not None:
@@ -232,9 +261,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     sweep = Sweep(cfg, path, path.read_text(), expand(cfg))
     for key, domain in cfg.space.items():  # every value (or both ends of a range) must make a valid run config
         for value in domain.bounds():
-            _build(run_raw, {key: value}, f"space.{key}")
+            _build(run_raw, domain.run_values(key, value), f"space.{key}")
     for trial in sweep.trials:
-        sweep.configs[trial.key] = _build(run_raw, {**trial.point, "seed": trial.seed, "tracking.run_name": trial.key}, "space")
+        values = {k: v for key, value in trial.point.items() for k, v in cfg.space[key].run_values(key, value).items()}
+        sweep.configs[trial.key] = _build(run_raw, {**values, "seed": trial.seed, "tracking.run_name": trial.key}, "space")
     return sweep
 
 
@@ -265,7 +295,7 @@ def expand(cfg: SweepConfig) -> list[TrialSpec]:
     random_keys = [k for k, d in cfg.space.items() if d.random]
     rng = np.random.default_rng(cfg.sample_seed)
     draws = [{k: cfg.space[k].draw(rng) for k in random_keys} for _ in range(cfg.num_samples)]
-    combos = [dict(zip(grid_keys, values)) for values in itertools.product(*(cfg.space[k].grid for k in grid_keys))]  # type: ignore[misc]
+    combos = [dict(zip(grid_keys, values)) for values in itertools.product(*(cfg.space[k].points() for k in grid_keys))]
     points = [{k: {**combo, **draw}[k] for k in cfg.space} for draw in draws for combo in combos]
     return [TrialSpec(point, seed) for point in points for seed in cfg.seeds]
 
@@ -438,7 +468,7 @@ def _new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
     for trial in sweep.trials:
         run_cfg = sweep.configs[trial.key]
         tags = run_tags(run_cfg) | {TAG_SWEEP: cfg.name, TAG_TRIAL: trial.key, "harness.point": trial.point_key}
-        tags |= {SWEPT_TAG_PREFIX + k: json.dumps(v) for k, v in trial.point.items()}
+        tags |= {SWEPT_TAG_PREFIX + k: json.dumps(cfg.space[k].label(k, v)) for k, v in trial.point.items()}
         child = create_run(cfg.name, run_name=trial.key, uri=uri, tags=tags, parent_run_id=parent.run_id)
         log_run_inputs(child, run_cfg)
         child.set_status("SCHEDULED")

@@ -87,6 +87,24 @@ def test_load_sweep_builds_every_trial_config(tmp_path: Path) -> None:
     assert cfg.tracking.run_name == "method.proj_dim=16 seed=6"
 
 
+def test_cases_set_several_keys_per_point(tmp_path: Path) -> None:
+    cases = [
+        {"method": {"name": "simclr", "temperature": 0.2}},
+        {"method": {"name": "barlow_twins", "lambd": 0.01}, "pretrain.optimizer": "lars", "pretrain.base_lr": 0.2},
+    ]
+    path = write_sweep(tmp_path, space={"method": {"cases": cases}, "pretrain.epochs": [1, 2]}, seeds=[0])
+    sweep = load_sweep(path)
+    assert len(sweep.trials) == 2 * 2
+    by_method = {(c.method["name"], c.pretrain.epochs): c for c in sweep.configs.values()}
+    barlow, simclr = by_method[("barlow_twins", 2)], by_method[("simclr", 1)]
+    assert barlow.method["lambd"] == 0.01 and barlow.pretrain.optimizer == "lars" and barlow.pretrain.base_lr == 0.2
+    assert simclr.method["temperature"] == 0.2
+    assert (simclr.pretrain.optimizer, simclr.pretrain.base_lr) != ("lars", 0.2)  # only the barlow case sets them
+    domain = sweep.cfg.space["method"]
+    assert domain.label("method", cases[1]) == cases[1]["method"]  # the column shows what the case sets the label to
+    assert domain.label("recipe", cases[1]) == cases[1]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -101,6 +119,8 @@ def test_load_sweep_builds_every_trial_config(tmp_path: Path) -> None:
         ({"space": {"pretrain.epochs": {"grid": [1, "many"]}}}, [], "pretrain.epochs"),
         ({"space": {"method.temperature": [0.1, -1.0]}}, [], "method.temperature"),
         ({"max_concurrent": 0}, [], "max_concurrent"),
+        ({"space": {"method": {"cases": [{"method": {"name": "simclr"}, "pretrain.epoks": 1}]}}}, [], "pretrain.epoks"),
+        ({"space": {"method": {"cases": [{}]}}}, [], "every case sets at least one run key"),
         ({}, ["max_concurrent=0"], "max_concurrent"),
         ({"space": {"method.temperature": {"grid": [0.1], "uniform": [0.1, 0.2]}}}, [], "exactly one"),
         ({"seeds": [0, 0]}, [], "seeds"),
