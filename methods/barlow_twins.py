@@ -2,7 +2,9 @@
 
 The cross-correlation matrix of the two views' batch-normalised projections is
 pushed to the identity: its diagonal to 1 (invariance), its off-diagonal to 0
-(redundancy reduction), weighted by lambda. No negatives, one network.
+(redundancy reduction), weighted by lambda. No negatives, one network. With several
+workers the projections are gathered (``gather``) so that the normalisation and the
+cross-correlation use the statistics of the global batch, as the paper requires.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.distributed import gather
 from methods.heads import mlp
 
 
@@ -37,6 +40,7 @@ class BarlowTwinsParams(MethodParams):
     lambd: float = Field(5e-3, gt=0, description="weight of the off-diagonal term")
     proj_hidden_dim: int = Field(8192, ge=1)
     proj_dim: int = Field(8192, ge=1)
+    gather: bool = Field(True, description="with several workers, global batch statistics (false: each worker's own batch)")
 
 
 @register
@@ -54,4 +58,6 @@ class BarlowTwins(Method):
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z1, z2 = self.projector(self.backbone(torch.cat([views[0], views[1]]))).chunk(2)
+        if self.params.gather:
+            z1, z2 = gather(z1), gather(z2)
         return StepOutput(barlow_twins_loss(z1, z2, self.params.lambd))

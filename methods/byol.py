@@ -3,7 +3,8 @@
 An online network (backbone, projector, predictor) predicts the projection of the
 other view made by a target network (backbone, projector), an exponential moving
 average of the online one whose momentum rises from 0.996 to 1 on a cosine
-schedule. No negatives; the target receives no gradients.
+schedule. No negatives; the target receives no gradients. The loss is per sample,
+so several workers gather nothing (see :mod:`methods.distributed`).
 """
 
 from __future__ import annotations

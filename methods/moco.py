@@ -5,7 +5,9 @@ A query encoder (backbone + MLP head) is trained with InfoNCE against the key
 encoder's output for the other view (the positive) and a queue of keys from
 earlier batches (the negatives). The key encoder is a momentum copy of the query
 encoder (m = 0.999) and receives no gradients; the current keys enter the queue
-after the loss has used it.
+after the loss has used it. The loss is per query, so with several workers nothing is
+gathered for it; the keys enqueued are gathered (``gather``), so every worker holds the
+single-process queue.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.distributed import gather_no_grad
 from methods.heads import mlp
 from methods.momentum import ema_update, frozen_copy
 from methods.queue import FeatureQueue
@@ -41,6 +44,7 @@ class MoCoV2Params(MethodParams):
     queue_size: int = Field(65536, ge=1, description="negatives kept from earlier batches")
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(128, ge=1)
+    gather: bool = Field(True, description="with several workers, enqueue the global batch's keys (false: each worker's own)")
 
 
 @register
@@ -72,5 +76,5 @@ class MoCoV2(Method):
         return StepOutput(loss)
 
     def after_step(self, step: StepInfo) -> None:
-        self.queue.enqueue(self._keys)
+        self.queue.enqueue(gather_no_grad(self._keys) if self.params.gather else self._keys)
         ema_update(self.key_encoder, nn.Sequential(self.backbone, self.projector), self.params.momentum)

@@ -3,7 +3,8 @@
 No queue: the two views' queries (backbone, projector, predictor) are contrasted
 with the momentum encoder's keys of the other view within the batch; symmetric
 loss, each term scaled by 2T as in the paper's code. The momentum rises from 0.99
-to 1 on a cosine schedule. Works with ResNet and ViT backbones alike.
+to 1 on a cosine schedule. Works with ResNet and ViT backbones alike. With several
+workers the queries and keys are gathered (``gather``): the loss is that of the global batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.distributed import gather, gather_no_grad
 from methods.heads import mlp
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 
@@ -32,6 +34,7 @@ class MoCoV3Params(MethodParams):
     proj_hidden_dim: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
     pred_hidden_dim: int = Field(4096, ge=1)
+    gather: bool = Field(True, description="with several workers, contrast against the global batch's keys (false: each worker's own batch)")
 
 
 @register
@@ -54,6 +57,8 @@ class MoCoV3(Method):
         q1, q2 = self.predictor(self.projector(self.backbone(x))).chunk(2)
         with torch.no_grad():
             k1, k2 = self.momentum_encoder(x).chunk(2)
+        if self.params.gather:
+            q1, q2, k1, k2 = gather(q1), gather(q2), gather_no_grad(k1), gather_no_grad(k2)
         t = self.params.temperature
         return StepOutput(mocov3_loss(q1, k2, t) + mocov3_loss(q2, k1, t))
 

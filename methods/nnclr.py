@@ -3,7 +3,9 @@
 Nearest-neighbour contrastive learning: the positive for one view is the nearest
 neighbour of its projection in a support queue of past projections (looked up
 before this batch is enqueued), contrasted against the other view's prediction
-with in-batch negatives; symmetric over the two views.
+with in-batch negatives; symmetric over the two views. With several workers
+(``gather``) the predictions and projections are gathered: the negatives are those of the
+global batch, and every worker enqueues the global batch into the same support queue.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.distributed import gather, gather_no_grad
 from methods.heads import mlp
 from methods.queue import FeatureQueue
 
@@ -36,6 +39,7 @@ class NNCLRParams(MethodParams):
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(256, ge=1)
     pred_hidden_dim: int = Field(4096, ge=1)
+    gather: bool = Field(True, description="with several workers, in-batch negatives and enqueueing over the global batch (false: each worker's own)")
 
 
 @register
@@ -60,6 +64,8 @@ class NNCLR(Method):
         z = self.projector(self.backbone(torch.cat([views[0], views[1]])))
         p1, p2 = self.predictor(z).chunk(2)
         z1, z2 = F.normalize(z, dim=1).chunk(2)
+        if self.params.gather:
+            p1, p2, z1, z2 = gather(p1), gather(p2), gather_no_grad(z1), gather_no_grad(z2)
         support = self.support.features()  # before this batch is enqueued
         nn1, nn2 = nearest_neighbour(z1, support), nearest_neighbour(z2, support)
         loss = 0.5 * (nnclr_loss(nn1, p2, self.params.temperature) + nnclr_loss(nn2, p1, self.params.temperature))

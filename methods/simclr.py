@@ -2,7 +2,8 @@
 
 Two augmented views of each image pass through the backbone and a projection
 MLP; the NT-Xent loss pulls the two views of an image together and pushes the
-other 2N - 2 views in the batch away.
+other 2N - 2 views in the batch away. With several workers the projections are
+gathered first (``gather``), so the negatives are those of the global batch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pydantic import Field
 
 from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.distributed import gather
 from methods.heads import mlp
 
 
@@ -43,6 +45,7 @@ class SimCLRParams(MethodParams):
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(128, ge=1)
     proj_layers: int = Field(2, ge=1, description="2 in SimCLR v1, 3 in v2")
+    gather: bool = Field(True, description="with several workers, contrast against the global batch (false: each worker's own batch)")
 
 
 @register
@@ -64,4 +67,6 @@ class SimCLR(Method):
         x1, x2 = views
         z = self.projector(self.backbone(torch.cat([x1, x2])))
         z1, z2 = z.chunk(2)
+        if self.params.gather:
+            z1, z2 = gather(z1), gather(z2)
         return StepOutput(nt_xent(z1, z2, self.params.temperature))

@@ -2,7 +2,8 @@
 
 One network (backbone, 3-layer projector ending in BatchNorm) and a predictor; each
 view's prediction matches the other view's projection under a stop-gradient. No
-negatives, no momentum encoder.
+negatives, no momentum encoder. The loss is per sample, so several workers gather nothing
+(see :mod:`methods.distributed`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ Following the reference code (facebookresearch/swav, ``main_swav.py``):
   prepended to the batch when computing codes only (it enlarges the set Sinkhorn
   balances over, useful for small batches); it starts filling at
   ``queue_start_step`` and is used once full, as in the reference code.
+* with several workers (``gather``) every crop's projections are gathered before the
+  scores: the codes balance the global batch (and the queue holds the global batch's
+  projections, ``queue_length`` rows in all), and each worker computes the loss of the
+  global batch, equal to the single-process loss. The reference code's
+  ``distributed_sinkhorn`` all-reduces the sums instead; the codes are the same.
 
 Multi-crop (documented choice): two global crops of the full image size with crop
 area range (0.14, 1.0), then ``num_small_crops`` small crops of
@@ -50,6 +55,7 @@ from harness.augment import ViewSpec
 from harness.errors import ConfigError
 from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.distributed import gather
 from methods.heads import mlp
 
 MIN_CROP_SIZE = 8
@@ -128,6 +134,7 @@ class SwAVParams(MethodParams):
     freeze_prototypes_steps: int = Field(313, ge=0, description="steps at the start without prototype updates (reference code: 313 iterations)")
     queue_length: int = Field(0, ge=0, description="past global-crop projections added when computing codes; 0 = no queue (paper: 3840 at batch 256)")
     queue_start_step: int = Field(0, ge=0, description="step at which the queue starts filling; it is used once full (paper: epoch 15)")
+    gather: bool = Field(True, description="with several workers, codes and loss over the global batch (false: each worker's own batch)")
 
     @field_validator("global_crop_scale", "small_crop_scale")
     @classmethod
@@ -207,6 +214,8 @@ class SwAV(Method):
         with torch.no_grad():  # the reference code normalises the prototypes before every forward
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         zs = self._encode(views)
+        if p.gather:
+            zs = [gather(z) for z in zs]
         frozen = step.step < p.freeze_prototypes_steps
         with torch.autocast(device_type=zs[0].device.type, enabled=False):
             weight = self.prototypes.weight.float()

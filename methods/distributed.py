@@ -1,0 +1,96 @@
+"""Gathering across workers, for the methods whose loss couples the samples of a batch.
+
+    z1, z2 = gather(z1), gather(z2)        # (W * B, D) on every worker, differentiable
+    loss = nt_xent(z1, z2, T)              # the loss of the global batch, as on one process
+    keys = gather_no_grad(k)               # keys and codes: no gradient flows back
+    average_gradients(method)              # without DistributedDataParallel, after backward
+
+Losses stay plain functions of tensors; methods gather their inputs before calling them
+(in ``training_step`` and ``after_step``), behind their ``gather`` parameter. Without an
+initialised process group of more than one worker every function here is the identity.
+
+Gradient convention. Each worker computes the loss of the *gathered* global batch, so the
+loss value is the same on every worker and equals the single-process loss of that batch.
+Only this worker's rows of the gathered tensor depend on its parameters: ``gather``'s
+backward sums the W workers' (identical) gradients with respect to the gathered tensor and
+returns this worker's rows, which is W times the single-process gradient of those rows.
+Averaging the parameter gradients over the workers (DistributedDataParallel does it, or
+:func:`average_gradients` in a loop without DDP) divides by W, so every parameter gradient
+equals the single-process one exactly. Per-sample losses (BYOL, SimSiam, MoCo v2 against its
+queue) need no gather: each worker's loss is the mean over its rows, and the same averaging
+makes the gradient that of the global mean. Every worker must pass the same shape (full batches).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["average_gradients", "gather", "gather_no_grad", "is_distributed", "rank", "world_size"]
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is available and initialised with more than one worker."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of workers (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This worker's index (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _Gather(torch.autograd.Function):
+    """all_gather + cat forward; backward: the sum over workers of the full gradient, this worker's rows
+    (all_reduce and a slice: gloo has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place: not on autograd's buffer
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each of W workers -> (W * B, ...) in rank order on every worker, with gradient (see the module docstring)."""
+    return _Gather.apply(x) if is_distributed() else x
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """As :func:`gather`, detached: keys, codes, features to enqueue."""
+    return _all_gather(x.detach()) if is_distributed() else x.detach()
+
+
+@torch.no_grad()
+def average_gradients(module: nn.Module) -> None:
+    """Replace every parameter's ``.grad`` by its mean over the workers (what DDP does), after ``backward``.
+
+    Parameters without a gradient are skipped; it must be None on every worker or on none.
+    """
+    if not is_distributed():
+        return
+    w = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(w)
