@@ -10,7 +10,7 @@ and reused by another library.
 
     result = finetune_subset(trunk, dim, images, labels, subset, test_images, test_labels,
                              augmenter, epochs=60, batch_size=64, lr=0.05, seed=0)
-    result["top1"]
+    result.metrics["top1"], result.model       # the fine-tuned classifier, e.g. a distillation teacher
 
 Optimiser: SGD with Nesterov momentum 0.9, no weight decay, lr = ``lr * batch/256``
 on a cosine schedule over all steps. The trunk is deep-copied: the pretrained
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +31,25 @@ from torch.nn import functional as F
 from harness.augment import Augmenter, ViewSpec
 from harness.optim import cosine_lr
 
-__all__ = ["finetune_subset"]
+__all__ = ["Finetuned", "classification_accuracy", "classifier", "finetune_subset"]
+
+
+@dataclass
+class Finetuned:
+    """A fine-tuned classifier (trunk copy + linear head, in eval mode) and its test metrics."""
+
+    metrics: dict[str, float]
+    """``{"top1", "top5"}`` on the test set."""
+    model: nn.Module
+    num_classes: int
+
+
+def classifier(trunk: nn.Module, dim: int, num_classes: int) -> nn.Sequential:
+    """A copy of ``trunk`` (features of size ``dim``) followed by a zero-initialised linear head; ``trunk`` is untouched."""
+    model = nn.Sequential(copy.deepcopy(trunk), nn.Linear(dim, num_classes))
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
+    return model
 
 
 def finetune_subset(
@@ -49,18 +68,16 @@ def finetune_subset(
     seed: int = 0,
     device: torch.device | str = "cpu",
     eval_batch_size: int = 512,
-) -> dict[str, float]:
+) -> Finetuned:
     """Fine-tune a copy of ``trunk`` (features of size ``dim``) plus a linear head on ``images[subset]``.
 
     ``augmenter`` is called with a full-size view per batch (crop + flip: the
-    caller builds it without colour distortion). Returns ``{"top1", "top5"}`` on
-    the test set (top5 counts min(5, C) classes).
+    caller builds it without colour distortion). Returns the fine-tuned model and its
+    ``{"top1", "top5"}`` on the test set (top5 counts min(5, C) classes).
     """
     device = torch.device(device)
     num_classes = int(max(labels.max(), test_labels.max())) + 1
-    model = nn.Sequential(copy.deepcopy(trunk), nn.Linear(dim, num_classes)).to(device)
-    nn.init.zeros_(model[1].weight)
-    nn.init.zeros_(model[1].bias)
+    model = classifier(trunk, dim, num_classes).to(device)
     base_lr = lr * batch_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, nesterov=True, weight_decay=0.0)
     subset_t = torch.as_tensor(np.asarray(subset), dtype=torch.long)
@@ -84,18 +101,22 @@ def finetune_subset(
             loss.backward()
             optimizer.step()
             step += 1
-    return _accuracy(model, test_images, test_labels, augmenter, device, eval_batch_size, num_classes)
+    metrics = classification_accuracy(model, test_images, test_labels, augmenter, device, eval_batch_size)
+    return Finetuned(metrics, model, num_classes)
 
 
 @torch.inference_mode()
-def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augmenter: Augmenter, device: torch.device, batch_size: int, num_classes: int) -> dict[str, float]:
+def classification_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augmenter: Augmenter, device: torch.device | str = "cpu", batch_size: int = 512
+) -> dict[str, float]:
+    """Top-1 and top-5 (of min(5, C) classes) of a classifier on un-augmented, normalised images; leaves it in eval mode."""
+    device = torch.device(device)
     model.eval()
-    top = min(5, num_classes)
     hits1 = hits5 = 0
     for start in range(0, images.shape[0], batch_size):
         logits = model(augmenter.normalize(images[start : start + batch_size].to(device))).float()
         y = labels[start : start + batch_size].to(device)
-        ranked = logits.topk(top, dim=1).indices
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits1 += int((ranked[:, 0] == y).sum())
         hits5 += int((ranked == y[:, None]).any(dim=1).sum())
     n = images.shape[0]

@@ -172,6 +172,12 @@ class SemiConfig(Section):
     """For a batch of 256 (SGD, momentum 0.9, cosine, no weight decay)."""
     from_projector_layer: int = Field(0, ge=0)
     """Fine-tune from this many layers into the projection head (SimCLRv2: 1); 0 is the backbone alone."""
+    distill_epochs: int = Field(0, ge=0)
+    """Then self-distil each fine-tuned model into a student on all training images, without labels (SimCLRv2);
+    0 is off. Batch size and lr are the fine-tuning's; see :mod:`evaluations.distill`."""
+    distill_temperature: float = Field(1.0, gt=0)
+    """Temperature of the distillation loss, teacher and student alike (SimCLRv2 reports 0.1 for self-distillation,
+    1.0 for big-to-small, and little difference between the two)."""
 
     @field_validator("fractions")
     @classmethod

@@ -2,6 +2,7 @@
 
     from methods import create_method, list_methods
     method = create_method("simclr", backbone, temperature=0.2)
+    method = create_method("cmc", backbone, backbone_factory=partial(create_backbone, "resnet18"))
 
 A new method is a new file in this package with a ``@register`` class
 (see :class:`methods.base.Method` for the interface); it is discovered on import.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -20,7 +22,7 @@ from methods.base import Method, StepInfo, StepOutput
 
 REGISTRY: dict[str, type[Method]] = {}
 
-_SHARED_MODULES = {"base", "heads"}
+_SHARED_MODULES = {"base", "heads", "text_tower"}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -54,10 +56,16 @@ def get_method_class(name: str) -> type[Method]:
     return REGISTRY[name]
 
 
-def create_method(name: str, backbone: nn.Module, **params: Any) -> Method:
-    """Build method ``name`` around ``backbone``; params are validated by the method's Params model."""
+def create_method(name: str, backbone: nn.Module, *, backbone_factory: Callable[..., nn.Module] | None = None, **params: Any) -> Method:
+    """Build method ``name`` around ``backbone``; params are validated by the method's Params model.
+
+    ``backbone_factory(in_chans=C)`` makes fresh backbones like ``backbone`` with C input channels, for methods
+    that build more networks in ``setup`` (CMC); it becomes ``method.backbone_factory``.
+    """
     cls = get_method_class(name)
-    return cls(backbone, cls.Params(**params))
+    method = cls(backbone, cls.Params(**params))
+    method.backbone_factory = backbone_factory
+    return method
 
 
 _discover()

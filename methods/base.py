@@ -12,10 +12,15 @@ precision, devices and distribution; it calls, per step::
     method.after_step(step)                     # e.g. EMA update of a target network
 
 and for evaluation ``method.embed(images)`` on normalised, un-augmented images.
+
+A method that needs more networks than ``self.backbone`` (CMC: one encoder per channel
+group) builds them with ``self.backbone_factory(in_chans=C)``: a fresh, randomly initialised
+backbone of the run's timm model and settings, given by ``create_method(..., backbone_factory=...)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -73,6 +78,12 @@ class Method(nn.Module):
     """Networks with their own weights (online only: 1; online + EMA target: 2; one per view: 2)."""
     loss_name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    modality: ClassVar[str] = "image"
+    """What ``embed`` takes: ``"image"`` (normalised images) or ``"text"`` (token ids from the method's
+    ``tokenize``; ``self.backbone`` is then a text tower, and the run embeds each split's captions)."""
+    backbone_factory: Callable[..., nn.Module] | None = None
+    """``backbone_factory(in_chans=C)`` -> a fresh, randomly initialised backbone like ``self.backbone`` with C input
+    channels (same timm model, image size, stem and kwargs); set by :func:`methods.create_method`, None if not given."""
 
     def __init__(self, backbone: nn.Module, params: MethodParams) -> None:
         super().__init__()

@@ -3,8 +3,9 @@
 SimCLR with a deeper (3-layer) projection head whose first layer is kept for
 fine-tuning: the semi-supervised evaluation fine-tunes from the middle of the head
 (``eval.semi.from_projector_layer: 1``), which the paper found better than from the
-backbone with few labels. The self-distillation step of the paper (a fine-tuned
-teacher labelling unlabelled data) is not part of pretraining and is not built here.
+backbone with few labels. The paper's self-distillation (a fine-tuned teacher labelling
+unlabelled data for a student) is not part of pretraining: it is an optional step of the
+semi-supervised evaluation (``eval.semi.distill_epochs``, :mod:`evaluations.distill`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ def write(tmp_path, text):
 
 def test_defaults_fill_method_params_from_the_method():
     cfg = build_config({})
-    assert cfg.method == {"name": "simclr", "temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128, "proj_layers": 2}
+    assert cfg.method == {"name": "simclr", "temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128, "proj_layers": 2, "gather": True}
     assert cfg.data.name == "shapes" and cfg.pretrain.optimizer == "sgd"
 
 

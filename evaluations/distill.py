@@ -1,0 +1,114 @@
+"""Self-distillation of a fine-tuned classifier on unlabelled images (SimCLRv2: Chen et al., NeurIPS 2020, Sec. 2).
+
+SimCLRv2's third step: the fine-tuned network is the teacher and labels the training
+images for a student of the same architecture, which learns from those soft labels alone:
+
+    L = -sum_x sum_y P_T(y|x; τ) log P_S(y|x; τ)        (a mean over each batch here)
+
+    student = self_distill(teacher, classifier(trunk, dim, num_classes), train_images, augmenter,
+                           epochs=10, batch_size=64, lr=0.05, seed=0, temperature=1.0)
+
+Choices, next to the paper's:
+
+- No labels: the distillation loss alone, the paper's default; its weighted sum with a
+  cross-entropy on the labelled subset (the paper's alternative for larger label fractions)
+  is not built. Every training image is used, the labelled ones included.
+- Temperature: 1.0 by default (``eval.semi.distill_temperature``), for teacher and student
+  alike, with no τ² gradient factor (Hinton et al.'s); SimCLRv2 reports 0.1 for
+  self-distillation and 1.0 for big-to-small, and little difference between the two.
+- Student: whatever module the caller passes, trained in place. The harness starts it where
+  the teacher's fine-tuning started (the pretrained trunk, not the fine-tuned one, and a
+  zero-initialised linear head: :func:`evaluations.finetune.classifier`), so that a few
+  epochs suffice; the paper trains its students like a pretraining run (its optimiser,
+  batch size and weight decay, 400 epochs).
+- Augmentation and optimiser: those of fine-tuning. Random crop + flip only (the caller's
+  ``augmenter``); the teacher, in eval mode and frozen, sees the same augmented images as the
+  student. SGD with Nesterov momentum 0.9, no weight decay, lr = ``lr * batch/256`` on a
+  cosine schedule over all steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from harness.augment import Augmenter, ViewSpec
+from harness.optim import cosine_lr
+
+__all__ = ["distillation_loss", "self_distill"]
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``-sum_y P_T(y|x; τ) log P_S(y|x; τ)``, the mean over the batch (SimCLRv2's distillation loss).
+
+    ``P = softmax(logits / τ)``; no gradient reaches the teacher's logits. Equal logits give the
+    entropy of the teacher's distribution at τ; a one-hot teacher gives the student's cross-entropy
+    against that class. Computed in float32.
+
+    student_logits, teacher_logits: (B, C).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"student and teacher logits must both be (B, C), got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    targets = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
+    return -(targets * F.log_softmax(student_logits.float() / temperature, dim=1)).sum(dim=1).mean()
+
+
+def self_distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    images: torch.Tensor,
+    augmenter: Augmenter,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    temperature: float = 1.0,
+) -> nn.Module:
+    """Train ``student`` to match the frozen ``teacher``'s predictions on ``images``, without labels; returns it.
+
+    Both map normalised images ``(B, C, S, S)`` to logits ``(B, K)``. ``images`` are uint8 (all the
+    training images); each batch is augmented once by ``augmenter`` (crop + flip: the caller builds
+    it without colour distortion) and shown to both. The teacher is left unchanged, in the mode it
+    came in; the student is trained in place and returned in train mode. See the module docstring.
+    """
+    if epochs < 0 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0; got {epochs}, {batch_size} and {lr}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = torch.device(device)
+    teacher_was_training = teacher.training
+    teacher.to(device).eval()
+    student.to(device).train()
+    base_lr = lr * batch_size / 256
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=base_lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    n = images.shape[0]
+    batches = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    total = sum(size >= 2 for size in batches) * epochs  # BatchNorm in train mode needs two samples
+    generator = torch.Generator().manual_seed(seed)
+    view = ViewSpec(images.shape[-1])
+    step = 0
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                if len(idx) < 2:
+                    continue
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(step, total, 0, base_lr, 0.0)
+                x = augmenter(images[idx].to(device), view, generator)
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = distillation_loss(student(x), teacher_logits, temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+    finally:
+        teacher.train(teacher_was_training)
+    return student
