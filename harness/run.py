@@ -7,6 +7,7 @@ is checked before the MLflow run is opened, so bad input never leaves a run behi
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -19,18 +20,22 @@ import torch
 import yaml
 
 from harness.augment import Augmenter
+from harness.captions import class_prompts, item_captions
 from harness.backbones import create_backbone
 from harness.config import RunConfig, build_config, flatten
-from harness.datasets import DataSplits, load_dataset
+from harness.datasets import DataSplits, Split, load_dataset
 from harness.provenance import git_commit, library_versions, peak_rss_mb
 from harness.tracking import Run, open_run, start_run, tracking_uri
 from harness.errors import BadInput, ConfigError
+from harness.text import bag_of_words
 from harness.train import EpochCallback, check_batch_size, load_checkpoint, pretrain, resolve_device
 from evaluations.battery import evaluate_embeddings
 from evaluations.features import extract_embeddings, raw_pixels
-from evaluations.finetune import finetune_subset
+from evaluations.distill import self_distill
+from evaluations.finetune import classification_accuracy, classifier, finetune_subset
 from evaluations.knn import knn_evaluate
 from evaluations.semi_supervised import balanced_subset
+from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1
 from methods import Method, create_method, get_method_class
 
 log = logging.getLogger(__name__)
@@ -61,9 +66,10 @@ def prepare(cfg: RunConfig) -> Trial:
                 raise ConfigError(f"eval.semi.fractions: {fraction} on {d.name} ({len(data.train)} training images): {err}") from None
     device = resolve_device(cfg.device)
     b = cfg.backbone
-    backbone = create_backbone(b.name, in_chans=data.channels, img_size=data.image_size, cifar_stem=b.cifar_stem, **b.kwargs)
+    factory = functools.partial(create_backbone, b.name, img_size=data.image_size, cifar_stem=b.cifar_stem, **b.kwargs)
+    backbone = factory(in_chans=data.channels)
     params = {k: v for k, v in cfg.method.items() if k != "name"}
-    method = create_method(cfg.method["name"], backbone, **params)
+    method = create_method(cfg.method["name"], backbone, backbone_factory=factory, **params)
     method.setup(data)
     method.check(cfg.pretrain.batch_size)
     method.views(data.image_size)  # a multi-crop that does not fit the image is bad input now, before any run
@@ -128,8 +134,9 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
 
 def evaluate(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
     """The evaluation battery of ``cfg.eval`` on the trained method: embeddings extracted once (eval mode),
-    then every enabled evaluation on them, plus semi-supervised fine-tuning. Figures and the label subsets
-    go to ``mlrun`` as artifacts."""
+    then every enabled evaluation on them, plus semi-supervised fine-tuning, and zero-shot and image<->text
+    retrieval for image-text methods (:func:`cross_modal`). Text methods are evaluated on caption embeddings
+    (:func:`split_inputs`). Figures and the label subsets go to ``mlrun`` as artifacts."""
     cfg, data, method = trial.cfg, trial.data, trial.method
     ytr, yte = data.train.labels.numpy(), data.test.labels.numpy()
     t0 = time.perf_counter()
@@ -141,6 +148,10 @@ def evaluate(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
         projections = _projections(method, train_x, trial.device)
     battery, figures = evaluate_embeddings(cfg.eval, train_x, ytr, test_x, yte, views=views, projections=projections, seed=cfg.seed)
     metrics.update(battery)
+    if hasattr(method, "encode_text"):
+        t0 = time.perf_counter()
+        metrics.update(cross_modal(trial, test_x))
+        metrics["time/eval/cross_modal_s"] = time.perf_counter() - t0
     if cfg.eval.semi.enabled:
         t0 = time.perf_counter()
         metrics.update(semi_supervised(trial, mlrun))
@@ -153,7 +164,9 @@ def evaluate(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
 
 
 def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
-    """Fine-tune the trunk + a linear head on each balanced label fraction; the subsets' indices are logged."""
+    """Fine-tune the trunk + a linear head on each balanced label fraction; the subsets' indices are logged.
+    With ``distill_epochs`` > 0 each fine-tuned model then teaches a student on all training images, without
+    labels (SimCLRv2's self-distillation), logged as ``distilled_top1``/``distilled_top5`` next to its own numbers."""
     cfg, data, method = trial.cfg, trial.data, trial.method
     semi = cfg.eval.semi
     trunk, dim = method.trunk(semi.from_projector_layer)
@@ -170,16 +183,26 @@ def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
             trunk, dim, data.train.images, data.train.labels, subset, data.test.images, data.test.labels, augmenter,
             epochs=n_epochs, batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed, device=trial.device,
         )  # fmt: skip
-        out.update({f"eval/{name}/{k}": v for k, v in result.items()})
+        out.update({f"eval/{name}/{k}": v for k, v in result.metrics.items()})
+        if semi.distill_epochs:
+            student = self_distill(
+                result.model, classifier(trunk, dim, result.num_classes), data.train.images, augmenter, epochs=semi.distill_epochs,
+                batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed, device=trial.device, temperature=semi.distill_temperature,
+            )  # fmt: skip
+            distilled = classification_accuracy(student, data.test.images, data.test.labels, augmenter, trial.device)
+            out.update({f"eval/{name}/distilled_{k}": v for k, v in distilled.items()})
     return out
 
 
 def embed_views(trial: Trial) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of two independently augmented views of the test images (alignment), seeded by the trial."""
+    kw: dict[str, Any] = {"batch_size": trial.cfg.eval.batch_size, "device": trial.device, "module": trial.method}
+    if trial.method.modality == "text":  # two different captions of each test item
+        texts = [item_captions(trial.data.test, trial.data.classes, template) for template in (0, 1)]
+        return tuple(extract_embeddings(trial.method.embed, trial.method.tokenize(t), _unchanged, **kw) for t in texts)  # type: ignore[return-value]
     generator = torch.Generator().manual_seed(trial.cfg.seed + 1)
     images = trial.data.test.images
     spec = trial.method.views(images.shape[-1])[0]
-    kw: dict[str, Any] = {"batch_size": trial.cfg.eval.batch_size, "device": trial.device, "module": trial.method}
     return tuple(extract_embeddings(trial.method.embed, images, lambda x: trial.augmenter(x, spec, generator), **kw) for _ in range(2))  # type: ignore[return-value]
 
 
@@ -264,8 +287,43 @@ def embed_splits(trial: Trial, encoder: Callable[[torch.Tensor], torch.Tensor], 
     """Train and test embeddings from a frozen encoder in eval mode (extracted once, reused by every evaluation)."""
     kw: dict[str, Any] = {"batch_size": trial.cfg.eval.batch_size, "device": trial.device, "module": module}
     module.to(trial.device)
-    prep = trial.augmenter.normalize
-    return extract_embeddings(encoder, trial.data.train.images, prep, **kw), extract_embeddings(encoder, trial.data.test.images, prep, **kw)
+    train, test = (split_inputs(trial, split) for split in (trial.data.train, trial.data.test))
+    return extract_embeddings(encoder, *train, **kw), extract_embeddings(encoder, *test, **kw)
+
+
+def split_inputs(trial: Trial, split: Split) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """What the method's ``embed`` takes for ``split``, and its preprocessing: the images and their normalisation,
+    or for a text method (``modality == "text"``) the token ids of each item's first caption, labelled like the item."""
+    if trial.method.modality == "text":
+        return trial.method.tokenize(item_captions(split, trial.data.classes, dataset=trial.data.name)), _unchanged
+    return split.images, trial.augmenter.normalize
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def cross_modal(trial: Trial, test_x: np.ndarray) -> dict[str, float]:
+    """Image-text evaluations of a method with ``encode_text`` (CLIP) on the test split: zero-shot top-1 with the
+    class prompts (their embeddings averaged per class) and image->text / text->image Recall@k against each
+    image's first caption (images with the same caption match it alike), at ``eval.retrieval.ks``.
+    The image side is the method's projector on the cached image features."""
+    cfg, data, method = trial.cfg, trial.data, trial.method
+    kw: dict[str, Any] = {"batch_size": cfg.eval.batch_size, "device": trial.device, "module": method}
+    image = _projections(method, test_x, trial.device)
+    out: dict[str, float] = {}
+    if data.classes:
+        prompts = [p for c in class_prompts(data.classes) for p in c]
+        text = extract_embeddings(method.encode_text, method.tokenize(prompts), _unchanged, **kw)
+        out["eval/zero_shot/top1"] = zero_shot_top1(image, class_embeddings(text, len(data.classes)), data.test.labels.numpy())
+    if cfg.eval.retrieval.enabled:
+        captions = item_captions(data.test, data.classes, dataset=data.name)
+        text = extract_embeddings(method.encode_text, method.tokenize(captions), _unchanged, **kw)
+        groups = np.unique(np.array(captions), return_inverse=True)[1]
+        for name, (query, gallery) in (("i2t", (image, text)), ("t2i", (text, image))):
+            recall = cross_modal_recall(query, gallery, cfg.eval.retrieval.ks, groups)
+            out.update({f"eval/retrieval_{name}/recall_at_{k}": v for k, v in recall.items()})
+    return out
 
 
 def knn_top1(cfg: RunConfig, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
@@ -274,14 +332,20 @@ def knn_top1(cfg: RunConfig, train_x: np.ndarray, train_y: np.ndarray, test_x: n
 
 
 def baselines(trial: Trial) -> dict[str, float]:
-    """kNN of raw pixels and of the random-init backbone, with the same protocol as the trained model."""
+    """kNN of raw pixels (text methods: bag of words of the captions) and of the random-init backbone (or text
+    tower), with the same protocol as the trained model."""
     cfg, data = trial.cfg, trial.data
     k, temp = cfg.eval.knn.k, cfg.eval.knn.temperature
     ytr, yte = data.train.labels.numpy(), data.test.labels.numpy()
-    prep = trial.augmenter.normalize
     out: dict[str, float] = {}
-    raw = knn_evaluate(raw_pixels(data.train.images, prep), ytr, raw_pixels(data.test.images, prep), yte, k=k, temperature=temp)
-    out["baseline/raw_pixels/knn_top1"] = raw["top1"]
+    if trial.method.modality == "text":
+        vocab = len(trial.method.tokenizer)
+        train_bow, test_bow = (bag_of_words(split_inputs(trial, split)[0], vocab) for split in (data.train, data.test))
+        out["baseline/bag_of_words/knn_top1"] = knn_evaluate(train_bow, ytr, test_bow, yte, k=k, temperature=temp)["top1"]
+    else:
+        prep = trial.augmenter.normalize
+        raw = knn_evaluate(raw_pixels(data.train.images, prep), ytr, raw_pixels(data.test.images, prep), yte, k=k, temperature=temp)
+        out["baseline/raw_pixels/knn_top1"] = raw["top1"]
     untrained = copy.deepcopy(trial.method.backbone)
     train_x, test_x = embed_splits(trial, untrained, untrained)
     out["baseline/random_init/knn_top1"] = knn_evaluate(train_x, ytr, test_x, yte, k=k, temperature=temp)["top1"]

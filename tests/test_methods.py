@@ -4,6 +4,7 @@ shape, state round trip)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from harness.augment import Augmenter
+from harness.captions import item_captions
 from harness.backbones import create_backbone
 from harness.config import AugmentConfig
 from harness.datasets import load_dataset
@@ -37,6 +39,12 @@ SMALL = {
     "moco_v3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
     "nnclr": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64},
     "swav": {"proj_hidden_dim": 32, "proj_dim": 16, "num_prototypes": 10, "num_small_crops": 2, "small_crop_size_ratio": 0.5, "freeze_prototypes_steps": 0},
+    "autoencoder": {"decoder_width": 32},
+    "denoising_autoencoder": {"decoder_width": 32, "noise_std": 0.1},
+    "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+    "cmc": {"proj_hidden_dim": 32, "proj_dim": 16},
+    "clip": {"embed_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16},
+    "simcse": {"text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16},
 }
 
 
@@ -162,8 +170,8 @@ def tiny_shapes():
 def _contract_method(name: str, data) -> object:
     small = dict(SMALL[name])
     spec = {**CONTRACT_BACKBONE, **small.pop("_backbone", {})}
-    backbone = create_backbone(spec.pop("name"), in_chans=data.channels, img_size=data.image_size, **spec)
-    method = create_method(name, backbone, **small)
+    factory = functools.partial(create_backbone, spec.pop("name"), img_size=data.image_size, **spec)
+    method = create_method(name, factory(in_chans=data.channels), backbone_factory=factory, **small)
     method.setup(data)
     return method
 
@@ -192,7 +200,7 @@ def test_method_contract(name: str, tiny_shapes, tmp_path) -> None:
         optimizer.step()
         method.after_step(StepInfo(0, step, 3, indices=indices))
     method.eval()
-    x = augmenter.normalize(images[:4])
+    x = method.tokenize(item_captions(tiny_shapes.train, tiny_shapes.classes)[:4]) if method.modality == "text" else augmenter.normalize(images[:4])
     rep = method.embed(x)
     assert rep.shape == (4, method.backbone.num_features)
     torch.save(method.state_dict(), tmp_path / "m.pt")

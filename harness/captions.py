@@ -1,0 +1,84 @@
+"""Captions for the text of image-text (CLIP) and text (SimCSE) methods, generated from the data: nothing is downloaded.
+
+``shapes`` images are described from their attributes (shape, colour, size, position) with
+several templates, followed by the class-name templates of their shape; other labelled
+datasets get the class-name templates of their label ("a photo of a {class}", the prompts of
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision").
+Every item has the same number of captions, one per template; the first is the deterministic
+caption evaluations use.
+
+    captions = captions_for(data.train, data.classes, data.name)   # per item, one caption per template
+    captions[0][:2]                                                 # ['a small red triangle in the top left', 'a red triangle']
+    item_captions(data.test, data.classes)                          # the first caption of each item
+    class_prompts(data.classes)[0]                                  # ['a photo of a circle', 'a picture of a circle', ...]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from harness.errors import ConfigError
+
+if TYPE_CHECKING:
+    from harness.datasets import Split
+
+SHAPE_TEMPLATES: tuple[str, ...] = (
+    "a {size} {colour} {shape} {where}",
+    "a {colour} {shape}",
+    "a {size} {shape} {where}",
+    "a picture of a {colour} {shape} {where}",
+    "there is a {size} {colour} {shape}",
+)
+"""Attribute templates for ``shapes``; ``{where}`` is the position phrased as in :data:`WHERE`."""
+
+CLASS_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a picture of a {}", "an image of a {}")
+"""Class-name templates (a few of CLIP's ImageNet prompts): the captions of labelled datasets and the zero-shot prompts."""
+
+WHERE: dict[str, str] = {
+    "top left": "in the top left",
+    "top centre": "at the top",
+    "top right": "in the top right",
+    "middle left": "on the left",
+    "centre": "in the centre",
+    "middle right": "on the right",
+    "bottom left": "in the bottom left",
+    "bottom centre": "at the bottom",
+    "bottom right": "in the bottom right",
+}
+"""The 3x3 grid cells of :data:`harness.shapes.POSITIONS`, as a caption says them."""
+
+
+def _fix_articles(text: str) -> str:
+    """``a orange`` -> ``an orange``."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def class_prompts(classes: Sequence[str]) -> list[list[str]]:
+    """Per class, its caption under each of :data:`CLASS_TEMPLATES` (underscores in names become spaces)."""
+    return [[_fix_articles(t.format(name.replace("_", " "))) for t in CLASS_TEMPLATES] for name in classes]
+
+
+def describe(attributes: dict[str, str]) -> list[str]:
+    """The captions of one ``shapes`` image: :data:`SHAPE_TEMPLATES`, then :data:`CLASS_TEMPLATES` of its shape."""
+    words = {**attributes, "where": WHERE[attributes["position"]]}
+    return [_fix_articles(t.format(**words)) for t in SHAPE_TEMPLATES] + class_prompts([attributes["shape"]])[0]
+
+
+def captions_for(split: Split, classes: Sequence[str], dataset: str = "", method: str = "a text method") -> list[list[str]]:
+    """Every caption of every item of ``split``: from its attributes where the split has them, else from its class name.
+
+    Raises ConfigError (naming the dataset) when the split has no attributes and ``classes`` is empty.
+    """
+    if split.attributes is not None:
+        return [describe(a) for a in split.attributes]
+    if not classes:
+        raise ConfigError(f"data.name: dataset {dataset!r} has no captions (per-image attributes) and no class names; {method} needs text")
+    prompts = class_prompts(classes)
+    return [prompts[y] for y in split.labels.tolist()]
+
+
+def item_captions(split: Split, classes: Sequence[str], template: int = 0, dataset: str = "") -> list[str]:
+    """One caption per item: the one of ``template`` (0: the deterministic caption of evaluations)."""
+    return [c[template] for c in captions_for(split, classes, dataset)]
