@@ -35,7 +35,8 @@ LOWER_IS_BETTER = re.compile(r"(loss|^time/|^memory/|alignment|uniformity)")
 UNRANKED = re.compile(r"(^train/lr$|^epoch$|weight_decay$|images_per_s)")
 """Columns that are settings or rates, not scores: never bold."""
 METRIC_ORDER = ("eval/", "baseline/", "collapse/", "train/", "time/", "memory/")
-BASELINES = ("baseline/raw_pixels/knn_top1", "baseline/random_init/knn_top1")
+BASELINE_STYLES = ("--", ":", "-.")
+"""Line styles of the baselines (``baseline/*`` columns: raw pixels or bag of words, random init) in plots."""
 
 
 @dataclass
@@ -217,8 +218,9 @@ def plot(frame: pd.DataFrame, swept: list[str], headline: list[str], out_dir: Pa
                 sub = sub.sort_values(key)
                 name = ", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple) else (label,))) or metric
                 ax.errorbar(sub[key], sub[metric], yerr=sub[f"{metric} std"].fillna(0), marker="o", capsize=3, label=name)
-            for base, style in zip(BASELINES, ("--", ":")):
-                if metric.startswith("eval/") and base in frame.columns and not frame[base].isna().all():
+            baselines = sorted(c for c in frame.columns if c.startswith("baseline/") and not c.endswith(" std"))
+            for base, style in zip(baselines, BASELINE_STYLES):
+                if metric.startswith("eval/") and not frame[base].isna().all():
                     ax.axhline(float(frame[base].mean()), color="grey", linestyle=style, label=base.split("/")[1].replace("_", " "))
             positive = [v for v in values if v > 0]
             if len(positive) == len(values) and max(values) / min(values) >= 20:
