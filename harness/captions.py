@@ -1,7 +1,7 @@
 """Captions for the text of image-text (CLIP) and text (SimCSE) methods, generated from the data: nothing is downloaded.
 
 ``shapes`` images are described from their attributes (shape, colour, size, position) with
-several templates, followed by the class-name templates of their shape; other labelled
+several templates; other labelled
 datasets get the class-name templates of their label ("a photo of a {class}", the prompts of
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision").
 Every item has the same number of captions, one per template; the first is the deterministic
@@ -11,6 +11,11 @@ caption evaluations use.
     captions[0][:2]                                                 # ['a small red triangle in the top left', 'a red triangle']
     item_captions(data.test, data.classes)                          # the first caption of each item
     class_prompts(data.classes)[0]                                  # ['a photo of a circle', 'a picture of a circle', ...]
+    zero_shot_prompts(data.test, data.classes)[0]                   # shapes: ['a circle', 'a picture of a circle', 'there is a circle']
+
+Zero-shot prompts of a dataset captioned from attributes name the class alone, a sentence
+no training caption is (every one names a colour or a size): zero-shot classification
+then asks the text tower to generalise, not to recall a caption it was trained on.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ SHAPE_TEMPLATES: tuple[str, ...] = (
     "there is a {size} {colour} {shape}",
 )
 """Attribute templates for ``shapes``; ``{where}`` is the position phrased as in :data:`WHERE`."""
+
+ATTRIBUTE_PROMPTS: tuple[str, ...] = ("a {}", "a picture of a {}", "there is a {}")
+"""Zero-shot prompts of datasets captioned from attributes: :data:`SHAPE_TEMPLATES` with the class alone."""
 
 CLASS_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a picture of a {}", "an image of a {}")
 """Class-name templates (a few of CLIP's ImageNet prompts): the captions of labelled datasets and the zero-shot prompts."""
@@ -55,15 +63,21 @@ def _fix_articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-def class_prompts(classes: Sequence[str]) -> list[list[str]]:
-    """Per class, its caption under each of :data:`CLASS_TEMPLATES` (underscores in names become spaces)."""
-    return [[_fix_articles(t.format(name.replace("_", " "))) for t in CLASS_TEMPLATES] for name in classes]
+def class_prompts(classes: Sequence[str], templates: Sequence[str] = CLASS_TEMPLATES) -> list[list[str]]:
+    """Per class, its caption under each template (underscores in names become spaces)."""
+    return [[_fix_articles(t.format(name.replace("_", " "))) for t in templates] for name in classes]
+
+
+def zero_shot_prompts(split: Split, classes: Sequence[str]) -> list[list[str]]:
+    """Per class, the prompts of zero-shot classification: :data:`ATTRIBUTE_PROMPTS` for a split captioned
+    from attributes, else :data:`CLASS_TEMPLATES` (CLIP's own practice)."""
+    return class_prompts(classes, ATTRIBUTE_PROMPTS if split.attributes is not None else CLASS_TEMPLATES)
 
 
 def describe(attributes: dict[str, str]) -> list[str]:
-    """The captions of one ``shapes`` image: :data:`SHAPE_TEMPLATES`, then :data:`CLASS_TEMPLATES` of its shape."""
+    """The captions of one ``shapes`` image, one per :data:`SHAPE_TEMPLATES`."""
     words = {**attributes, "where": WHERE[attributes["position"]]}
-    return [_fix_articles(t.format(**words)) for t in SHAPE_TEMPLATES] + class_prompts([attributes["shape"]])[0]
+    return [_fix_articles(t.format(**words)) for t in SHAPE_TEMPLATES]
 
 
 def captions_for(split: Split, classes: Sequence[str], dataset: str = "", method: str = "a text method") -> list[list[str]]:

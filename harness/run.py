@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from harness.augment import Augmenter
-from harness.captions import class_prompts, item_captions
+from harness.captions import item_captions, zero_shot_prompts
 from harness.backbones import create_backbone
 from harness.config import RunConfig, build_config, flatten
 from harness.datasets import DataSplits, Split, load_dataset
@@ -313,7 +313,7 @@ def cross_modal(trial: Trial, test_x: np.ndarray) -> dict[str, float]:
     image = _projections(method, test_x, trial.device)
     out: dict[str, float] = {}
     if data.classes:
-        prompts = [p for c in class_prompts(data.classes) for p in c]
+        prompts = [p for c in zero_shot_prompts(data.test, data.classes) for p in c]
         text = extract_embeddings(method.encode_text, method.tokenize(prompts), _unchanged, **kw)
         out["eval/zero_shot/top1"] = zero_shot_top1(image, class_embeddings(text, len(data.classes)), data.test.labels.numpy())
     if cfg.eval.retrieval.enabled:

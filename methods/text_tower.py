@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from harness.captions import captions_for, class_prompts
+from harness.captions import captions_for, zero_shot_prompts
 from harness.text import EOS_ID, PAD_ID, Tokenizer
 
 if TYPE_CHECKING:
@@ -96,12 +96,12 @@ class CaptionBank(nn.Module):
 
 
 def caption_bank(data: DataSplits, context_length: int, method: str) -> tuple[Tokenizer, CaptionBank]:
-    """The tokenizer (vocabulary of the training captions and the class prompts) and the training split's caption bank.
+    """The tokenizer (vocabulary of the training captions and the zero-shot prompts) and the training split's caption bank.
 
     Raises ConfigError for a dataset with neither captions nor class names; captions longer than
     the context are truncated (a logged count).
     """
     captions = captions_for(data.train, data.classes, data.name, method)
-    prompts = [p for c in class_prompts(data.classes) for p in c]
+    prompts = [p for c in zero_shot_prompts(data.train, data.classes) for p in c]
     tokenizer = Tokenizer.from_texts([text for c in captions for text in c] + prompts)
     return tokenizer, CaptionBank(captions, tokenizer, context_length)

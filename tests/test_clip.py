@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1
 from harness.backbones import create_backbone
-from harness.captions import CLASS_TEMPLATES, SHAPE_TEMPLATES, captions_for, class_prompts, item_captions
+from harness.captions import SHAPE_TEMPLATES, captions_for, item_captions, zero_shot_prompts
 from harness.config import build_config
 from harness.datasets import DataSplits, Split, load_dataset
 from harness.errors import ConfigError
@@ -164,10 +164,13 @@ def test_shapes_captions_name_the_shape_and_follow_the_templates(tiny_shapes) ->
     captions = captions_for(tiny_shapes.train, tiny_shapes.classes)
     assert len(captions) == len(tiny_shapes.train)
     for attributes, texts in zip(tiny_shapes.train.attributes, captions, strict=True):
-        assert len(texts) == len(SHAPE_TEMPLATES) + len(CLASS_TEMPLATES)
+        assert len(texts) == len(SHAPE_TEMPLATES)
         assert all(attributes["shape"] in text.split() for text in texts)
         assert texts[0].startswith(("a ", "an ")) and f"{attributes['size']} {attributes['colour']} {attributes['shape']}" in texts[0]
-        assert texts[-len(CLASS_TEMPLATES) :] == class_prompts([attributes["shape"]])[0]
+    # zero-shot prompts name the class alone: no training caption is one of them
+    prompts = zero_shot_prompts(tiny_shapes.test, tiny_shapes.classes)
+    assert prompts[tiny_shapes.classes.index("star")] == ["a star", "a picture of a star", "there is a star"]
+    assert not {p for c in prompts for p in c} & {t for texts in captions for t in texts}
     from harness.captions import describe
 
     centre = describe({"shape": "star", "colour": "orange", "size": "large", "position": "centre"})
