@@ -126,8 +126,12 @@ class Domain(Section):
         return dict(value) if self.cases is not None else {key: value}
 
     def label(self, key: str, value: Any) -> Any:
-        """What names the value in tags and tables: the value, or what a case sets ``key`` to (else the case)."""
-        return value.get(key, value) if self.cases is not None else value
+        """What names the value in trial names, tags and tables: the value, or what a case sets ``key`` to
+        (the whole case when it does not set it, or when another case sets it to the same)."""
+        if self.cases is None:
+            return value
+        labels = [json.dumps(case.get(key, case), sort_keys=True) for case in self.cases]
+        return value.get(key, value) if len(set(labels)) == len(labels) else value
 
     def draw(self, rng: np.random.Generator) -> Any:
         if self.choice is not None:
@@ -219,10 +223,12 @@ class TrialSpec:
 
     point: dict[str, Any]
     seed: int
+    labels: dict[str, Any] = field(default_factory=dict)
+    """How each point value is named (a case by what it sets its key to); the values themselves by default."""
 
     @property
     def point_key(self) -> str:
-        return " ".join(f"{k}={json.dumps(v)}" for k, v in self.point.items())
+        return " ".join(f"{k}={json.dumps(self.labels.get(k, v))}" for k, v in self.point.items())
 
     @property
     def key(self) -> str:
@@ -297,7 +303,8 @@ def expand(cfg: SweepConfig) -> list[TrialSpec]:
     draws = [{k: cfg.space[k].draw(rng) for k in random_keys} for _ in range(cfg.num_samples)]
     combos = [dict(zip(grid_keys, values)) for values in itertools.product(*(cfg.space[k].points() for k in grid_keys))]
     points = [{k: {**combo, **draw}[k] for k in cfg.space} for draw in draws for combo in combos]
-    return [TrialSpec(point, seed) for point in points for seed in cfg.seeds]
+    labelled = [(point, {k: cfg.space[k].label(k, v) for k, v in point.items()}) for point in points]
+    return [TrialSpec(point, seed, labels) for point, labels in labelled for seed in cfg.seeds]
 
 
 def _build(run_raw: dict[str, Any], values: dict[str, Any], where: str) -> RunConfig:
@@ -468,7 +475,7 @@ def _new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
     for trial in sweep.trials:
         run_cfg = sweep.configs[trial.key]
         tags = run_tags(run_cfg) | {TAG_SWEEP: cfg.name, TAG_TRIAL: trial.key, "harness.point": trial.point_key}
-        tags |= {SWEPT_TAG_PREFIX + k: json.dumps(cfg.space[k].label(k, v)) for k, v in trial.point.items()}
+        tags |= {SWEPT_TAG_PREFIX + k: json.dumps(trial.labels.get(k, v)) for k, v in trial.point.items()}
         child = create_run(cfg.name, run_name=trial.key, uri=uri, tags=tags, parent_run_id=parent.run_id)
         log_run_inputs(child, run_cfg)
         child.set_status("SCHEDULED")

@@ -103,6 +103,9 @@ def test_cases_set_several_keys_per_point(tmp_path: Path) -> None:
     domain = sweep.cfg.space["method"]
     assert domain.label("method", cases[1]) == cases[1]["method"]  # the column shows what the case sets the label to
     assert domain.label("recipe", cases[1]) == cases[1]
+    assert sweep.keys[0] == 'method={"name": "simclr", "temperature": 0.2} pretrain.epochs=1 seed=0'
+    twice = SweepConfig(name="s", space={"method": {"cases": [cases[0], {**cases[0], "pretrain.base_lr": 0.6}]}})
+    assert [t.labels["method"] for t in expand(twice)] == twice.space["method"].cases  # same method twice: the whole case names it
 
 
 # ----------------------------------------------------------------------------- bad input
