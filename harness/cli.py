@@ -196,9 +196,11 @@ def _list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         from methods import REGISTRY, list_methods
 
-        for name in list_methods(args.pattern):
+        names = list_methods(args.pattern)
+        width = max((len(n) for n in names), default=0)
+        for name in names:
             t = REGISTRY[name].taxonomy()
-            print(f"{name:16s} negatives={str(t['uses_negatives']):5s} networks={t['networks']}  loss={t['loss']}")
+            print(f"{name:{width}s}  negatives={t['uses_negatives']!s:5s} networks={t['networks']}  loss={t['loss']}")
     elif args.what == "datasets":
         from harness.datasets import list_datasets
 

@@ -106,6 +106,7 @@ def test_usage_errors_exit_2(capsys):
 def test_list_methods_and_datasets(capsys):
     code, out, _ = run_cli(["list", "methods"], capsys)
     assert code == 0 and any(line.startswith("simclr ") for line in out.splitlines()) and "NT-Xent" in out
+    assert len({line.index("negatives=") for line in out.splitlines()}) == 1  # one column, also after the longest name
     code, out, _ = run_cli(["list", "datasets"], capsys)
     assert code == 0 and {"shapes", "digits", "cifar10", "cifar100", "stl10", "imagefolder"} <= set(out.split())
     code, out, _ = run_cli(["list", "backbones", "convnext_a*"], capsys)
