@@ -146,9 +146,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
     uri = absolute_uri(tracking_uri(sweep.configs[sweep.keys[0]].tracking.uri))
     out = Path(args.results) / sweep.cfg.name
-    files = tables.build(sweep.cfg.name, out, uri)
     print(f"{len(outcome.finished)}/{len(sweep.trials)} trials finished, {len(outcome.failed)} failed, {len(outcome.stopped)} stopped early, in {outcome.wall_s:.0f} s")
-    print(f"tables: {out}/table.md (also {', '.join(p.name for p in files if p.name != 'table.md')})")
+    if outcome.interrupted:  # an unfinished sweep leaves the tables of the last complete one in place
+        print(f"tables: not written (interrupted); --resume writes them, or: python -m harness table {args.sweep}")
+    else:
+        files = tables.build(sweep.cfg.name, out, uri)
+        print(f"tables: {out}/table.md (also {', '.join(p.name for p in files if p.name != 'table.md')})")
     print(f"MLflow: parent run {outcome.parent_run_id} in experiment {sweep.cfg.name!r} of {uri}; browse with: python -m harness ui")
     if outcome.failed:
         print(f"error: {len(outcome.failed)} of {len(sweep.trials)} trials failed", file=sys.stderr)

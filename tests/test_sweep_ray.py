@@ -103,6 +103,7 @@ def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_u
             driver.kill()
     assert driver.returncode == 130, out
     assert "--resume" in out
+    assert not (tmp_path / "results").exists()  # no half-written tables: they come with the completed sweep
     before = children_by_name("unit", tracking_uri)
     assert len(before) == 3
     assert {r["status"] for r in before.values()} <= {"FINISHED", "KILLED"}, {n: r["status"] for n, r in before.items()}
