@@ -21,9 +21,9 @@ from pydantic import Field
 
 from harness.augment import ViewSpec
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, StepInfo, StepOutput
 from methods.distributed import gather
-from methods.text_tower import CaptionBank, Pooling, TextTower, caption_bank
+from methods.text_tower import CaptionBank, TextTower, TextTowerParams, caption_bank
 
 if TYPE_CHECKING:
     from harness.datasets import DataSplits
@@ -46,16 +46,11 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-class CLIPParams(MethodParams):
+class CLIPParams(TextTowerParams):
     embed_dim: int = Field(512, ge=1, description="joint embedding size (CLIP ViT-B/32: 512)")
     init_temperature: float = Field(0.07, gt=0, description="the logit scale starts at log(1 / 0.07)")
     max_logit_scale: float = Field(100.0, gt=1, description="exp(t) is clamped at 100")
-    text_width: int = Field(256, ge=1, description="text transformer width (CLIP: 512, 12 layers, 8 heads; a small tower suits generated captions)")
-    text_layers: int = Field(4, ge=1)
-    text_heads: int = Field(4, ge=1)
-    context_length: int = Field(32, ge=3, description="tokens per caption, <bos> and <eos> included (CLIP: 77 BPE tokens); longer captions are truncated")
     text_dropout: float = Field(0.0, ge=0, lt=1, description="CLIP trains without dropout")
-    pooling: Pooling = Field("eos", description="text features from the <eos> token (CLIP) or the mean over tokens")
     gather: bool = Field(True, description="with several workers, contrast against the global batch (false: each worker's own batch)")
 
 

@@ -21,9 +21,9 @@ from pydantic import Field
 from harness.augment import ViewSpec
 from harness.errors import ConfigError
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, StepInfo, StepOutput
 from methods.distributed import gather
-from methods.text_tower import CaptionBank, Pooling, TextTower, caption_bank
+from methods.text_tower import CaptionBank, TextTower, TextTowerParams, caption_bank
 
 if TYPE_CHECKING:
     from harness.datasets import DataSplits
@@ -45,14 +45,9 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -
     return F.cross_entropy(logits, torch.arange(z1.shape[0], device=z1.device))
 
 
-class SimCSEParams(MethodParams):
+class SimCSEParams(TextTowerParams):
     temperature: float = Field(0.05, gt=0, description="SimCSE: 0.05")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout of the text tower, the augmentation (BERT's 0.1, as in SimCSE)")
-    text_width: int = Field(256, ge=1, description="text transformer width (SimCSE: BERT-base, 768 wide, 12 layers; a small tower suits generated captions)")
-    text_layers: int = Field(4, ge=1)
-    text_heads: int = Field(4, ge=1)
-    context_length: int = Field(32, ge=3, description="tokens per caption, <bos> and <eos> included (SimCSE: 32); longer captions are truncated")
-    pooling: Pooling = Field("eos", description="the <eos> token (a [CLS]-like summary of a bidirectional encoder) or the mean over tokens")
     gather: bool = Field(True, description="with several workers, contrast against the global batch (false: each worker's own batch)")
 
 

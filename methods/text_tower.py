@@ -11,15 +11,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from harness.captions import captions_for, zero_shot_prompts
 from harness.text import EOS_ID, PAD_ID, Tokenizer
+from methods.base import MethodParams
 
 if TYPE_CHECKING:
     from harness.datasets import DataSplits
 
 Pooling = Literal["eos", "mean"]
+
+
+class TextTowerParams(MethodParams):
+    """The text tower's parameters, shared by the methods that have one (small defaults: generated captions are short)."""
+
+    text_width: int = Field(256, ge=1, description="text transformer width (CLIP: 512 wide, 12 layers, 8 heads; SimCSE: BERT-base, 768 wide, 12 layers)")
+    text_layers: int = Field(4, ge=1)
+    text_heads: int = Field(4, ge=1)
+    context_length: int = Field(32, ge=3, description="tokens per caption, <bos> and <eos> included (SimCSE: 32; CLIP: 77 BPE tokens); longer captions are truncated")
+    pooling: Pooling = Field("eos", description="the <eos> token's output (CLIP; a [CLS]-like summary of a bidirectional encoder) or the mean over tokens")
 
 
 class TextTower(nn.Module):
