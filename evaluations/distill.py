@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.augment import Augmenter, ViewSpec
-from harness.optim import cosine_lr
+from evaluations.finetune import train_on_batches
+from harness.augment import Augmenter
 
 __all__ = ["distillation_loss", "self_distill"]
 
@@ -83,32 +83,15 @@ def self_distill(
     device = torch.device(device)
     teacher_was_training = teacher.training
     teacher.to(device).eval()
-    student.to(device).train()
-    base_lr = lr * batch_size / 256
-    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=base_lr, momentum=0.9, nesterov=True, weight_decay=0.0)
-    n = images.shape[0]
-    batches = [min(batch_size, n - start) for start in range(0, n, batch_size)]
-    total = sum(size >= 2 for size in batches) * epochs  # BatchNorm in train mode needs two samples
-    generator = torch.Generator().manual_seed(seed)
-    view = ViewSpec(images.shape[-1])
-    step = 0
+    student.to(device)
+
+    def loss(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        return distillation_loss(student(x), teacher_logits, temperature)
+
     try:
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                if len(idx) < 2:
-                    continue
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, total, 0, base_lr, 0.0)
-                x = augmenter(images[idx].to(device), view, generator)
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-                loss = distillation_loss(student(x), teacher_logits, temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
+        train_on_batches(student, images, torch.arange(images.shape[0]), augmenter, loss, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     finally:
         teacher.train(teacher_was_training)
     return student

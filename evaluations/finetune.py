@@ -20,7 +20,7 @@ model is left untouched for the other evaluations.
 from __future__ import annotations
 
 import copy
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from harness.augment import Augmenter, ViewSpec
 from harness.optim import cosine_lr
 
-__all__ = ["Finetuned", "classification_accuracy", "classifier", "finetune_subset"]
+__all__ = ["Finetuned", "classification_accuracy", "classifier", "finetune_subset", "train_on_batches"]
 
 
 @dataclass
@@ -78,31 +78,54 @@ def finetune_subset(
     device = torch.device(device)
     num_classes = int(max(labels.max(), test_labels.max())) + 1
     model = classifier(trunk, dim, num_classes).to(device)
+    rows = torch.as_tensor(np.asarray(subset), dtype=torch.long)
+    train_on_batches(
+        model, images, rows, augmenter, lambda x, idx: F.cross_entropy(model(x), labels[idx].to(device)),
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+    )  # fmt: skip
+    metrics = classification_accuracy(model, test_images, test_labels, augmenter, device, eval_batch_size)
+    return Finetuned(metrics, model, num_classes)
+
+
+def train_on_batches(
+    model: nn.Module,
+    images: torch.Tensor,
+    rows: torch.Tensor,
+    augmenter: Augmenter,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+) -> None:
+    """Train ``model`` in place, in train mode, on ``images[rows]``: seeded random batches, each augmented once by a
+    full-size view of ``augmenter``, ``loss(x, idx)`` on the batch's images and rows; SGD with Nesterov momentum 0.9,
+    no weight decay, ``lr * batch_size / 256`` on a cosine to 0 over the steps taken. A batch of one is skipped
+    (BatchNorm in train mode needs two samples). The fine-tuning and the distillation schedule alike."""
     base_lr = lr * batch_size / 256
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, nesterov=True, weight_decay=0.0)
-    subset_t = torch.as_tensor(np.asarray(subset), dtype=torch.long)
-    steps_per_epoch = math.ceil(len(subset_t) / batch_size)
-    total = steps_per_epoch * epochs
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    sizes = [min(batch_size, len(rows) - start) for start in range(0, len(rows), batch_size)]
+    total = sum(size >= 2 for size in sizes) * epochs
     generator = torch.Generator().manual_seed(seed)
     view = ViewSpec(images.shape[-1])
     step = 0
     model.train()
     for _ in range(epochs):
-        order = subset_t[torch.randperm(len(subset_t), generator=generator)]
+        order = rows[torch.randperm(len(rows), generator=generator)]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            if len(idx) < 2:  # BatchNorm in train mode needs two samples
+            if len(idx) < 2:
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, 0, base_lr, 0.0)
             x = augmenter(images[idx].to(device), view, generator)
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
+            value = loss(x, idx)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             optimizer.step()
             step += 1
-    metrics = classification_accuracy(model, test_images, test_labels, augmenter, device, eval_batch_size)
-    return Finetuned(metrics, model, num_classes)
 
 
 @torch.inference_mode()
