@@ -26,11 +26,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 
-def make_data(n_train: int = 50_000, n_test: int = 10_000, dim: int = 512, classes: int = 10, seed: int = 0):
+
+def make_data(n_train: int = 50_000, n_test: int = 10_000, dim: int = 512, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(classes, dim)).astype(np.float32) * 0.15
     train_y = rng.integers(0, classes, n_train)
@@ -40,7 +44,7 @@ def make_data(n_train: int = 50_000, n_test: int = 10_000, dim: int = 512, class
     return train_x, train_y, test_x, test_y
 
 
-def timed(fn):
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0

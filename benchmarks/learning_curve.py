@@ -12,7 +12,8 @@ import argparse
 import time
 
 from harness.config import load_config
-from harness.run import baselines, embed_splits, knn_top1, prepare
+from harness.evaluate import baselines, embed_splits, knn_top1
+from harness.prepare import prepare
 from harness.train import pretrain
 
 

@@ -20,8 +20,9 @@ import time
 import torch
 
 from harness.config import build_config
-from harness.run import prepare
+from harness.prepare import prepare
 from harness.train import pretrain
+from methods.base import StepInfo
 
 
 def raw_images_per_s(model: torch.nn.Module, batch: int, size: int, channels: int, steps: int, warmup: int, device: torch.device) -> float:
@@ -49,13 +50,13 @@ def harness_images_per_s(overrides: list[str], steps: int, warmup: int, batch: i
 
     original = trial.method.after_step
 
-    def after_step(info):  # timestamps each completed step
-        original(info)
+    def after_step(step: StepInfo) -> None:  # timestamps each completed step
+        original(step)
         if trial.device.type == "cuda":
             torch.cuda.synchronize(trial.device)
         marks.append(time.perf_counter())
 
-    trial.method.after_step = after_step
+    trial.method.after_step = after_step  # type: ignore[method-assign]  # the method's own hook, instrumented on this instance
     pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device)
     return batch * steps / (marks[-1] - marks[warmup - 1])
 
@@ -84,6 +85,8 @@ def main() -> None:
     full = harness_images_per_s(overrides, args.steps, args.warmup, args.batch_size)
     cfg = build_config({}, [*overrides, "data.num_train=256"])
     trial = prepare(cfg)
+    if trial.method.backbone is None:
+        raise SystemExit(f"pretrain_throughput: method {trial.method.name!r} has no backbone to time on its own")
     raw = raw_images_per_s(trial.method.backbone, args.batch_size, args.image_size, 3, args.steps, args.warmup, trial.device)
 
     print(f"backbone {args.backbone}  cifar_stem {args.cifar_stem}  image {args.image_size}px  batch {args.batch_size}  threads {torch.get_num_threads()}  device {cfg.device}")

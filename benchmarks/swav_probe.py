@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from harness.config import build_config, read_yaml
 from harness.optim import build_optimizer
-from harness.run import prepare
+from harness.prepare import prepare
 from methods.base import StepInfo
-from methods.swav import sinkhorn
+from methods.swav import SwAV, sinkhorn
 
 DEFAULTS = [
     "data.image_size=24", "data.num_train=1024", "data.num_test=256", "pretrain.batch_size=64", "pretrain.base_lr=0.3",
@@ -49,6 +49,9 @@ def main() -> None:
     cfg = build_config(read_yaml(args.config), [*DEFAULTS, *args.overrides])
     trial = prepare(cfg)
     method, images, bs = trial.method, trial.data.train.images, cfg.pretrain.batch_size
+    if not isinstance(method, SwAV) or method.backbone is None:
+        raise SystemExit(f"swav_probe: the probe reads SwAV's backbone, prototypes and Sinkhorn settings; got method {type(method).__name__}")
+    backbone = method.backbone
     optimizer = build_optimizer(method, cfg.pretrain)
     generator = torch.Generator().manual_seed(cfg.seed)
     views = method.views(images.shape[-1])
@@ -66,7 +69,7 @@ def main() -> None:
             method.after_step(StepInfo(epoch, step, steps))
             if step % args.every == 0:
                 with torch.no_grad():
-                    z = F.normalize(method.projector(method.backbone(xs[0])), dim=1)
+                    z = F.normalize(method.projector(backbone(xs[0])), dim=1)
                     prototypes = F.normalize(method.prototypes.weight, dim=1)
                     scores = z @ prototypes.T
                     codes = sinkhorn(scores, method.params.epsilon, method.params.sinkhorn_iterations)

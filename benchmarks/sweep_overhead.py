@@ -50,8 +50,14 @@ def harness_level(n: int, work: Path) -> tuple[float, float]:
     from harness.run import run
     from harness.sweep import load_sweep, run_sweep
 
-    run_cfg = {"data": {"num_train": 64, "num_test": 32, "image_size": 16}, "backbone": {"name": "resnet10t"}, "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
-               "pretrain": {"epochs": 0, "batch_size": 32, "warmup_epochs": 0, "progress": False}, "eval": {"baselines": False, "knn": {"k": 5}, **{e: {"enabled": False} for e in ("linear", "semi", "retrieval", "collapse")}}, "device": "cpu"}  # fmt: skip
+    run_cfg = {
+        "data": {"num_train": 64, "num_test": 32, "image_size": 16},
+        "backbone": {"name": "resnet10t"},
+        "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
+        "pretrain": {"epochs": 0, "batch_size": 32, "warmup_epochs": 0, "progress": False},
+        "eval": {"baselines": False, "knn": {"k": 5}, **{e: {"enabled": False} for e in ("linear", "semi", "retrieval", "collapse")}},
+        "device": "cpu",
+    }
     sweep_file = work / "overhead.yaml"
     sweep_file.write_text(yaml.safe_dump({"name": "overhead", "run": run_cfg, "space": {"method.temperature": [0.1 + 0.01 * i for i in range(n)]}, "storage": str(work / "outputs")}))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"

@@ -70,7 +70,7 @@ def evaluate_embeddings(
     return metrics, figures
 
 
-def _knn(cfg: Any, train_x, train_y, test_x, test_y, prefix: str) -> dict[str, float]:
+def _knn(cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, prefix: str) -> dict[str, float]:
     if cfg.fp16:
         train_x, test_x = train_x.astype(np.float16), test_x.astype(np.float16)
     settings = [(cfg.k, cfg.temperature), *((int(k), float(t)) for k, t in cfg.extra)]
@@ -81,18 +81,25 @@ def _knn(cfg: Any, train_x, train_y, test_x, test_y, prefix: str) -> dict[str, f
     return out
 
 
-def _linear(cfg: Any, train_x, train_y, test_x, test_y, prefix: str, seed: int) -> dict[str, float]:
+def _linear(cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, prefix: str, seed: int) -> dict[str, float]:
     result = linear_probe(train_x, train_y, test_x, test_y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decays=tuple(cfg.weight_decays), val_fraction=cfg.val_fraction, seed=seed)
     return {f"{prefix}/linear/{k}": float(result[k]) for k in ("top1", "top5", "val_top1", "weight_decay") if k in result}
 
 
-def _retrieval(cfg: Any, test_x, test_y, prefix: str) -> dict[str, float]:
+def _retrieval(cfg: Any, test_x: np.ndarray, test_y: np.ndarray, prefix: str) -> dict[str, float]:
     out = {f"{prefix}/retrieval/recall_at_{k}": float(v) for k, v in recall_at_k(test_x, test_y, tuple(cfg.ks)).items()}
     out[f"{prefix}/retrieval/map_at_r"] = float(map_at_r(test_x, test_y))
     return out
 
 
-def _collapse(train_x, test_x, views, projections, prefix: str, spectra: dict[str, np.ndarray]) -> dict[str, float]:
+def _collapse(
+    train_x: np.ndarray,
+    test_x: np.ndarray,
+    views: tuple[np.ndarray, np.ndarray] | None,
+    projections: np.ndarray | None,
+    prefix: str,
+    spectra: dict[str, np.ndarray],
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, z in (("rank", train_x), ("rank_projector", projections)):
         if z is None:

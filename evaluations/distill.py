@@ -5,7 +5,7 @@ images for a student of the same architecture, which learns from those soft labe
 
     L = -sum_x sum_y P_T(y|x; τ) log P_S(y|x; τ)        (a mean over each batch here)
 
-    student = self_distill(teacher, classifier(trunk, dim, num_classes), train_images, augmenter,
+    student = self_distill(teacher, classifier(trunk, dim, num_classes), train_images, augment,
                            epochs=10, batch_size=64, lr=0.05, seed=0, temperature=1.0)
 
 Choices, next to the paper's:
@@ -22,7 +22,7 @@ Choices, next to the paper's:
   epochs suffice; the paper trains its students like a pretraining run (its optimiser,
   batch size and weight decay, 400 epochs).
 - Augmentation and optimiser: those of fine-tuning. Random crop + flip only (the caller's
-  ``augmenter``); the teacher, in eval mode and frozen, sees the same augmented images as the
+  ``augment``); the teacher, in eval mode and frozen, sees the same augmented images as the
   student. SGD with Nesterov momentum 0.9, no weight decay, lr = ``lr * batch/256`` on a
   cosine schedule over all steps.
 """
@@ -33,8 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from evaluations.finetune import train_on_batches
-from harness.augment import Augmenter
+from evaluations.finetune import Augment, train_on_batches
 
 __all__ = ["distillation_loss", "self_distill"]
 
@@ -60,7 +59,7 @@ def self_distill(
     teacher: nn.Module,
     student: nn.Module,
     images: torch.Tensor,
-    augmenter: Augmenter,
+    augment: Augment,
     *,
     epochs: int,
     batch_size: int = 64,
@@ -72,8 +71,8 @@ def self_distill(
     """Train ``student`` to match the frozen ``teacher``'s predictions on ``images``, without labels; returns it.
 
     Both map normalised images ``(B, C, S, S)`` to logits ``(B, K)``. ``images`` are uint8 (all the
-    training images); each batch is augmented once by ``augmenter`` (crop + flip: the caller builds
-    it without colour distortion) and shown to both. The teacher is left unchanged, in the mode it
+    training images); each batch is augmented once by ``augment`` (crop + flip: the caller leaves
+    out colour distortion) and shown to both. The teacher is left unchanged, in the mode it
     came in; the student is trained in place and returned in train mode. See the module docstring.
     """
     if epochs < 0 or batch_size < 1 or lr <= 0:
@@ -91,7 +90,7 @@ def self_distill(
         return distillation_loss(student(x), teacher_logits, temperature)
 
     try:
-        train_on_batches(student, images, torch.arange(images.shape[0]), augmenter, loss, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+        train_on_batches(student, images, torch.arange(images.shape[0]), augment, loss, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     finally:
         teacher.train(teacher_was_training)
     return student

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
+
+
+@contextmanager
+def eval_mode(module: nn.Module | None) -> Iterator[None]:
+    """``module`` in eval mode inside the block (BatchNorm on its running statistics, dropout off), then back in
+    the mode it came in, whatever happens; ``None`` is a no-op."""
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.train(was_training)
 
 
 @torch.inference_mode()
@@ -27,18 +42,12 @@ def extract_embeddings(
     running statistics and dropout is off, and restored to its mode afterwards.
     """
     module = module if module is not None else (encoder if isinstance(encoder, nn.Module) else None)
-    was_training = module.training if module is not None else False
-    if module is not None:
-        module.eval()
-    try:
+    with eval_mode(module):
         chunks = []
         for start in range(0, images.shape[0], batch_size):
             x = preprocess(images[start : start + batch_size].to(device))
             chunks.append(encoder(x).float().cpu())
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
-    finally:
-        if module is not None:
-            module.train(was_training)
 
 
 def raw_pixels(images: torch.Tensor, preprocess: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 2048) -> np.ndarray:

@@ -9,12 +9,14 @@ model in eval mode. The subset comes from
 and reused by another library.
 
     result = finetune_subset(trunk, dim, images, labels, subset, test_images, test_labels,
-                             augmenter, epochs=60, batch_size=64, lr=0.05, seed=0)
+                             augment, normalize, epochs=60, batch_size=64, lr=0.05, seed=0)
     result.metrics["top1"], result.model       # the fine-tuned classifier, e.g. a distillation teacher
 
 Optimiser: SGD with Nesterov momentum 0.9, no weight decay, lr = ``lr * batch/256``
 on a cosine schedule over all steps. The trunk is deep-copied: the pretrained
-model is left untouched for the other evaluations.
+model is left untouched for the other evaluations. The caller gives the training
+transform (``augment(x, generator)``: a full-size crop + flip of a uint8 batch on the
+device, drawn from ``generator``) and the evaluation one (``normalize(x)``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.augment import Augmenter, ViewSpec
-from harness.optim import cosine_lr
+from harness.schedules import cosine_lr
 
-__all__ = ["Finetuned", "classification_accuracy", "classifier", "finetune_subset", "train_on_batches"]
+__all__ = ["Augment", "Finetuned", "Normalize", "classification_accuracy", "classifier", "finetune_subset", "train_on_batches"]
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""``augment(x, generator)``: uint8 ``(B, C, S, S)`` on the device -> one random training view ``(B, C, S, S)``, float."""
+Normalize = Callable[[torch.Tensor], torch.Tensor]
+"""``normalize(x)``: uint8 ``(B, C, S, S)`` on the device -> the un-augmented, normalised float images."""
 
 
 @dataclass
@@ -46,10 +52,10 @@ class Finetuned:
 
 def classifier(trunk: nn.Module, dim: int, num_classes: int) -> nn.Sequential:
     """A copy of ``trunk`` (features of size ``dim``) followed by a zero-initialised linear head; ``trunk`` is untouched."""
-    model = nn.Sequential(copy.deepcopy(trunk), nn.Linear(dim, num_classes))
-    nn.init.zeros_(model[1].weight)
-    nn.init.zeros_(model[1].bias)
-    return model
+    head = nn.Linear(dim, num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return nn.Sequential(copy.deepcopy(trunk), head)
 
 
 def finetune_subset(
@@ -60,7 +66,8 @@ def finetune_subset(
     subset: np.ndarray,
     test_images: torch.Tensor,
     test_labels: torch.Tensor,
-    augmenter: Augmenter,
+    augment: Augment,
+    normalize: Normalize,
     *,
     epochs: int,
     batch_size: int = 64,
@@ -71,8 +78,8 @@ def finetune_subset(
 ) -> Finetuned:
     """Fine-tune a copy of ``trunk`` (features of size ``dim``) plus a linear head on ``images[subset]``.
 
-    ``augmenter`` is called with a full-size view per batch (crop + flip: the
-    caller builds it without colour distortion). Returns the fine-tuned model and its
+    ``augment`` makes one training view per batch (crop + flip: the caller leaves out colour
+    distortion); the test images are ``normalize``d. Returns the fine-tuned model and its
     ``{"top1", "top5"}`` on the test set (top5 counts min(5, C) classes).
     """
     device = torch.device(device)
@@ -80,10 +87,10 @@ def finetune_subset(
     model = classifier(trunk, dim, num_classes).to(device)
     rows = torch.as_tensor(np.asarray(subset), dtype=torch.long)
     train_on_batches(
-        model, images, rows, augmenter, lambda x, idx: F.cross_entropy(model(x), labels[idx].to(device)),
+        model, images, rows, augment, lambda x, idx: F.cross_entropy(model(x), labels[idx].to(device)),
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
     )  # fmt: skip
-    metrics = classification_accuracy(model, test_images, test_labels, augmenter, device, eval_batch_size)
+    metrics = classification_accuracy(model, test_images, test_labels, normalize, device, eval_batch_size)
     return Finetuned(metrics, model, num_classes)
 
 
@@ -91,7 +98,7 @@ def train_on_batches(
     model: nn.Module,
     images: torch.Tensor,
     rows: torch.Tensor,
-    augmenter: Augmenter,
+    augment: Augment,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     epochs: int,
@@ -100,8 +107,8 @@ def train_on_batches(
     seed: int,
     device: torch.device,
 ) -> None:
-    """Train ``model`` in place, in train mode, on ``images[rows]``: seeded random batches, each augmented once by a
-    full-size view of ``augmenter``, ``loss(x, idx)`` on the batch's images and rows; SGD with Nesterov momentum 0.9,
+    """Train ``model`` in place, in train mode, on ``images[rows]``: seeded random batches, each augmented once by
+    ``augment`` (from the same seeded generator), ``loss(x, idx)`` on the batch's images and rows; SGD with Nesterov momentum 0.9,
     no weight decay, ``lr * batch_size / 256`` on a cosine to 0 over the steps taken. A batch of one is skipped
     (BatchNorm in train mode needs two samples). The fine-tuning and the distillation schedule alike."""
     base_lr = lr * batch_size / 256
@@ -109,7 +116,6 @@ def train_on_batches(
     sizes = [min(batch_size, len(rows) - start) for start in range(0, len(rows), batch_size)]
     total = sum(size >= 2 for size in sizes) * epochs
     generator = torch.Generator().manual_seed(seed)
-    view = ViewSpec(images.shape[-1])
     step = 0
     model.train()
     for _ in range(epochs):
@@ -120,7 +126,7 @@ def train_on_batches(
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, 0, base_lr, 0.0)
-            x = augmenter(images[idx].to(device), view, generator)
+            x = augment(images[idx].to(device), generator)
             value = loss(x, idx)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
@@ -130,14 +136,14 @@ def train_on_batches(
 
 @torch.inference_mode()
 def classification_accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augmenter: Augmenter, device: torch.device | str = "cpu", batch_size: int = 512
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize, device: torch.device | str = "cpu", batch_size: int = 512
 ) -> dict[str, float]:
     """Top-1 and top-5 (of min(5, C) classes) of a classifier on un-augmented, normalised images; leaves it in eval mode."""
     device = torch.device(device)
     model.eval()
     hits1 = hits5 = 0
     for start in range(0, images.shape[0], batch_size):
-        logits = model(augmenter.normalize(images[start : start + batch_size].to(device))).float()
+        logits = model(normalize(images[start : start + batch_size].to(device))).float()
         y = labels[start : start + batch_size].to(device)
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits1 += int((ranked[:, 0] == y).sum())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -123,7 +124,7 @@ def _vote(sims: np.ndarray, labels: np.ndarray, num_classes: int, temperature: f
     return scores.reshape(n, num_classes)
 
 
-def _voted_blocks(sims: np.ndarray, labels: np.ndarray, num_classes: int, temperature: float):
+def _voted_blocks(sims: np.ndarray, labels: np.ndarray, num_classes: int, temperature: float) -> Iterator[tuple[slice, np.ndarray]]:
     """Yield (rows, class scores of those rows) in blocks of at most _VOTE_BUDGET scores."""
     n = sims.shape[0]
     step = max(1, _VOTE_BUDGET // num_classes)

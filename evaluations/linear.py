@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from evaluations.checks import check_features, remap_labels
+from harness.schedules import cosine_lr
 
 __all__ = ["linear_probe"]
 
@@ -56,13 +57,6 @@ BN_MOMENTUM = 0.1  # torch default
 MOMENTUM = 0.9
 INIT_STD = 0.01
 _EVAL_CHUNK = 8192  # rows per forward pass at evaluation
-
-
-def cosine_lr(base_lr: float, steps: int) -> list[float]:
-    """Per-step learning rates ``base_lr * 0.5 * (1 + cos(pi * t / steps))``, t = 0..steps-1."""
-    schedule = [base_lr * 0.5 * (1.0 + math.cos(math.pi * t / steps)) for t in range(steps)]
-    assert len(schedule) == steps
-    return schedule
 
 
 def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +108,8 @@ def _fit_heads(
 
     bsz = min(int(batch_size), n)
     steps_per_epoch = n // bsz
-    lrs = cosine_lr(float(lr) * bsz / 256.0, epochs * steps_per_epoch)
+    total = epochs * steps_per_epoch
+    lrs = [cosine_lr(t, total, 0, float(lr) * bsz / 256.0) for t in range(total)]
     step = 0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen).to(dev)
@@ -227,7 +222,7 @@ def linear_probe(
     if train_x.shape[0] < 2:
         raise ValueError(f"{_EVALUATION}: BatchNorm needs at least 2 training rows, got {train_x.shape[0]}")
     dev = torch.device(device)
-    hyper = {"epochs": epochs, "batch_size": batch_size, "lr": float(lr), "seed": int(seed)}
+    hyper: dict[str, Any] = {"epochs": epochs, "batch_size": batch_size, "lr": float(lr), "seed": int(seed)}
 
     by_decay: dict[float, float] = {}
     if len(decays) > 1:
@@ -246,7 +241,7 @@ def linear_probe(
         val_logits = _logits(xt[val_i], *heads)
         accs = [_topk_accuracy(val_logits[:, g], yt[val_i], 1) for g in range(len(decays))]
         best = int(np.argmax(accs))  # first maximum: ties go to the earlier decay
-        by_decay = dict(zip(decays, accs))
+        by_decay = dict(zip(decays, accs, strict=True))
         chosen, val_top1 = decays[best], accs[best]
     else:
         chosen, val_top1 = decays[0], float("nan")

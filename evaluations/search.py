@@ -11,6 +11,7 @@ semantics, no approximation.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -21,7 +22,10 @@ __all__ = ["GPU_MAX_K", "gpu_available", "inner_product_topk"]
 GPU_MAX_K = 2048
 
 _gpu_lock = threading.Lock()
-_gpu_resources = None  # faiss.StandardGpuResources, created lazily once per process
+_gpu_resources: faiss.StandardGpuResources | None = None  # created lazily once per process
+
+_Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""``search(queries_f32, k) -> (similarities, indices)``."""
 
 
 def gpu_available() -> bool:
@@ -33,7 +37,7 @@ def gpu_available() -> bool:
         return False
     try:
         return int(get_num_gpus()) > 0
-    except Exception:  # a broken CUDA install reports as "no GPU", never crashes an eval
+    except Exception:  # noqa: BLE001 - a broken CUDA install reports as "no GPU", never crashes an eval
         return False
 
 
@@ -51,7 +55,7 @@ def check_matrix(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _get_gpu_resources():
+def _get_gpu_resources() -> faiss.StandardGpuResources:
     global _gpu_resources
     with _gpu_lock:
         if _gpu_resources is None:
@@ -59,15 +63,15 @@ def _get_gpu_resources():
         return _gpu_resources
 
 
-def _make_searcher(database: np.ndarray, on_gpu: bool):
+def _make_searcher(database: np.ndarray, on_gpu: bool) -> _Search:
     """Return ``search(queries_f32, k) -> (D, I)`` over ``database`` (contiguous float32)."""
     dim = database.shape[1]
     if on_gpu:
         config = faiss.GpuIndexFlatConfig()
         config.device = 0
-        index = faiss.GpuIndexFlatIP(_get_gpu_resources(), dim, config)
-        index.add(database)  # copied to the GPU once; queries stream in chunks
-        return index.search
+        gpu_index = faiss.GpuIndexFlatIP(_get_gpu_resources(), dim, config)
+        gpu_index.add(database)  # copied to the GPU once; queries stream in chunks
+        return gpu_index.search
     if hasattr(faiss, "knn") and hasattr(faiss, "METRIC_INNER_PRODUCT"):
         # Same kernel as IndexFlatIP.search (knn_inner_product) without copying
         # the database into an index.

@@ -55,7 +55,7 @@ def balanced_subset(labels: Any, fraction: float, seed: int) -> np.ndarray:
     ):
         raise ValueError(f"balanced_subset: fraction must be a number in (0, 1], got {fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"balanced_subset: seed must be an integer, got {seed!r}")  # noqa: TRY004 (house style: ValueError)
+        raise ValueError(f"balanced_subset: seed must be an integer, got {seed!r}")
     classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     n, num_classes = y.shape[0], classes.shape[0]
     total = round(float(fraction) * n)

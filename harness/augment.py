@@ -42,14 +42,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from harness.config import AugmentConfig
+from methods.base import ViewSpec
 
-__all__ = ["Augmenter", "ViewSpec"]
+__all__ = ["Augmenter"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma; torchvision writes 0.2989 for 0.299).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -57,14 +57,6 @@ _LUMA = (0.2989, 0.587, 0.114)
 # Columns of the per-image uniform draw, in draw order.
 (_SCALE, _RATIO, _CX, _CY, _FLIP, _JITTER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, _BLUR, _SIGMA) = range(13)
 _NUM_DRAWS = 13
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """One view a method asks for: output side in pixels and crop area range (None = use the config's crop_scale)."""
-
-    size: int
-    scale: tuple[float, float] | None = None
 
 
 class Augmenter:
@@ -94,14 +86,10 @@ class Augmenter:
         Float images are accepted too and taken to be in [0, 1].
         """
         batch, channels, height, width = self._check(images)
-        if view.size < 1:
-            raise ValueError(f"view size must be positive, got {view.size}")
         if generator.device.type != "cpu":
             raise ValueError(f"the generator must be a CPU generator (parameters are drawn on the CPU), got {generator.device}")
         cfg = self.cfg
-        scale = view.scale if view.scale is not None else cfg.crop_scale
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"view scale must be a range (low, high) with 0 < low <= high <= 1, got {list(scale)}")
+        scale = view.scale if view.scale is not None else cfg.crop_scale  # both checked when they were made
 
         # All randomness, on the CPU, in a fixed order; then one transfer to the images' device.
         order = torch.randperm(4, generator=generator).tolist()

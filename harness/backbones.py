@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -72,7 +73,7 @@ def apply_cifar_stem(model: nn.Module, name: str = "model") -> None:
     are supported; anything else is a ConfigError rather than silent surgery.
     """
     conv = getattr(model, "conv1", None)
-    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+    if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(model, "maxpool", None), nn.Module):
         raise ConfigError(f"backbone.cifar_stem: {name!r} has no ResNet stem (conv1 Conv2d + maxpool); use it with resnet18/resnet50-style models")
     model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
@@ -84,7 +85,8 @@ def spatial_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     timm's ``forward_features``: convolutional nets give NCHW; models declaring ``output_fmt == "NHWC"`` (Swin)
     are permuted to NCHW.
     """
-    features = model.forward_features(x)
+    forward_features = cast(Callable[[torch.Tensor], torch.Tensor], model.forward_features)  # every timm model has one
+    features = forward_features(x)
     if features.ndim != 4:
         return None
     return features.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else features
@@ -123,7 +125,7 @@ class ViTParts:
     def prefix_tokens(self, batch: int) -> torch.Tensor:
         """(B, P, D): class and register tokens, plus their position embeddings where the model gives them one."""
         m = self.model
-        tokens = [t for t in (m.cls_token, m.reg_token) if t is not None]
+        tokens: list[torch.Tensor] = [t for t in (m.cls_token, m.reg_token) if t is not None]
         if not tokens:
             return m.patch_embed.proj.weight.new_zeros(batch, 0, self.embed_dim)
         prefix = torch.cat(tokens, dim=1)

@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.epochs=2 method.temperature=0.2")
     run.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint (same as pretrain.resume=CHECKPOINT)")
 
-    ev = verbs.add_parser("eval", help="re-run the evaluation battery on a trained model, into its MLflow run", description="Re-run the evaluation battery (or a part: eval.* overrides) on a trained model given by MLflow run id or checkpoint file, logging into the run that trained it.")
+    ev = verbs.add_parser(
+        "eval",
+        help="re-run the evaluation battery on a trained model, into its MLflow run",
+        description="Re-run the evaluation battery (or a part: eval.* overrides) on a trained model given by MLflow run id or checkpoint file, logging into the run that trained it.",
+    )
     ev.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* keys, e.g. eval.semi.enabled=false eval.knn.k=200")
 
@@ -44,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", help="run config YAML")
     show.add_argument("overrides", nargs="*", metavar="key=value")
 
-    sweep = verbs.add_parser("sweep", help="run a YAML ablation with Ray Tune, log to MLflow, write the tables", description="Run every trial of a sweep (Ray Tune), log a parent run and one child run per trial to MLflow, then write results/<sweep>/ tables and plots.")
+    sweep = verbs.add_parser(
+        "sweep",
+        help="run a YAML ablation with Ray Tune, log to MLflow, write the tables",
+        description="Run every trial of a sweep (Ray Tune), log a parent run and one child run per trial to MLflow, then write results/<sweep>/ tables and plots.",
+    )
     sweep.add_argument("sweep", help="sweep YAML (e.g. sweeps/temperature.yaml)")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys (max_concurrent=1, seeds=[0]) or run keys (pretrain.epochs=2)")
     sweep.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep: finished trials are kept")
@@ -98,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from harness.run import reevaluate
+    from harness.reevaluate import reevaluate
 
     result = _failure_is_one_line("eval", lambda: reevaluate(args.target, args.overrides))
     if result is None:
@@ -166,7 +174,7 @@ def _table(args: argparse.Namespace) -> int:
 
     name, uri = args.sweep, args.uri
     if name.endswith((".yaml", ".yml")) or Path(name).is_file():
-        from harness.sweep import load_sweep
+        from harness.sweep_config import load_sweep
 
         sweep = load_sweep(name)
         name, uri = sweep.cfg.name, uri or sweep.configs[sweep.keys[0]].tracking.uri

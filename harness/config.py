@@ -109,7 +109,7 @@ class AugmentConfig(Section):
     """Gaussian blur probability (SimCLR ImageNet: 0.5; off for 32 px images)."""
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
-    @field_validator("crop_scale", "crop_ratio", "blur_sigma")
+    @field_validator("crop_ratio", "blur_sigma")
     @classmethod
     def _ordered_positive_range(cls, v: tuple[float, float]) -> tuple[float, float]:
         lo, hi = v
@@ -119,10 +119,10 @@ class AugmentConfig(Section):
 
     @field_validator("crop_scale")
     @classmethod
-    def _scale_at_most_one(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[1] > 1:
-            raise ValueError(f"crop area fraction cannot exceed 1, got {list(v)}")
-        return v
+    def _area_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        from methods.base import check_area_range  # the registry imports torch; keep config import light
+
+        return check_area_range(v)
 
 
 class KnnConfig(Section):
@@ -236,8 +236,9 @@ class RunConfig(Section):
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    method: dict[str, Any] = Field(default_factory=lambda: {"name": "simclr"}, validate_default=True)
-    """``name`` plus that method's own parameters, validated by its ``Params`` model."""
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": _default_method()}, validate_default=True)
+    """``name`` plus that method's own parameters, validated by its ``Params`` model (default: the registry's
+    :data:`methods.DEFAULT_METHOD`)."""
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -258,7 +259,7 @@ class RunConfig(Section):
         if isinstance(v, str):
             v = {"name": v}
         if not isinstance(v, dict) or "name" not in v:
-            raise ValueError("must be a mapping with a 'name' (e.g. {name: simclr, temperature: 0.5})")
+            raise ValueError("must be a mapping with a 'name' and that method's parameters (e.g. {name: NAME, temperature: 0.5}; python -m harness list methods)")
         params = dict(v)
         name = params.pop("name")
         method_cls = get_method_class(name)  # BadInput with suggestions when unknown
@@ -378,8 +379,8 @@ def _check_override_key(key: str, schema: type[BaseModel], raw: dict[str, Any], 
             return  # a free-form mapping (backbone.kwargs, method params): checked on validation
         fields = model.model_fields
         if part not in fields:
-            path = ".".join(parts[:depth] + [part])
-            known = [".".join(parts[:depth] + [f]) for f in fields]
+            path = ".".join([*parts[:depth], part])
+            known = [".".join([*parts[:depth], f]) for f in fields]
             raise ConfigError(f"{what} {key}: unknown key {path!r}{suggest(path, known, n=1)}")
         if model is RunConfig and part == "method" and depth + 1 < len(parts):
             _check_method_key(parts[depth + 1], raw, what)
@@ -387,11 +388,17 @@ def _check_override_key(key: str, schema: type[BaseModel], raw: dict[str, Any], 
         model = _submodel(model, part)
 
 
+def _default_method() -> str:
+    from methods import DEFAULT_METHOD  # the registry imports torch; keep config import light
+
+    return DEFAULT_METHOD
+
+
 def _check_method_key(param: str, raw: dict[str, Any], what: str = "override") -> None:
     from methods import get_method_class
 
-    method = raw.get("method", {"name": "simclr"})
-    name = method if isinstance(method, str) else (method or {}).get("name", "simclr")
+    method = raw.get("method", {"name": _default_method()})
+    name = method if isinstance(method, str) else (method or {}).get("name", _default_method())
     if param == "name":
         return
     try:
@@ -417,7 +424,7 @@ def _first_error(err: ValidationError, model: type[BaseModel] = RunConfig, prefi
         for part in parts[:-1]:
             parent = _submodel(parent, part)
         head = ([prefix] if prefix else []) + parts[:-1]
-        known = [".".join(head + [f]) for f in parent.model_fields] if parent else []
+        known = [".".join([*head, f]) for f in parent.model_fields] if parent else []
         return f"{loc}: unknown key{suggest(loc, known, n=1)}"
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from torchvision.transforms import functional as TF
 
 from harness.errors import BadInput, DataNotFound, suggest
 from harness.shapes import SHAPES, generate_shapes
+from harness.splits import DataSplits, Split
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -39,52 +41,6 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 
 SHAPES_TEST_SEED_OFFSET = 1_000_003
 """The shapes test split is generated from ``seed + SHAPES_TEST_SEED_OFFSET``."""
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One split held in memory: uint8 images ``(N, C, S, S)`` and int64 labels ``(N,)``."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    attributes: list[dict[str, str]] | None = None
-    """Per-image nuisance attributes (``shapes`` only): shape, colour, size, position."""
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[-1] != self.images.shape[-2]:
-            raise ValueError(f"images must be uint8 (N, C, S, S), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must be int64 ({self.images.shape[0]},), got {self.labels.dtype} {tuple(self.labels.shape)}")
-        if self.attributes is not None and len(self.attributes) != len(self.labels):
-            raise ValueError(f"{len(self.attributes)} attributes for {len(self.labels)} images")
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass(frozen=True, eq=False)
-class DataSplits:
-    """A dataset's train and test splits, class names and normalisation constants."""
-
-    name: str
-    train: Split
-    test: Split
-    classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    """Per-channel mean of the pixel values in [0, 1] units."""
-    std: tuple[float, ...]
-
-    @property
-    def channels(self) -> int:
-        return int(self.train.images.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 @dataclass(frozen=True)
@@ -190,7 +146,7 @@ def stratified_subset(labels: torch.Tensor, n: int | None, seed: int, key: str) 
     share[order[:remainder]] += 1
     gen = torch.Generator().manual_seed(seed)
     chosen = []
-    for cls, k in zip(classes.tolist(), share.tolist()):
+    for cls, k in zip(classes.tolist(), share.tolist(), strict=True):
         members = (labels == cls).nonzero().squeeze(1)
         chosen.append(members[torch.randperm(len(members), generator=gen)[:k]])
     return torch.cat(chosen).sort().values
@@ -280,6 +236,8 @@ def _files_present(folder: Path, names: Sequence[str]) -> bool:
 
 class _CIFAR10(tv_datasets.CIFAR10):
     """torchvision's CIFAR-10 reader; md5 sums are checked only when ``verify_checksums``."""
+
+    meta: dict[str, Any]  # torchvision's class attribute: the file with the class names, and its md5
 
     def __init__(self, root: Path, train: bool, verify_checksums: bool) -> None:
         self._verify = verify_checksums

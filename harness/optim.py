@@ -1,12 +1,11 @@
-"""Optimisers and the learning-rate schedule, as pure functions of the step.
+"""Optimisers: SGD, LARS and AdamW over two parameter groups (weights with decay; biases and norms without).
 
-    lr = cosine_lr(step, total_steps, warmup_steps, peak_lr, final_lr)
+The learning-rate schedule is :func:`harness.schedules.cosine_lr`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -14,25 +13,13 @@ from torch import nn
 from harness.config import PretrainConfig
 
 
-def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_lr: float = 0.0) -> float:
-    """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then half a cosine down to ``final_lr``.
-
-    ``step`` counts from 0; the lr at step ``warmup_steps`` is ``peak_lr`` and at
-    ``total_steps`` it is ``final_lr`` (Loshchilov and Hutter 2017; Goyal et al. 2017).
-    """
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: weights with decay, and biases / norm parameters (1-D tensors) without.
 
     The no-decay group is also excluded from LARS adaptation (SimCLR, BYOL).
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -57,7 +44,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:

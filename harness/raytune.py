@@ -140,7 +140,10 @@ def run_trials(
     if resume:
         tuner = tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=True)
         # the restored run config carries the pickled (inert) callback: install a live one
-        tuner._local_tuner.get_run_config().callbacks = [callback]  # noqa: SLF001 - Ray offers no public hook for this
+        internal = tuner._local_tuner  # noqa: SLF001 - Ray offers no public hook for this
+        if internal is None:
+            raise RuntimeError(f"Ray Tune restored {path} without a local tuner; cannot install the sweep's callback")
+        internal.get_run_config().callbacks = [callback]
     else:
         tuner = tune.Tuner(
             fn,
@@ -156,7 +159,7 @@ def run_trials(
             ),
         )
     grid = tuner.fit()
-    for result in grid:
+    for result in (grid[i] for i in range(len(grid))):
         key = (result.config or {}).get(_TRIAL_KEY)
         if key is None:
             continue

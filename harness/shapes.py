@@ -203,7 +203,7 @@ def _attributes(p: dict[str, torch.Tensor]) -> list[dict[str, str]]:
     position = cell[:, 1] * 3 + cell[:, 0]
     return [
         {"shape": SHAPES[k], "colour": colour_names[c], "size": SIZES[s], "position": POSITIONS[q]}
-        for k, c, s, q in zip(p["label"].tolist(), p["colour"].tolist(), size.tolist(), position.tolist())
+        for k, c, s, q in zip(p["label"].tolist(), p["colour"].tolist(), size.tolist(), position.tolist(), strict=True)
     ]
 
 

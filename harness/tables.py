@@ -168,7 +168,7 @@ def to_markdown(rows: list[dict[str, str]], title: str = "") -> str:
 
 
 def to_latex(rows: list[dict[str, str]], caption: str = "") -> str:
-    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+    r"""A booktabs ``table`` environment (needs ``\usepackage{booktabs}``)."""
     if not rows:
         return "% no runs\n"
     header = list(rows[0])
@@ -216,10 +216,10 @@ def plot(frame: pd.DataFrame, swept: list[str], headline: list[str], out_dir: Pa
             groups = frame.groupby(others, sort=False, dropna=False) if others else [((), frame)]
             for label, sub in groups:
                 sub = sub.sort_values(key)
-                name = ", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple) else (label,))) or metric
+                name = ", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple) else (label,), strict=True)) or metric
                 ax.errorbar(sub[key], sub[metric], yerr=sub[f"{metric} std"].fillna(0), marker="o", capsize=3, label=name)
             baselines = sorted(c for c in frame.columns if c.startswith("baseline/") and not c.endswith(" std"))
-            for base, style in zip(baselines, BASELINE_STYLES):
+            for base, style in zip(baselines, BASELINE_STYLES, strict=False):  # baselines beyond the styles get no line
                 if metric.startswith("eval/") and not frame[base].isna().all():
                     ax.axhline(float(frame[base].mean()), color="grey", linestyle=style, label=base.split("/")[1].replace("_", " "))
             positive = [v for v in values if v > 0]

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,7 +57,7 @@ def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
     for i in range(attempts):
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001 - MLflow wraps the driver's error in several types
+        except Exception as err:  # MLflow wraps the driver's error in several types
             if "database is locked" not in str(err) or i == attempts - 1:
                 raise
             time.sleep(0.05 * 2**i)
@@ -75,7 +76,7 @@ class Run:
 
         items = [Param(k, _param_str(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), _BATCH):
-            _retry(lambda chunk=items[i : i + _BATCH]: self.client.log_batch(self.run_id, params=chunk))
+            _retry(partial(self.client.log_batch, self.run_id, params=items[i : i + _BATCH]))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -83,7 +84,7 @@ class Run:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(items), _BATCH):
-            _retry(lambda chunk=items[i : i + _BATCH]: self.client.log_batch(self.run_id, metrics=chunk))
+            _retry(partial(self.client.log_batch, self.run_id, metrics=items[i : i + _BATCH]))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -135,7 +136,7 @@ def experiment_id(client: Any, name: str) -> str:
         return exp.experiment_id
     try:
         return _retry(lambda: client.create_experiment(name, tags=EXPERIMENT_TAGS))
-    except Exception:  # noqa: BLE001 - another process created it first
+    except Exception:  # another process created it first
         exp = _retry(lambda: client.get_experiment_by_name(name))
         if exp is None:
             raise
@@ -182,7 +183,7 @@ def search_runs(experiment: str, uri: str | None = None, filter_string: str = ""
         return []
     runs, token = [], None
     while True:
-        page = _retry(lambda t=token: client.search_runs([exp.experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1000, page_token=t))
+        page = _retry(partial(client.search_runs, [exp.experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1000, page_token=token))
         runs.extend(page)
         token = page.token
         if not token:

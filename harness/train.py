@@ -24,7 +24,8 @@ from tqdm import tqdm
 from harness.augment import Augmenter
 from harness.config import RunConfig, flatten
 from harness.errors import BadInput, Diverged
-from harness.optim import build_optimizer, cosine_lr
+from harness.optim import build_optimizer
+from harness.schedules import cosine_lr
 from methods.base import Method, StepInfo
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from methods.base import Method, StepInfo, StepOutput
 
 REGISTRY: dict[str, type[Method]] = {}
 
-_SHARED_MODULES = {"base", "heads", "text_tower"}
-
+DEFAULT_METHOD = "simclr"
+"""The method of a run config that names none."""
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: add a Method subclass to the registry under ``cls.name``."""
@@ -36,8 +36,11 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def _discover() -> None:
+    """Import every module of the package whose name does not start with ``_``: each ``@register`` class adds
+    itself; the shared modules (base, heads, losses, ...) define no such class and add nothing, so no list of
+    them is kept."""
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in _SHARED_MODULES and not info.name.startswith("_"):
+        if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 
@@ -56,18 +59,25 @@ def get_method_class(name: str) -> type[Method]:
     return REGISTRY[name]
 
 
-def create_method(name: str, backbone: nn.Module, *, backbone_factory: Callable[..., nn.Module] | None = None, **params: Any) -> Method:
-    """Build method ``name`` around ``backbone``; params are validated by the method's Params model.
+def create_method(name: str, backbone: nn.Module | None = None, *, backbone_factory: Callable[..., nn.Module] | None = None, **params: Any) -> Method:
+    """Build method ``name`` on ``backbone``, else on ``backbone_factory()``; params are validated by the method's
+    Params model first.
 
-    ``backbone_factory(in_chans=C)`` makes fresh backbones like ``backbone`` with C input channels, for methods
-    that build more networks in ``setup`` (CMC); it becomes ``method.backbone_factory``.
+    ``backbone_factory(in_chans=C)`` makes fresh backbones of the run's model with C input channels; it becomes
+    ``method.backbone_factory``. A method that builds its own networks in ``setup`` (``builds_backbone``: CMC,
+    SimCSE) is given no backbone by the factory.
     """
     cls = get_method_class(name)
-    method = cls(backbone, cls.Params(**params))
+    validated = cls.Params(**params)
+    if backbone is None and not cls.builds_backbone:
+        if backbone_factory is None:
+            raise ValueError(f"create_method({name!r}): give a backbone or a backbone_factory")
+        backbone = backbone_factory()
+    method = cls(backbone, validated)
     method.backbone_factory = backbone_factory
     return method
 
 
 _discover()
 
-__all__ = ["Method", "StepInfo", "StepOutput", "REGISTRY", "register", "create_method", "get_method_class", "list_methods"]
+__all__ = ["DEFAULT_METHOD", "REGISTRY", "Method", "StepInfo", "StepOutput", "create_method", "get_method_class", "list_methods", "register"]

@@ -12,20 +12,20 @@ evaluation is the pooled encoder output, ``backbone(x)``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from harness.augment import ViewSpec
+from evaluations.features import eval_mode
 from harness.backbones import spatial_features
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec
 
 if TYPE_CHECKING:
-    from harness.datasets import DataSplits
+    from harness.splits import DataSplits
 
 TOKEN_GRID = 4
 """Side of the grid a token model's pooled vector is mapped onto before upsampling."""
@@ -101,6 +101,7 @@ class Autoencoder(Method):
     networks = 1
     loss_name = "MSE reconstruction"
     paper = "Hinton and Salakhutdinov, Science 2006; Vincent et al., ICML 2008"
+    test_params: ClassVar[dict[str, Any]] = {"decoder_width": 32}
 
     params: AutoencoderParams
 
@@ -114,13 +115,8 @@ class Autoencoder(Method):
         """Build the decoder for the dataset's image size and channels, from one dry run of the backbone."""
         size, channels, width = data.image_size, data.channels, self.params.decoder_width
         device = next(self.backbone.parameters()).device
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            with torch.no_grad():
-                fmap = spatial_features(self.backbone, torch.zeros(1, channels, size, size, device=device))
-        finally:
-            self.backbone.train(was_training)
+        with eval_mode(self.backbone), torch.no_grad():
+            fmap = spatial_features(self.backbone, torch.zeros(1, channels, size, size, device=device))
         self.from_map = fmap is not None
         if fmap is not None:
             self.lift = nn.Identity()
@@ -155,6 +151,7 @@ class DenoisingAutoencoder(Autoencoder):
     name = "denoising_autoencoder"
     Params = DenoisingAutoencoderParams
     paper = "Vincent et al., ICML 2008, Extracting and Composing Robust Features with Denoising Autoencoders"
+    test_params: ClassVar[dict[str, Any]] = {"decoder_width": 32, "noise_std": 0.1}
 
     params: DenoisingAutoencoderParams
 

@@ -9,6 +9,8 @@ cross-correlation use the statistics of the global batch, as the paper requires.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -51,6 +53,7 @@ class BarlowTwins(Method):
     networks = 1
     loss_name = "cross-correlation"
     paper = "Zbontar et al., ICML 2021"
+    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 32}
 
     def __init__(self, backbone: nn.Module, params: BarlowTwinsParams) -> None:
         super().__init__(backbone, params)

@@ -11,18 +11,27 @@ precision, devices and distribution; it calls, per step::
     out.loss.backward(); optimizer.step()
     method.after_step(step)                     # e.g. EMA update of a target network
 
-and for evaluation ``method.embed(images)`` on normalised, un-augmented images.
+and for evaluation ``method.embed(x)`` on what :meth:`Method.eval_inputs` gives for each
+split (by default the normalised, un-augmented images).
 
-A method that needs more networks than ``self.backbone`` (CMC: one encoder per channel
-group) builds them with ``self.backbone_factory(in_chans=C)``: a fresh, randomly initialised
-backbone of the run's timm model and settings, given by ``create_method(..., backbone_factory=...)``.
+Everything the orchestration needs from a method is declared here, so it never asks
+which method it runs: the views (:meth:`Method.views`), the checks before training
+(:meth:`Method.check_run`), what the battery embeds and the input baseline
+(:meth:`Method.eval_inputs`, :meth:`Method.alignment_inputs`, :meth:`Method.input_baseline`),
+what fine-tuning trains (:meth:`Method.trunk`), and evaluations a method adds to the
+battery (:meth:`Method.extra_evaluations`: CLIP's zero-shot and image-text retrieval).
+
+A method that needs other networks than the run's backbone (CMC: one encoder per channel
+group; SimCSE: a text tower) sets ``builds_backbone = True`` and builds them in ``setup``,
+with ``self.backbone_factory(in_chans=C)`` for fresh, randomly initialised backbones of the
+run's timm model and settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -30,10 +39,65 @@ from torch import nn
 
 from harness.errors import BadInput
 
-from harness.augment import ViewSpec
-
 if TYPE_CHECKING:
-    from harness.datasets import DataSplits
+    import numpy as np
+
+    from harness.splits import DataSplits, Split
+
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+"""A batch of inputs on the device -> what the encoder takes (normalisation, augmentation, nothing)."""
+
+
+def check_area_range(scale: tuple[float, float], what: str = "") -> tuple[float, float]:
+    """A crop's area range (low, high) as fractions of the image: ValueError unless 0 < low <= high <= 1.
+
+    The one check of every crop range: the config's ``augment.crop_scale``, a method's own crops, a :class:`ViewSpec`.
+    """
+    low, high = scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"{what + ' ' if what else ''}must be an area range (low, high) with 0 < low <= high <= 1, got {list(scale)}")
+    return scale
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view a method asks for: output side in pixels and crop area range (None = use the config's crop_scale)."""
+
+    size: int
+    scale: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"view size must be positive, got {self.size}")
+        if self.scale is not None:
+            check_area_range(self.scale, "view scale")
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What ``embed`` (or a baseline) takes for every item of a split, and how one batch of it is prepared on the device."""
+
+    data: torch.Tensor
+    """One row per item: uint8 images (N, C, S, S), or token ids (N, L) for a text method."""
+    prepare: Prepare
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What an extra evaluation (:meth:`Method.extra_evaluations`) gets from the battery."""
+
+    data: DataSplits
+    test_features: np.ndarray
+    """The cached (N_test, D) evaluation features of the test split (``embed`` of :meth:`Method.eval_inputs`)."""
+    extract: Callable[[Callable[[torch.Tensor], torch.Tensor], EvalInputs], np.ndarray]
+    """``extract(encoder, inputs)`` -> float32 (N, D): ``encoder`` over every row of ``inputs``, batched, in eval mode."""
+    retrieval_ks: tuple[int, ...] | None
+    """The battery's Recall@k (None: retrieval is disabled)."""
+
+
+def unchanged(x: torch.Tensor) -> torch.Tensor:
+    """The identity :data:`Prepare` (inputs the encoder takes as they are, e.g. token ids)."""
+    return x
 
 
 class MethodParams(BaseModel):
@@ -78,16 +142,24 @@ class Method(nn.Module):
     """Networks with their own weights (online only: 1; online + EMA target: 2; one per view: 2)."""
     loss_name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    modality: ClassVar[str] = "image"
-    """What ``embed`` takes: ``"image"`` (normalised images) or ``"text"`` (token ids from the method's
-    ``tokenize``; ``self.backbone`` is then a text tower, and the run embeds each split's captions)."""
+    test_params: ClassVar[dict[str, Any]] = {}
+    """Small parameters for the registry-wide tests (heads of a few units), so a new method needs no edit to the
+    tests. An entry ``"_backbone": {"name": ..., **kwargs}`` names the timm backbone the tests build when the
+    method needs another than the tests' small ResNet (MAE: a ViT)."""
+    builds_backbone: ClassVar[bool] = False
+    """True: the method trains other networks than the run's backbone and builds them in ``setup``
+    (``self.backbone`` is then whatever ``embed`` runs); :func:`methods.create_method` builds it no backbone."""
     backbone_factory: Callable[..., nn.Module] | None = None
-    """``backbone_factory(in_chans=C)`` -> a fresh, randomly initialised backbone like ``self.backbone`` with C input
-    channels (same timm model, image size, stem and kwargs); set by :func:`methods.create_method`, None if not given."""
+    """``backbone_factory()`` -> a fresh, randomly initialised backbone of the run's timm model and settings;
+    ``backbone_factory(in_chans=C)`` with C input channels. Set by :func:`methods.create_method`, None if not given."""
 
-    def __init__(self, backbone: nn.Module, params: MethodParams) -> None:
+    backbone: nn.Module
+    """What ``embed`` runs: the run's timm backbone, or (``builds_backbone``) what ``setup`` builds."""
+
+    def __init__(self, backbone: nn.Module | None, params: MethodParams) -> None:
         super().__init__()
-        self.backbone = backbone
+        if backbone is not None:  # else setup() builds it
+            self.backbone = backbone
         self.params = params
 
     def setup(self, data: DataSplits) -> None:
@@ -114,6 +186,36 @@ class Method(nn.Module):
 
     def check(self, batch_size: int) -> None:
         """Refuse a run this method cannot do (raise ConfigError naming the key), before training. Default: nothing."""
+
+    def check_run(self, batch_size: int, image_size: int, finetune_from: int | None) -> None:
+        """Everything refused before a run opens, in one call: :meth:`check`, the views at ``image_size`` (a multi-crop
+        that does not fit the image), and the fine-tuning trunk when semi-supervised evaluation will fine-tune
+        from ``finetune_from`` projector layers (None: it will not)."""
+        self.check(batch_size)
+        self.views(image_size)
+        if finetune_from is not None:
+            self.trunk(finetune_from)
+
+    def eval_inputs(self, split: Split, normalize: Prepare) -> EvalInputs:
+        """What :meth:`embed` takes for every item of ``split``: default its images, normalised."""
+        return EvalInputs(split.images, normalize)
+
+    def alignment_inputs(self, split: Split, augment: Callable[[torch.Tensor, ViewSpec], torch.Tensor]) -> tuple[EvalInputs, EvalInputs]:
+        """Two independently augmented views of every item of ``split`` (the alignment diagnostic). ``augment(x, spec)``
+        draws from one seeded generator, so the two extractions differ. Default: the first training view, twice."""
+        spec = self.views(int(split.images.shape[-1]))[0]
+        view = EvalInputs(split.images, lambda x: augment(x, spec))
+        return view, view
+
+    def input_baseline(self, split: Split, normalize: Prepare) -> tuple[str, EvalInputs]:
+        """The baseline without any network, with its name: default ``raw_pixels``, the normalised pixels
+        (flattened by the battery)."""
+        return "raw_pixels", EvalInputs(split.images, normalize)
+
+    def extra_evaluations(self) -> dict[str, Callable[[EvalContext], dict[str, float]]]:
+        """Evaluations this method adds to the battery, by name (timed as ``time/eval/<name>_s``); each returns
+        ``eval/...`` metrics. Default: none."""
+        return {}
 
     @torch.no_grad()
     def project(self, features: torch.Tensor) -> torch.Tensor | None:

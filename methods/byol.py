@@ -9,6 +9,8 @@ so several workers gather nothing (see :mod:`methods.distributed`).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -40,6 +42,7 @@ class BYOL(Method):
     networks = 2
     loss_name = "cosine (EMA target)"
     paper = "Grill et al., NeurIPS 2020"
+    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}
 
     def __init__(self, backbone: nn.Module, params: BYOLParams) -> None:
         super().__init__(backbone, params)

@@ -4,29 +4,34 @@ An image tower (the run's timm backbone + a linear projection) and a text tower 
 transformer + a linear projection) map images and their captions into one space; the
 symmetric InfoNCE loss over the batch matches each image with its own caption and each
 caption with its own image, at a learned temperature. Captions come from the data
-(:mod:`harness.captions`): each step takes one caption per image, a random template each.
+(:mod:`methods.captions`): each step takes one caption per image, a random template each.
 Evaluation embeds images with the image tower (``embed``: backbone features, so the
 battery runs as for every method) and adds zero-shot classification and image<->text
-retrieval through ``encode_text`` (see :func:`harness.run.cross_modal`).
+retrieval through ``encode_text`` (:meth:`CLIP.image_text_evaluations`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.augment import ViewSpec
+from evaluations.features import eval_mode
+from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1
 from methods import register
-from methods.base import Method, StepInfo, StepOutput
+from methods.base import EvalContext, EvalInputs, StepInfo, StepOutput, ViewSpec, unchanged
+from methods.captions import item_captions, zero_shot_prompts
 from methods.distributed import gather
-from methods.text_tower import CaptionBank, TextTower, TextTowerParams, caption_bank
+from methods.losses import info_nce
+from methods.text_tower import CaptionedMethod, TextTower, TextTowerParams
 
 if TYPE_CHECKING:
-    from harness.datasets import DataSplits
+    from harness.splits import DataSplits
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -36,14 +41,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     normalised inputs); ``(CE(logits, arange) + CE(logits^T, arange)) / 2``. ``logit_scale`` is the
     multiplier exp(t), as in OpenCLIP's ``ClipLoss``. Collapsed features give ``log N``.
 
+    That is symmetric InfoNCE at temperature ``1 / logit_scale``; the scale multiplies the normalised
+    image features, as CLIP's ``logit_scale * I @ T^T`` does, and the temperature left is 1.
+
     image_features, text_features: (N, D), row i of each from the same pair.
     """
-    if image_features.shape != text_features.shape or image_features.dim() != 2:
-        raise ValueError(f"image and text features must both be (N, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}")
-    image, text = F.normalize(image_features.float(), dim=1), F.normalize(text_features.float(), dim=1)
-    logits = logit_scale * image @ text.T
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    image, text = F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1)
+    return info_nce(logit_scale * image, text, 1.0, normalize=False, symmetric=True)
 
 
 class CLIPParams(TextTowerParams):
@@ -55,18 +59,18 @@ class CLIPParams(TextTowerParams):
 
 
 @register
-class CLIP(Method):
+class CLIP(CaptionedMethod):
     name = "clip"
     Params = CLIPParams
     uses_negatives = True
     networks = 2
     loss_name = "symmetric InfoNCE (image-text)"
     paper = "Radford et al. 2021, Learning Transferable Visual Models From Natural Language Supervision"
+    test_params: ClassVar[dict[str, Any]] = {"embed_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16}
 
     params: CLIPParams
     text: TextTower
     text_projection: torch.nn.Linear
-    captions: CaptionBank
 
     def __init__(self, backbone: torch.nn.Module, params: CLIPParams) -> None:
         super().__init__(backbone, params)
@@ -76,7 +80,7 @@ class CLIP(Method):
     def setup(self, data: DataSplits) -> None:
         """Build the text tower on the data's vocabulary and tokenise the training captions."""
         p = self.params
-        self.tokenizer, self.captions = caption_bank(data, p.context_length, self.name)
+        self.setup_captions(data, p.context_length)
         self.text = TextTower(len(self.tokenizer), p.context_length, p.text_width, p.text_layers, p.text_heads, p.text_dropout, p.pooling)
         self.text_projection = torch.nn.Linear(p.text_width, p.embed_dim, bias=False)
 
@@ -87,10 +91,6 @@ class CLIP(Method):
     def scale(self) -> torch.Tensor:
         """The effective logit scale exp(t), t clamped at log(max_logit_scale)."""
         return self.logit_scale.clamp(max=math.log(self.params.max_logit_scale)).exp()
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids (B, context_length) of ``texts`` for :meth:`encode_text`."""
-        return self.tokenizer.encode(texts, self.params.context_length)[0]
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text features in the joint space (not normalised): token ids (B, L) -> (B, embed_dim)."""
@@ -106,6 +106,32 @@ class CLIP(Method):
             image, text = gather(image), gather(text)
         scale = self.scale()
         return StepOutput(clip_loss(image, text, scale), {"logit_scale": scale.detach()})
+
+    def extra_evaluations(self) -> dict[str, Callable[[EvalContext], dict[str, float]]]:
+        """Zero-shot classification and image<->text retrieval, timed together as ``time/eval/cross_modal_s``."""
+        return {"cross_modal": self.image_text_evaluations}
+
+    def image_text_evaluations(self, ctx: EvalContext) -> dict[str, float]:
+        """Image-text evaluations on the test split: zero-shot top-1 with the class prompts (their embeddings averaged
+        per class) and image->text / text->image Recall@k against each image's first caption (images with the same
+        caption match it alike), at the battery's retrieval ks. The image side is the projector on the cached
+        image features."""
+        data = ctx.data
+        with eval_mode(self), torch.no_grad():
+            image = self.projector(torch.from_numpy(ctx.test_features).to(self.logit_scale.device)).float().cpu().numpy()
+        out: dict[str, float] = {}
+        if data.classes:
+            prompts = [p for c in zero_shot_prompts(data.test, data.classes) for p in c]
+            text = ctx.extract(self.encode_text, EvalInputs(self.tokenize(prompts), unchanged))
+            out["eval/zero_shot/top1"] = zero_shot_top1(image, class_embeddings(text, len(data.classes)), data.test.labels.numpy())
+        if ctx.retrieval_ks is not None:
+            captions = item_captions(data.test, data.classes, dataset=data.name)
+            text = ctx.extract(self.encode_text, EvalInputs(self.tokenize(captions), unchanged))
+            groups = np.unique(np.array(captions), return_inverse=True)[1]
+            for name, (query, gallery) in (("i2t", (image, text)), ("t2i", (text, image))):
+                recall = cross_modal_recall(query, gallery, ctx.retrieval_ks, groups)
+                out.update({f"eval/retrieval_{name}/recall_at_{k}": v for k, v in recall.items()})
+        return out
 
     @torch.no_grad()
     def after_step(self, step: StepInfo) -> None:

@@ -26,22 +26,21 @@ Differences from the paper, named:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harness.augment import ViewSpec
 from harness.errors import ConfigError
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec
 from methods.distributed import gather
 from methods.heads import mlp
+from methods.losses import info_nce
 
 if TYPE_CHECKING:
-    from harness.datasets import DataSplits
+    from harness.splits import DataSplits
 
 _SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 """Linear sRGB -> CIE XYZ (D65), the matrix of scikit-image's ``rgb2lab`` (which CMC's reference code calls)."""
@@ -115,13 +114,7 @@ def cmc_loss(z_l: torch.Tensor, z_ab: torch.Tensor, temperature: float = 0.07) -
 
     z_l, z_ab: (N, D) projections of the two views, not necessarily normalised.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if z_l.shape != z_ab.shape or z_l.dim() != 2:
-        raise ValueError(f"z_l and z_ab must both be (N, D), got {tuple(z_l.shape)} and {tuple(z_ab.shape)}")
-    logits = F.normalize(z_l.float(), dim=1) @ F.normalize(z_ab.float(), dim=1).T / temperature
-    targets = torch.arange(z_l.shape[0], device=logits.device)
-    return F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)
+    return 2 * info_nce(z_l, z_ab, temperature, symmetric=True)  # the sum of the two directions' means
 
 
 class CMCParams(MethodParams):
@@ -138,8 +131,10 @@ class CMC(Method):
     Params = CMCParams
     uses_negatives = True
     networks = 2
+    builds_backbone = True
     loss_name = "cross-view InfoNCE"
     paper = "Tian, Krishnan & Isola, ECCV 2020, Contrastive Multiview Coding"
+    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16}
 
     params: CMCParams
     backbone: SplitEncoder

@@ -18,20 +18,19 @@ Augmentation is the run's ``augment`` config; MAE's recipe is crop (0.2, 1) + fl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from harness.augment import ViewSpec
 from harness.backbones import ViTParts, vit_parts
 from harness.errors import ConfigError
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec
 
 if TYPE_CHECKING:
-    from harness.datasets import DataSplits
+    from harness.splits import DataSplits
 
 NORM_PIX_EPS = 1e-6
 """Added to each target patch's variance with ``norm_pix_loss`` (MAE ``models_mae.py``)."""
@@ -155,6 +154,12 @@ class MAE(Method):
     networks = 1
     loss_name = "masked MSE"
     paper = "He et al., CVPR 2022, Masked Autoencoders Are Scalable Vision Learners"
+    test_params: ClassVar[dict[str, Any]] = {
+        "decoder_dim": 32,
+        "decoder_depth": 1,
+        "decoder_heads": 2,
+        "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},  # a ViT: MAE masks patches
+    }
 
     params: MAEParams
 

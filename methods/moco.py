@@ -12,6 +12,8 @@ single-process queue.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -55,6 +57,7 @@ class MoCoV2(Method):
     networks = 2
     loss_name = "InfoNCE (queue)"
     paper = "Chen et al. 2020, arXiv:2003.04297"
+    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64}
 
     def __init__(self, backbone: nn.Module, params: MoCoV2Params) -> None:
         super().__init__(backbone, params)

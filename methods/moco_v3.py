@@ -9,8 +9,9 @@ workers the queries and keys are gathered (``gather``): the loss is that of the 
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -18,14 +19,13 @@ from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
 from methods.distributed import gather, gather_no_grad
 from methods.heads import mlp
+from methods.losses import info_nce
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 
 
 def mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """``CE(q k^T / T, diagonal) * 2T`` on L2-normalised q, k (N, D): in-batch negatives, as in the paper."""
-    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
-    logits = q @ k.T / temperature
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device)) * (2 * temperature)
+    return info_nce(q, k, temperature) * (2 * temperature)
 
 
 class MoCoV3Params(MethodParams):
@@ -45,6 +45,7 @@ class MoCoV3(Method):
     networks = 2
     loss_name = "InfoNCE (in-batch, 2T)"
     paper = "Chen, Xie & He, ICCV 2021"
+    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}
 
     def __init__(self, backbone: nn.Module, params: MoCoV3Params) -> None:
         super().__init__(backbone, params)

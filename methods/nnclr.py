@@ -10,6 +10,8 @@ global batch, and every worker enqueues the global batch into the same support q
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -19,6 +21,7 @@ from methods import register
 from methods.base import Method, MethodParams, StepInfo, StepOutput
 from methods.distributed import gather, gather_no_grad
 from methods.heads import mlp
+from methods.losses import info_nce
 from methods.queue import FeatureQueue
 
 
@@ -28,9 +31,12 @@ def nearest_neighbour(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
 
 
 def nnclr_loss(nn_z: torch.Tensor, p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """``CE(NN(z_i) . p_j / T, i)``: the support neighbour of view 1 against the predictions of view 2."""
-    logits = F.normalize(nn_z.float(), dim=1) @ F.normalize(p.float(), dim=1).T / temperature
-    return F.cross_entropy(logits, torch.arange(p.shape[0], device=p.device))
+    """``CE(NN(z_i) . p_j / T, i)``: the support neighbour of view 1 against the predictions of view 2.
+
+    InfoNCE with cosine similarities, N candidates (solo-learn's choice; lightly's has 2N - 1).
+    nn_z, p: (N, D).
+    """
+    return info_nce(nn_z, p, temperature)
 
 
 class NNCLRParams(MethodParams):
@@ -50,6 +56,7 @@ class NNCLR(Method):
     networks = 1
     loss_name = "InfoNCE (nearest-neighbour positive)"
     paper = "Dwibedi et al., ICCV 2021"
+    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64}
 
     def __init__(self, backbone: nn.Module, params: NNCLRParams) -> None:
         super().__init__(backbone, params)

@@ -8,6 +8,8 @@ gathered first (``gather``), so the negatives are those of the global batch.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -56,6 +58,7 @@ class SimCLR(Method):
     networks = 1
     loss_name = "NT-Xent"
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations"
+    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16}
 
     params: SimCLRParams
 

@@ -10,6 +10,8 @@ semi-supervised evaluation (``eval.semi.distill_epochs``, :mod:`evaluations.dist
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from pydantic import Field
 from torch import nn
 
@@ -28,6 +30,7 @@ class SimCLRV2(SimCLR):
     name = "simclr_v2"
     Params = SimCLRV2Params
     paper = "Chen et al., NeurIPS 2020, Big Self-Supervised Models are Strong Semi-Supervised Learners"
+    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16}
 
     def trunk(self, projector_layers: int = 0) -> tuple[nn.Module, int]:
         """The backbone plus the first ``projector_layers`` (Linear, BN, ReLU) layers of the head."""

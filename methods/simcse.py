@@ -2,31 +2,33 @@
 
 A text method: the same caption passes through the text tower twice, and the two dropout
 masks are its only augmentation; the other captions of the batch are the negatives. The
-captions are the data's own (:mod:`harness.captions`), one per item per step, a random
-template each. ``setup`` replaces the image backbone the run builds with the text tower,
-so ``self.backbone`` is the text tower and ``embed`` takes token ids (:meth:`SimCSE.tokenize`);
-the run embeds each split's captions for the battery, labelled by the item's class
-(``modality = "text"``, see :func:`harness.run.split_inputs`). Semi-supervised fine-tuning of
-an image backbone does not apply and is refused before training.
+captions are the data's own (:mod:`methods.captions`), one per item per step, a random
+template each. The method builds its own network (``builds_backbone``): ``setup`` makes the
+text tower ``self.backbone``, so ``embed`` takes token ids. The battery embeds each split's
+first captions, labelled by the item's class (:meth:`SimCSE.eval_inputs`); the alignment
+diagnostic compares two templates of the same item, and the baseline without a network is a
+bag of words. Semi-supervised fine-tuning of an image backbone does not apply and is refused
+before training.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from harness.augment import ViewSpec
 from harness.errors import ConfigError
 from methods import register
-from methods.base import Method, StepInfo, StepOutput
+from methods.base import EvalInputs, Prepare, StepInfo, StepOutput, ViewSpec, unchanged
 from methods.distributed import gather
-from methods.text_tower import CaptionBank, TextTower, TextTowerParams, caption_bank
+from methods.losses import info_nce
+from methods.text_tower import CaptionedMethod, TextTower, TextTowerParams
+from methods.tokenizer import word_counts
 
 if TYPE_CHECKING:
-    from harness.datasets import DataSplits
+    from harness.splits import DataSplits, Split
 
 
 def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
@@ -37,12 +39,7 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -
 
     z1, z2: (N, D), the two passes of the same N sentences.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    logits = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).T / temperature
-    return F.cross_entropy(logits, torch.arange(z1.shape[0], device=z1.device))
+    return info_nce(z1, z2, temperature)
 
 
 class SimCSEParams(TextTowerParams):
@@ -52,31 +49,27 @@ class SimCSEParams(TextTowerParams):
 
 
 @register
-class SimCSE(Method):
+class SimCSE(CaptionedMethod):
     name = "simcse"
     Params = SimCSEParams
-    modality = "text"
+    builds_backbone = True
     uses_negatives = True
     networks = 1
     loss_name = "InfoNCE (dropout positives)"
     paper = "Gao, Yao & Chen 2021, SimCSE: Simple Contrastive Learning of Sentence Embeddings"
+    test_params: ClassVar[dict[str, Any]] = {"text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16}
 
     params: SimCSEParams
-    captions: CaptionBank
 
     def setup(self, data: DataSplits) -> None:
         """Build the text tower on the data's vocabulary (it becomes ``self.backbone``) and tokenise the training captions."""
         p = self.params
-        self.tokenizer, self.captions = caption_bank(data, p.context_length, self.name)
+        self.setup_captions(data, p.context_length)
         self.backbone = TextTower(len(self.tokenizer), p.context_length, p.text_width, p.text_layers, p.text_heads, p.dropout, p.pooling)
 
     def views(self, image_size: int) -> list[ViewSpec]:
         """No image views: the positives come from dropout."""
         return []
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids (B, context_length) of ``texts``: what ``embed`` takes."""
-        return self.tokenizer.encode(texts, self.params.context_length)[0]
 
     def two_passes(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same token ids (B, L) through the tower twice, in one batch of 2B: two dropout masks per caption."""
@@ -90,6 +83,20 @@ class SimCSE(Method):
         if self.params.gather:
             z1, z2 = gather(z1), gather(z2)
         return StepOutput(simcse_loss(z1, z2, self.params.temperature))
+
+    def eval_inputs(self, split: Split, normalize: Prepare) -> EvalInputs:
+        """The token ids of each item's first caption: ``embed`` takes text."""
+        return EvalInputs(self.item_tokens(split), unchanged)
+
+    def alignment_inputs(self, split: Split, augment: Callable[[torch.Tensor, ViewSpec], torch.Tensor]) -> tuple[EvalInputs, EvalInputs]:
+        """Two different captions of each item (its first two templates): the text's two views."""
+        first, second = (EvalInputs(self.item_tokens(split, template), unchanged) for template in (0, 1))
+        return first, second
+
+    def input_baseline(self, split: Split, normalize: Prepare) -> tuple[str, EvalInputs]:
+        """Word counts of each item's first caption."""
+        vocab = len(self.tokenizer)
+        return "bag_of_words", EvalInputs(self.item_tokens(split), lambda ids: word_counts(ids, vocab))
 
     def trunk(self, projector_layers: int = 0) -> tuple[torch.nn.Module, int]:
         raise ConfigError(f"eval.semi.enabled: method {self.name!r} learns text embeddings; semi-supervised fine-tuning of an image backbone does not apply: set eval.semi.enabled=false")

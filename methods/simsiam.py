@@ -8,6 +8,8 @@ negatives, no momentum encoder. The loss is per sample, so several workers gathe
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -36,6 +38,7 @@ class SimSiam(Method):
     networks = 1
     loss_name = "cosine (stop-grad)"
     paper = "Chen & He, CVPR 2021"
+    test_params: ClassVar[dict[str, Any]] = {"proj_dim": 32, "pred_hidden_dim": 8}
 
     def __init__(self, backbone: nn.Module, params: SimSiamParams) -> None:
         super().__init__(backbone, params)

@@ -45,16 +45,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from harness.augment import ViewSpec
 from harness.errors import ConfigError
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, check_area_range
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -113,13 +113,6 @@ def swapped_prediction_loss(scores: Sequence[torch.Tensor], codes: Sequence[torc
     return loss / len(codes)
 
 
-def _crop_scale(v: tuple[float, float]) -> tuple[float, float]:
-    low, high = v
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"must be an area range (low, high) with 0 < low <= high <= 1, got {list(v)}")
-    return v
-
-
 class SwAVParams(MethodParams):
     temperature: float = Field(0.1, gt=0, description="softmax temperature of the predictions (paper: 0.1)")
     epsilon: float = Field(0.05, gt=0, description="Sinkhorn entropy regularisation (paper: 0.05; 0.03 with the queue at small batches)")
@@ -139,7 +132,7 @@ class SwAVParams(MethodParams):
     @field_validator("global_crop_scale", "small_crop_scale")
     @classmethod
     def _area_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        return _crop_scale(v)
+        return check_area_range(v)
 
 
 @register
@@ -150,6 +143,14 @@ class SwAV(Method):
     networks = 1
     loss_name = "swapped prediction (Sinkhorn codes)"
     paper = "Caron et al., NeurIPS 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"
+    test_params: ClassVar[dict[str, Any]] = {
+        "proj_hidden_dim": 32,
+        "proj_dim": 16,
+        "num_prototypes": 10,
+        "num_small_crops": 2,
+        "small_crop_size_ratio": 0.5,  # 16 px test images: 8 px small crops
+        "freeze_prototypes_steps": 0,
+    }
 
     params: SwAVParams
 

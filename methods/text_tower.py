@@ -1,4 +1,5 @@
-"""The text side shared by CLIP and SimCSE: a small transformer over token ids, and the tokenised training captions.
+"""The text side shared by CLIP and SimCSE: a small transformer over token ids, the tokenised training captions,
+and :class:`CaptionedMethod`, the base of methods that read the data's captions.
 
     tokenizer, captions = caption_bank(data, context_length=32, method="clip")
     tower = TextTower(len(tokenizer), context_length=32, width=256, layers=4, heads=4)
@@ -14,12 +15,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from harness.captions import captions_for, zero_shot_prompts
-from harness.text import EOS_ID, PAD_ID, Tokenizer
-from methods.base import MethodParams
+from methods.base import Method, MethodParams
+from methods.captions import captions_for, item_captions, zero_shot_prompts
+from methods.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
 if TYPE_CHECKING:
-    from harness.datasets import DataSplits
+    from harness.splits import DataSplits, Split
 
 Pooling = Literal["eos", "mean"]
 
@@ -117,3 +118,27 @@ def caption_bank(data: DataSplits, context_length: int, method: str) -> tuple[To
     prompts = [p for c in zero_shot_prompts(data.train, data.classes) for p in c]
     tokenizer = Tokenizer.from_texts([text for c in captions for text in c] + prompts)
     return tokenizer, CaptionBank(captions, tokenizer, context_length)
+
+
+class CaptionedMethod(Method):
+    """A method that reads the data's captions (CLIP, SimCSE): ``setup_captions`` in ``setup`` keeps the tokenizer,
+    the training captions and what it takes to caption any split of the same data (its class names and name)."""
+
+    tokenizer: Tokenizer
+    captions: CaptionBank
+    classes: tuple[str, ...]
+    dataset: str
+    context_length: int
+
+    def setup_captions(self, data: DataSplits, context_length: int) -> None:
+        """Build the tokenizer and the training split's caption bank (:func:`caption_bank`)."""
+        self.tokenizer, self.captions = caption_bank(data, context_length, self.name)
+        self.classes, self.dataset, self.context_length = data.classes, data.name, context_length
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids ``(B, context_length)`` of ``texts``."""
+        return self.tokenizer.encode(texts, self.context_length)[0]
+
+    def item_tokens(self, split: Split, template: int = 0) -> torch.Tensor:
+        """Token ids ``(N, L)`` of each item's caption under ``template`` (0: the deterministic caption of evaluations)."""
+        return self.tokenize(item_captions(split, self.classes, template, dataset=self.dataset))

@@ -7,8 +7,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from harness import augment as A
-from harness.augment import Augmenter, ViewSpec
+from harness.augment import Augmenter
 from harness.config import AugmentConfig
+from methods.base import ViewSpec
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.3)
@@ -201,7 +202,7 @@ def test_crop_that_overflows_is_clamped_to_the_side():
     side = 32
     ramp = torch.linspace(0, 255, side).round().to(torch.uint8)
     x = (ramp.view(1, 1, 1, side).expand(8, 1, side, side), ramp.view(1, 1, side, 1).expand(8, 1, side, side))
-    x = torch.cat(x + (torch.zeros(8, 1, side, side, dtype=torch.uint8),), dim=1)  # R encodes x, G encodes y
+    x = torch.cat((*x, torch.zeros(8, 1, side, side, dtype=torch.uint8)), dim=1)  # R encodes x, G encodes y
     aug = Augmenter(_cfg(crop_scale=(1.0, 1.0), crop_ratio=(4.0, 4.0)), MEAN, STD)
     out = _unnormalise(aug(x, ViewSpec(side), _gen()))
     torch.testing.assert_close(out[:, 0], x[:, 0].float() / 255, atol=1e-5, rtol=0)  # the full width, unscaled

@@ -13,17 +13,16 @@ import torch.nn.functional as F
 
 from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1
 from harness.backbones import create_backbone
-from harness.captions import SHAPE_TEMPLATES, captions_for, item_captions, zero_shot_prompts
 from harness.config import build_config
 from harness.datasets import DataSplits, Split, load_dataset
 from harness.errors import ConfigError
-from harness.text import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, bag_of_words
 from methods import create_method
 from methods.base import StepInfo
+from methods.captions import SHAPE_TEMPLATES, captions_for, item_captions, zero_shot_prompts
 from methods.clip import clip_loss
 from methods.simcse import simcse_loss
-
-SMALL_TEXT = {"text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16}
+from methods.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, bag_of_words
+from tests.method_params import small_params
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def tiny_shapes() -> DataSplits:
 
 
 def _method(name: str, data: DataSplits, **params) -> torch.nn.Module:
-    method = create_method(name, create_backbone("test_resnet", in_chans=3, img_size=16), **{**SMALL_TEXT, **params})
+    method = create_method(name, create_backbone("test_resnet", in_chans=3, img_size=16), **small_params(name, **params))
     method.setup(data)
     return method
 
@@ -146,11 +145,11 @@ def test_tokenizer_round_trip_unknown_words_and_deterministic_vocabulary() -> No
 
 def test_long_captions_are_truncated_with_a_logged_count(caplog) -> None:
     tokenizer = Tokenizer.from_texts(["one two three four five six"])
-    with caplog.at_level(logging.WARNING, logger="harness.text"):
+    with caplog.at_level(logging.WARNING, logger="methods.tokenizer"):
         ids, _ = tokenizer.encode(["one two three four five six", "one two", "six five four three"], context_length=5)
     assert tokenizer.decode(ids) == ["one two three", "one two", "six five four"]
     assert ids[0, -1] == EOS_ID and ids[2, -1] == EOS_ID
-    (record,) = [r for r in caplog.records if r.name == "harness.text"]
+    (record,) = [r for r in caplog.records if r.name == "methods.tokenizer"]
     assert record.levelno == logging.WARNING and record.getMessage().startswith("2 of 3 captions")
 
 
@@ -171,7 +170,7 @@ def test_shapes_captions_name_the_shape_and_follow_the_templates(tiny_shapes) ->
     prompts = zero_shot_prompts(tiny_shapes.test, tiny_shapes.classes)
     assert prompts[tiny_shapes.classes.index("star")] == ["a star", "a picture of a star", "there is a star"]
     assert not {p for c in prompts for p in c} & {t for texts in captions for t in texts}
-    from harness.captions import describe
+    from methods.captions import describe
 
     centre = describe({"shape": "star", "colour": "orange", "size": "large", "position": "centre"})
     assert centre[0] == "a large orange star in the centre" and centre[1] == "an orange star"
@@ -183,7 +182,7 @@ def test_labelled_datasets_use_class_templates_and_no_text_is_a_config_error() -
     assert item_captions(split, ["cat", "sea_lion", "ant"]) == ["a photo of a cat", "a photo of an ant", "a photo of a sea lion"]
     bare = DataSplits("bare", split, split, (), (0.5,), (0.25,))
     for name in ("clip", "simcse"):
-        method = create_method(name, create_backbone("test_resnet", in_chans=1, img_size=8), **SMALL_TEXT)
+        method = create_method(name, create_backbone("test_resnet", in_chans=1, img_size=8), **small_params(name))
         with pytest.raises(ConfigError, match=f"data.name: dataset 'bare' has no captions .* {name} needs text"):
             method.setup(bare)
 
@@ -251,22 +250,23 @@ def _tiny_config(method: dict, **eval_overrides):
 
 
 def test_simcse_refuses_semi_supervised_fine_tuning_before_training() -> None:
-    from harness.run import prepare
+    from harness.prepare import prepare
 
     with pytest.raises(ConfigError, match="eval.semi.enabled: method 'simcse' learns text"):
-        prepare(_tiny_config({"name": "simcse", **SMALL_TEXT}, semi={"enabled": True, "fractions": [0.25], "epochs": [1]}))
+        prepare(_tiny_config({"name": "simcse", **small_params("simcse")}, semi={"enabled": True, "fractions": [0.25], "epochs": [1]}))
 
 
 def test_evaluate_runs_the_battery_on_captions_and_the_image_text_evaluations() -> None:
-    from harness.run import baselines, evaluate, prepare
+    from harness.evaluate import baselines, evaluate
+    from harness.prepare import prepare
 
-    trial = prepare(_tiny_config({"name": "simcse", **SMALL_TEXT}))
+    trial = prepare(_tiny_config({"name": "simcse", **small_params("simcse")}))
     metrics = {**baselines(trial), **evaluate(trial)}
     for key in ("baseline/bag_of_words/knn_top1", "baseline/random_init/knn_top1", "eval/knn/top1", "eval/linear/top1", "eval/retrieval/recall_at_1", "eval/rank/alignment"):
         assert np.isfinite(metrics[key]), key
     assert "baseline/raw_pixels/knn_top1" not in metrics and "eval/zero_shot/top1" not in metrics
 
-    trial = prepare(_tiny_config({"name": "clip", "embed_dim": 16, **SMALL_TEXT}))
+    trial = prepare(_tiny_config({"name": "clip", **small_params("clip")}))
     metrics = {**baselines(trial), **evaluate(trial)}
     for key in ("baseline/raw_pixels/knn_top1", "eval/knn/top1", "eval/zero_shot/top1", "eval/retrieval_i2t/recall_at_1", "eval/retrieval_t2i/recall_at_5"):
         assert 0 <= metrics[key] <= 1, key

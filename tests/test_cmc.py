@@ -17,12 +17,14 @@ from harness.backbones import create_backbone
 from harness.config import AugmentConfig, build_config
 from harness.datasets import load_dataset
 from harness.errors import BadInput, ConfigError
-from harness.run import prepare
+from harness.prepare import prepare
 from methods import create_method
 from methods.base import StepInfo
 from methods.cmc import LAB_CENTER, LAB_HALF_RANGE, SplitEncoder, cmc_loss, rgb_to_lab
+from tests.method_params import small_params
 
-SMALL = {"proj_hidden_dim": 32, "proj_dim": 16}
+SMALL = small_params("cmc")
+"""CMC's small heads (its ``test_params``)."""
 
 # sRGB colour -> CIE L*a*b* (D65), the usual published values (e.g. scikit-image's rgb2lab)
 KNOWN = [

@@ -4,6 +4,7 @@ teacher's predictions without labels, the config keys, and the metrics next to t
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from evaluations.distill import distillation_loss, self_distill
 from harness.augment import Augmenter
 from harness.config import AugmentConfig, build_config
 from harness.errors import ConfigError
-from harness.run import prepare, semi_supervised
+from harness.evaluate import semi_supervised
+from harness.prepare import prepare
+from methods.base import ViewSpec
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -69,6 +72,12 @@ def test_no_gradient_reaches_the_teacher_and_bad_arguments_are_refused() -> None
 # ----------------------------------------------------------------------------- self-distillation
 
 
+def _crop_flip(mean: tuple[float, ...], std: tuple[float, ...], size: int = 8) -> tuple[Augmenter, Callable[[torch.Tensor, torch.Generator], torch.Tensor]]:
+    """A crop + flip augmenter and the full-size training view it makes, as fine-tuning builds them."""
+    augmenter = Augmenter(AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0), mean, std)
+    return augmenter, lambda x, g: augmenter(x, ViewSpec(size), g)
+
+
 def _agreement(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         return float((student(x).argmax(1) == teacher(x).argmax(1)).float().mean())
@@ -77,14 +86,14 @@ def _agreement(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float
 def test_the_student_learns_the_teachers_predictions_without_labels() -> None:
     torch.manual_seed(0)
     images = torch.randint(0, 256, (256, 3, 8, 8), dtype=torch.uint8)
-    augmenter = Augmenter(AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0), (0.5, 0.5, 0.5), (0.29, 0.29, 0.29))  # crop + flip
+    augmenter, augment = _crop_flip((0.5, 0.5, 0.5), (0.29, 0.29, 0.29))
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     teacher.eval()
     before_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     x = augmenter.normalize(images)
     before = _agreement(student, teacher, x)
-    out = self_distill(teacher, student, images, augmenter, epochs=30, batch_size=32, lr=2.0, seed=0, temperature=1.0)
+    out = self_distill(teacher, student, images, augment, epochs=30, batch_size=32, lr=2.0, seed=0, temperature=1.0)
     after = _agreement(out, teacher, x)
     assert out is student
     assert after > before and after >= 0.9, (before, after)
@@ -96,17 +105,17 @@ def test_the_student_learns_the_teachers_predictions_without_labels() -> None:
 def test_self_distill_is_seeded() -> None:
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    augmenter = Augmenter(AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0), (0.5,) * 3, (0.29,) * 3)
+    _, augment = _crop_flip((0.5,) * 3, (0.29,) * 3)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     start = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
-    a, b = (self_distill(teacher, copy.deepcopy(start), images, augmenter, epochs=2, batch_size=16, seed=3) for _ in range(2))
-    c = self_distill(teacher, copy.deepcopy(start), images, augmenter, epochs=2, batch_size=16, seed=4)
+    a, b = (self_distill(teacher, copy.deepcopy(start), images, augment, epochs=2, batch_size=16, seed=3) for _ in range(2))
+    c = self_distill(teacher, copy.deepcopy(start), images, augment, epochs=2, batch_size=16, seed=4)
     torch.testing.assert_close(a.state_dict(), b.state_dict())
     assert not torch.equal(a[1].weight, c[1].weight)
     assert a.training  # returned as trained, in train mode
     student = copy.deepcopy(start)
     with pytest.raises(ValueError, match="epochs"):
-        self_distill(teacher, student, images, augmenter, epochs=-1)
+        self_distill(teacher, student, images, augment, epochs=-1)
 
 
 # ----------------------------------------------------------------------------- config and the harness

@@ -21,21 +21,14 @@ from methods import create_method
 from methods.base import Method, StepInfo
 from methods.distributed import average_gradients, gather, gather_no_grad, is_distributed, rank, world_size
 from tests.ddp_helpers import run_distributed
+from tests.method_params import small_params
 
 WORLD = 2
 BATCH = 8
 """The global batch; each of the WORLD workers takes BATCH // WORLD consecutive rows."""
 
-SMALL: dict[str, dict[str, Any]] = {
-    "simclr": {"proj_hidden_dim": 16, "proj_dim": 8},
-    "simclr_v2": {"proj_hidden_dim": 16, "proj_dim": 8},
-    "moco_v2": {"proj_hidden_dim": 16, "proj_dim": 8, "queue_size": 32},
-    "moco_v3": {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16},
-    "barlow_twins": {"proj_hidden_dim": 16, "proj_dim": 8},
-    "nnclr": {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16, "queue_size": 32},
-    "swav": {"proj_hidden_dim": 16, "proj_dim": 8, "num_prototypes": 6, "num_small_crops": 2, "small_crop_size_ratio": 0.5, "freeze_prototypes_steps": 0},
-}
-GATHERING = list(SMALL)
+GATHERING = ["simclr", "simclr_v2", "moco_v2", "moco_v3", "barlow_twins", "nnclr", "swav"]
+"""The image methods that gather across workers (``gather``); each is built with its small ``test_params``."""
 QUEUES = {"moco_v2": "queue.queue", "nnclr": "support.queue"}
 """The buffer holding each queue method's queue."""
 PER_SAMPLE = {"moco_v2"}
@@ -70,7 +63,7 @@ def _without_batch_norm(module: nn.Module) -> None:
 def build(name: str, **params: Any) -> Method:
     """The same method, with the same weights, in every process."""
     torch.manual_seed(0)
-    method = create_method(name, TinyBackbone(), **{**SMALL[name], **params})
+    method = create_method(name, TinyBackbone(), **small_params(name, **params))
     _without_batch_norm(method)
     return method
 

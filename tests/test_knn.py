@@ -17,7 +17,6 @@ from evaluations import search
 from evaluations.knn import knn_classify, knn_evaluate, knn_evaluate_many, knn_scores, l2_normalize
 from evaluations.search import inner_product_topk
 
-
 # ---------------------------------------------------------------- reference
 
 

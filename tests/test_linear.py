@@ -7,7 +7,6 @@ and the probe's accuracy with scikit-learn's LogisticRegression on digits.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -19,7 +18,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from evaluations.checks import check_features, remap_labels
-from evaluations.linear import _fit_heads, cosine_lr, linear_probe, stratified_split
+from evaluations.linear import _fit_heads, linear_probe, stratified_split
 
 
 def blobs(seed=0, n=400, dim=12, num_classes=4, spread=1.0):
@@ -89,13 +88,6 @@ def test_grid_heads_equal_separate_fits():
         torch.testing.assert_close(w[g], w1[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b[g], b1[0], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(w[0], w[1])  # the decay matters, so the check is not vacuous
-
-
-def test_cosine_schedule():
-    lrs = cosine_lr(0.4, 8)
-    assert len(lrs) == 8 and lrs[0] == 0.4
-    assert lrs[4] == pytest.approx(0.2)
-    assert all(a > b > 0 for a, b in itertools.pairwise(lrs))
 
 
 def test_stratified_split_is_per_class_and_seeded():

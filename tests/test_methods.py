@@ -5,48 +5,31 @@ shape, state round trip)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+import methods
 from harness.augment import Augmenter
-from harness.captions import item_captions
 from harness.backbones import create_backbone
 from harness.config import AugmentConfig
 from harness.datasets import load_dataset
 from harness.errors import ConfigError
-from methods import create_method, list_methods
+from methods import create_method, get_method_class, list_methods
 from methods.barlow_twins import barlow_twins_loss
 from methods.base import StepInfo
 from methods.byol import byol_loss
 from methods.moco import moco_loss
 from methods.moco_v3 import mocov3_loss
-from methods.nnclr import nearest_neighbour, nnclr_loss
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
+from methods.nnclr import nearest_neighbour, nnclr_loss
 from methods.queue import FeatureQueue
 from methods.simsiam import simsiam_loss
-
-# Small heads so the contract runs in seconds; every method's Params accepts these or keeps its defaults.
-SMALL = {
-    "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
-    "moco_v2": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64},
-    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
-    "simsiam": {"proj_dim": 32, "pred_hidden_dim": 8},
-    "barlow_twins": {"proj_hidden_dim": 32, "proj_dim": 32},
-    "simclr_v2": {"proj_hidden_dim": 32, "proj_dim": 16},
-    "moco_v3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
-    "nnclr": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64},
-    "swav": {"proj_hidden_dim": 32, "proj_dim": 16, "num_prototypes": 10, "num_small_crops": 2, "small_crop_size_ratio": 0.5, "freeze_prototypes_steps": 0},
-    "autoencoder": {"decoder_width": 32},
-    "denoising_autoencoder": {"decoder_width": 32, "noise_std": 0.1},
-    "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}},
-    "cmc": {"proj_hidden_dim": 32, "proj_dim": 16},
-    "clip": {"embed_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16},
-    "simcse": {"text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16},
-}
-
+from tests.method_params import small_backbone_spec, small_params
 
 # ----------------------------------------------------------------------------- losses
 
@@ -120,7 +103,7 @@ def test_queue_is_fifo_and_the_loss_sees_it_before_the_enqueue() -> None:
     # MoCo: the keys of this step are not among the negatives of this step
     torch.manual_seed(0)
     backbone = create_backbone("test_resnet", in_chans=3, img_size=16)
-    method = create_method("moco_v2", backbone, **SMALL["moco_v2"])
+    method = create_method("moco_v2", backbone, **small_params("moco_v2"))
     before = method.queue.features().clone()
     x = torch.randn(8, 3, 16, 16)
     seen = {}
@@ -158,27 +141,28 @@ def test_bad_method_parameters_are_config_errors() -> None:
 # ----------------------------------------------------------------------------- the contract
 
 
-CONTRACT_BACKBONE = {"name": "test_resnet"}
-"""The contract's backbone; a method that needs another kind (a ViT) names it as ``SMALL[name]["_backbone"]``."""
-
-
 @pytest.fixture(scope="module")
 def tiny_shapes():
     return load_dataset("shapes", image_size=16, num_train=16, num_test=8, seed=0)
 
 
 def _contract_method(name: str, data) -> object:
-    small = dict(SMALL[name])
-    spec = {**CONTRACT_BACKBONE, **small.pop("_backbone", {})}
+    spec = small_backbone_spec(name)
     factory = functools.partial(create_backbone, spec.pop("name"), img_size=data.image_size, **spec)
-    method = create_method(name, factory(in_chans=data.channels), backbone_factory=factory, **small)
+    method = create_method(name, factory(in_chans=data.channels), backbone_factory=factory, **small_params(name))
     method.setup(data)
     return method
 
 
 @pytest.mark.parametrize("name", list_methods())
 def test_method_contract(name: str, tiny_shapes, tmp_path) -> None:
-    assert name in SMALL, f"add small heads for {name!r} to SMALL"
+    check_contract(name, tiny_shapes, tmp_path)
+
+
+def check_contract(name: str, tiny_shapes, tmp_path) -> None:
+    """Three training steps with finite losses and a gradient for every trainable parameter, the representation's
+    shape, and a state round trip, with the method's small ``test_params``."""
+    assert get_method_class(name).test_params, f"set small parameters (test_params) on the class of {name!r}"
     torch.manual_seed(0)
     images = tiny_shapes.train.images
     augmenter = Augmenter(AugmentConfig(), tiny_shapes.mean, tiny_shapes.std)
@@ -200,7 +184,8 @@ def test_method_contract(name: str, tiny_shapes, tmp_path) -> None:
         optimizer.step()
         method.after_step(StepInfo(0, step, 3, indices=indices))
     method.eval()
-    x = method.tokenize(item_captions(tiny_shapes.train, tiny_shapes.classes)[:4]) if method.modality == "text" else augmenter.normalize(images[:4])
+    inputs = method.eval_inputs(tiny_shapes.train, augmenter.normalize)  # images, or a text method's token ids
+    x = inputs.prepare(inputs.data[:4])
     rep = method.embed(x)
     assert rep.shape == (4, method.backbone.num_features)
     torch.save(method.state_dict(), tmp_path / "m.pt")
@@ -211,6 +196,68 @@ def test_method_contract(name: str, tiny_shapes, tmp_path) -> None:
     for key, value in method.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value, msg=f"{name}: {key}")
     torch.testing.assert_close(fresh.embed(x), rep)
+
+
+TOY_METHOD = '''"""A throw-away method: in-batch InfoNCE on a linear projection."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from methods import register
+from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.losses import info_nce
+
+
+class ToyParams(MethodParams):
+    temperature: float = Field(0.5, gt=0)
+    proj_dim: int = Field(128, ge=1)
+
+
+@register
+class Toy(Method):
+    name = "toy_info_nce"
+    Params = ToyParams
+    uses_negatives = True
+    loss_name = "InfoNCE"
+    test_params: ClassVar[dict[str, Any]] = {"proj_dim": 8}
+
+    def __init__(self, backbone: nn.Module, params: ToyParams) -> None:
+        super().__init__(backbone, params)
+        self.projector = nn.Linear(backbone.num_features, params.proj_dim)
+
+    def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
+        z1, z2 = (self.projector(self.backbone(v)) for v in views)
+        return StepOutput(info_nce(z1, z2, self.params.temperature, symmetric=True))
+'''
+
+
+def test_a_new_method_is_one_new_file(tiny_shapes, tmp_path, monkeypatch) -> None:
+    """One new module with a @register class, found by the package's discovery, meets the contract with no other
+    edit: its small parameters come from its own test_params. The registry is restored afterwards."""
+    folder = tmp_path / "new_method"
+    folder.mkdir()
+    (folder / "toy_info_nce.py").write_text(TOY_METHOD)
+    before = dict(methods.REGISTRY)
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(folder)])
+    importlib.invalidate_caches()
+    try:
+        assert "toy_info_nce" not in list_methods()
+        methods._discover()
+        assert list_methods("toy_*") == ["toy_info_nce"]
+        assert small_params("toy_info_nce") == {"proj_dim": 8} and small_backbone_spec("toy_info_nce") == {"name": "test_resnet"}
+        check_contract("toy_info_nce", tiny_shapes, tmp_path)
+    finally:
+        methods.REGISTRY.clear()
+        methods.REGISTRY.update(before)
+        sys.modules.pop("methods.toy_info_nce", None)
+        if hasattr(methods, "toy_info_nce"):
+            delattr(methods, "toy_info_nce")
+    assert "toy_info_nce" not in list_methods()
 
 
 def test_mocov3_loss_closed_form_and_scale() -> None:
@@ -230,7 +277,7 @@ def test_nnclr_takes_the_neighbour_from_the_support_set() -> None:
 
 
 def test_simclr_v2_fine_tunes_from_the_middle_of_its_head() -> None:
-    method = create_method("simclr_v2", create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL["simclr_v2"])
+    method = create_method("simclr_v2", create_backbone("test_resnet", in_chans=3, img_size=16), **small_params("simclr_v2"))
     trunk, dim = method.trunk(1)
     assert dim == 32 and trunk(torch.randn(2, 3, 16, 16)).shape == (2, 32)
     assert method.trunk(0)[1] == method.backbone.num_features

@@ -1,12 +1,14 @@
 """Schedules at known steps, parameter groups, and LARS against a hand-computed step."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from harness.config import PretrainConfig
-from harness.optim import LARS, build_optimizer, cosine_lr, param_groups
+from harness.optim import LARS, build_optimizer, param_groups
+from harness.schedules import cosine_lr
 
 
 def test_cosine_lr_known_values():
@@ -60,3 +62,10 @@ def test_build_optimizer_uses_effective_lr(name, cls):
     opt = build_optimizer(model, PretrainConfig(optimizer=name, base_lr=0.4, batch_size=128))
     assert isinstance(opt, cls)
     assert all(g["lr"] == pytest.approx(0.2) for g in opt.param_groups)
+
+
+def test_cosine_without_warmup_is_the_linear_probe_schedule():
+    lrs = [cosine_lr(t, 8, 0, 0.4) for t in range(8)]
+    assert len(lrs) == 8 and lrs[0] == 0.4
+    assert lrs[4] == pytest.approx(0.2)
+    assert all(a > b > 0 for a, b in itertools.pairwise(lrs))

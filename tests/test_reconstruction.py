@@ -19,14 +19,17 @@ from methods import create_method
 from methods.autoencoder import corrupt, reconstruction_loss
 from methods.base import StepInfo
 from methods.mae import masked_mse, normalize_patches, patchify, random_masking
+from tests.method_params import small_backbone_spec, small_params
 
-TINY_VIT = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
-SMALL_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
+SMALL_DECODER = small_params("mae")
+"""MAE's small decoder (its ``test_params``)."""
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_vit(img_size: int = 16, **kwargs) -> torch.nn.Module:
-    return create_backbone("vit_tiny_patch16_224", in_chans=3, img_size=img_size, **{**TINY_VIT, **kwargs})
+    """MAE's small test ViT (``test_params["_backbone"]``), ``kwargs`` overriding its settings."""
+    spec = small_backbone_spec("mae")
+    return create_backbone(spec.pop("name"), in_chans=3, img_size=img_size, **{**spec, **kwargs})
 
 
 # ----------------------------------------------------------------------------- masked MSE and masking

@@ -10,23 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.augment import ViewSpec
 from harness.backbones import create_backbone
 from harness.config import build_config
 from harness.errors import ConfigError
 from methods import create_method, swav
-from methods.base import StepInfo
+from methods.base import StepInfo, ViewSpec
 from methods.swav import sinkhorn, swapped_prediction_loss
+from tests.method_params import small_params
 
-# The small heads tests/test_methods.py's SMALL should hold for "swav" (16 px images: 8 px small crops).
-SMALL_SWAV = {
-    "proj_hidden_dim": 32,
-    "proj_dim": 16,
-    "num_prototypes": 10,
-    "num_small_crops": 2,
-    "small_crop_size_ratio": 0.5,
-    "freeze_prototypes_steps": 0,
-}
+SMALL_SWAV = small_params("swav")
+"""SwAV's small heads (its ``test_params``; 16 px images: 8 px small crops)."""
 
 
 def _random_scores(seed: int = 0, n: int = 256, k: int = 32, d: int = 16) -> torch.Tensor:

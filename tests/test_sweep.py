@@ -11,7 +11,7 @@ import yaml
 
 from harness.cli import main
 from harness.errors import ConfigError
-from harness.sweep import SweepConfig, expand, load_sweep
+from harness.sweep_config import SweepConfig, expand, load_sweep
 from tests.conftest import TINY
 
 
@@ -176,7 +176,7 @@ def test_table_of_unknown_experiment(tmp_path, tracking_uri, capsys) -> None:
 
 def test_domain_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"space\.method\.temperature"):
-        from harness.config import _first_error  # noqa: F401 - the message format under test
+        from harness.config import _first_error
 
         try:
             SweepConfig(name="s", space={"method.temperature": {"uniform": [0.5, 0.1]}})

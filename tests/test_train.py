@@ -7,7 +7,7 @@ import torch
 
 from harness.config import build_config
 from harness.errors import BadInput, Diverged
-from harness.run import prepare
+from harness.prepare import prepare
 from harness.train import batch_indices, load_checkpoint, pretrain
 from methods.base import StepOutput
 

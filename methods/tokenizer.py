@@ -76,8 +76,13 @@ class Tokenizer:
         return [" ".join(vocabulary[i] for i in row if i not in (PAD_ID, BOS_ID, EOS_ID)) for row in ids.tolist()]
 
 
-def bag_of_words(ids: torch.Tensor, vocab_size: int) -> np.ndarray:
-    """Word counts float32 ``(B, vocab_size)`` of token ids ``(B, L)``, without ``<pad> <bos> <eos>`` (the text baseline's embedding)."""
+def word_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Word counts float32 ``(B, vocab_size)`` of token ids ``(B, L)``, without ``<pad> <bos> <eos>`` (the text baseline's embedding), on the CPU."""
     counts = torch.zeros(ids.shape[0], vocab_size).scatter_add_(1, ids.cpu(), torch.ones(ids.shape, dtype=torch.float32))
     counts[:, [PAD_ID, BOS_ID, EOS_ID]] = 0
-    return counts.numpy()
+    return counts
+
+
+def bag_of_words(ids: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """:func:`word_counts` as a numpy array."""
+    return word_counts(ids, vocab_size).numpy()

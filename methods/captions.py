@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from harness.errors import ConfigError
 
 if TYPE_CHECKING:
-    from harness.datasets import Split
+    from harness.splits import Split
 
 SHAPE_TEMPLATES: tuple[str, ...] = (
     "a {size} {colour} {shape} {where}",

@@ -1,0 +1,163 @@
+"""The evaluation battery of a trained trial, and the baselines it is read against.
+
+Embeddings are extracted once (model in eval mode) from what the method says it embeds
+(:meth:`methods.base.Method.eval_inputs`), then every enabled evaluation of
+:mod:`evaluations` runs on them; the method's own evaluations
+(:meth:`methods.base.Method.extra_evaluations`) and semi-supervised fine-tuning of its
+trunk follow. Nothing here depends on which method runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluations.battery import evaluate_embeddings
+from evaluations.distill import self_distill
+from evaluations.features import eval_mode, extract_embeddings, raw_pixels
+from evaluations.finetune import classification_accuracy, classifier, finetune_subset
+from evaluations.knn import knn_evaluate
+from evaluations.semi_supervised import balanced_subset
+from harness.augment import Augmenter
+from harness.config import RunConfig
+from harness.prepare import Trial
+from harness.tracking import Run
+from methods.base import EvalContext, EvalInputs, Method, ViewSpec
+
+__all__ = ["baselines", "embed_splits", "evaluate", "knn_top1", "semi_supervised"]
+
+Extract = Callable[[Callable[[torch.Tensor], torch.Tensor], EvalInputs], np.ndarray]
+
+
+def evaluate(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
+    """The evaluation battery of ``cfg.eval`` on the trained method: embeddings extracted once (eval mode),
+    then every enabled evaluation on them, the method's own evaluations, and semi-supervised fine-tuning.
+    Figures and the label subsets go to ``mlrun`` as artifacts."""
+    cfg, data, method = trial.cfg, trial.data, trial.method
+    ytr, yte = data.train.labels.numpy(), data.test.labels.numpy()
+    t0 = time.perf_counter()
+    train_x, test_x = embed_splits(trial, method.embed, method)
+    metrics = {"time/extract_s": time.perf_counter() - t0}
+    views = projections = None
+    if cfg.eval.collapse.enabled:
+        views = embed_views(trial)
+        projections = _projections(method, train_x, trial.device)
+    battery, figures = evaluate_embeddings(cfg.eval, train_x, ytr, test_x, yte, views=views, projections=projections, seed=cfg.seed)
+    metrics.update(battery)
+    ks = tuple(cfg.eval.retrieval.ks) if cfg.eval.retrieval.enabled else None
+    context = EvalContext(data, test_x, _extractor(trial, method), ks)
+    for name, extra in method.extra_evaluations().items():
+        t0 = time.perf_counter()
+        metrics.update(extra(context))
+        metrics[f"time/eval/{name}_s"] = time.perf_counter() - t0
+    if cfg.eval.semi.enabled:
+        t0 = time.perf_counter()
+        metrics.update(semi_supervised(trial, mlrun))
+        metrics["time/eval/semi_s"] = time.perf_counter() - t0
+    if mlrun is not None:
+        for name, figure in figures.items():
+            mlrun.log_figure(figure, f"eval/{name}")
+    _close(figures)
+    return metrics
+
+
+def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
+    """Fine-tune the method's trunk + a linear head on each balanced label fraction; the subsets' indices are logged.
+
+    The trunk is what the method fine-tunes from (:meth:`methods.base.Method.trunk`, ``eval.semi.from_projector_layer``).
+    With ``distill_epochs`` > 0 each fine-tuned model then teaches a student on all training images, without
+    labels (SimCLRv2's self-distillation, which applies to any fine-tuned model), logged as
+    ``distilled_top1``/``distilled_top5`` next to its own numbers."""
+    cfg, data, method = trial.cfg, trial.data, trial.method
+    semi = cfg.eval.semi
+    trunk, dim = method.trunk(semi.from_projector_layer)
+    light = cfg.augment.model_copy(update={"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0})  # crop + flip only
+    augmenter = Augmenter(light, data.mean, data.std)
+    view = ViewSpec(data.image_size)
+
+    def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return augmenter(x, view, generator)
+
+    epochs = semi.epochs * len(semi.fractions) if len(semi.epochs) == 1 else semi.epochs
+    out: dict[str, float] = {}
+    for fraction, n_epochs in zip(semi.fractions, epochs):  # noqa: B905 - the config matches their lengths
+        name = f"semi_{fraction * 100:g}pct"
+        subset = balanced_subset(data.train.labels.numpy(), fraction, cfg.seed)
+        if mlrun is not None:
+            mlrun.log_dict({"fraction": fraction, "seed": cfg.seed, "dataset": cfg.data.name, "num_train": len(data.train), "indices": subset.tolist()}, f"eval/{name}_indices.json")
+        result = finetune_subset(
+            trunk, dim, data.train.images, data.train.labels, subset, data.test.images, data.test.labels, augment, augmenter.normalize,
+            epochs=n_epochs, batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed, device=trial.device,
+        )  # fmt: skip
+        out.update({f"eval/{name}/{k}": v for k, v in result.metrics.items()})
+        if semi.distill_epochs:
+            student = self_distill(
+                result.model, classifier(trunk, dim, result.num_classes), data.train.images, augment, epochs=semi.distill_epochs,
+                batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed, device=trial.device, temperature=semi.distill_temperature,
+            )  # fmt: skip
+            distilled = classification_accuracy(student, data.test.images, data.test.labels, augmenter.normalize, trial.device)
+            out.update({f"eval/{name}/distilled_{k}": v for k, v in distilled.items()})
+    return out
+
+
+def embed_splits(trial: Trial, encoder: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test embeddings of what the method embeds, by a frozen encoder in eval mode (extracted once,
+    reused by every evaluation)."""
+    module.to(trial.device)
+    extract = _extractor(trial, module)
+    train, test = (trial.method.eval_inputs(split, trial.augmenter.normalize) for split in (trial.data.train, trial.data.test))
+    return extract(encoder, train), extract(encoder, test)
+
+
+def embed_views(trial: Trial) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of two independently augmented views of the test items (alignment), seeded by the trial."""
+    generator = torch.Generator().manual_seed(trial.cfg.seed + 1)
+
+    def augment(x: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
+        return trial.augmenter(x, spec, generator)
+
+    first, second = trial.method.alignment_inputs(trial.data.test, augment)
+    extract = _extractor(trial, trial.method)
+    return extract(trial.method.embed, first), extract(trial.method.embed, second)
+
+
+def knn_top1(cfg: RunConfig, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """kNN top-1 with the run's protocol (the baselines' and the learning curve's number)."""
+    return knn_evaluate(train_x, train_y, test_x, test_y, k=cfg.eval.knn.k, temperature=cfg.eval.knn.temperature)["top1"]
+
+
+def baselines(trial: Trial) -> dict[str, float]:
+    """kNN of the method's input baseline (raw pixels; for a text method, bag of words of the captions) and of
+    the random-init backbone, with the same protocol as the trained model."""
+    cfg, data, method = trial.cfg, trial.data, trial.method
+    ytr, yte = data.train.labels.numpy(), data.test.labels.numpy()
+    (name, train), (_, test) = (method.input_baseline(split, trial.augmenter.normalize) for split in (data.train, data.test))
+    out = {f"baseline/{name}/knn_top1": knn_top1(cfg, raw_pixels(train.data, train.prepare), ytr, raw_pixels(test.data, test.prepare), yte)}
+    untrained = copy.deepcopy(method.backbone)
+    train_x, test_x = embed_splits(trial, untrained, untrained)
+    out["baseline/random_init/knn_top1"] = knn_top1(cfg, train_x, ytr, test_x, yte)
+    return out
+
+
+def _extractor(trial: Trial, module: torch.nn.Module) -> Extract:
+    """``extract(encoder, inputs)``: the trial's batched, eval-mode feature extraction with ``module`` frozen."""
+    kw: dict[str, Any] = {"batch_size": trial.cfg.eval.batch_size, "device": trial.device, "module": module}
+    return lambda encoder, inputs: extract_embeddings(encoder, inputs.data, inputs.prepare, **kw)
+
+
+def _projections(method: Method, features: np.ndarray, device: torch.device) -> np.ndarray | None:
+    with eval_mode(method):
+        out = method.project(torch.from_numpy(features).to(device))
+    return None if out is None else out.float().cpu().numpy()
+
+
+def _close(figures: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    for figure in figures.values():
+        plt.close(figure)

@@ -1,0 +1,65 @@
+"""``harness eval``: re-run the battery on a trained model, into the MLflow run that trained it.
+
+    run_id, metrics = reevaluate("3f2a...", ["eval.knn.k=200"])     # an MLflow run id, or a checkpoint file
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from harness.config import build_config
+from harness.errors import BadInput
+from harness.evaluate import evaluate
+from harness.prepare import prepare
+from harness.tracking import open_run, tracking_uri
+from harness.train import load_checkpoint
+
+__all__ = ["load_saved_config", "reevaluate"]
+
+
+def reevaluate(target: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[str, dict[str, float]]:
+    """Re-run the battery (``eval.*`` overrides choose the part and the protocol) on a trained model, given
+    an MLflow run id or a checkpoint file, and log into the run that trained it. Returns (run id, metrics)."""
+    path = Path(target)
+    run_id, uri = None, None
+    if not path.is_file():
+        run_id, uri = target, None
+        try:
+            tags = open_run(run_id).info()["tags"]
+        except Exception:  # noqa: BLE001 - MLflow raises its own error types for unknown ids
+            raise BadInput(f"eval: {target!r} is neither a checkpoint file nor an MLflow run id in {tracking_uri()}") from None
+        if "checkpoint" not in tags:
+            raise BadInput(f"eval: run {target} has no checkpoint tag; give the checkpoint file instead")
+        path = Path(tags["checkpoint"])
+        if not path.is_file():
+            raise BadInput(f"eval: run {target}'s checkpoint {path} does not exist (any more)")
+    saved = load_saved_config(path)
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "device"))]
+    if bad:
+        raise BadInput(f"eval: only eval.* and device may be overridden on a trained model, got {bad[0]!r}")
+    cfg = build_config(saved["config"], list(overrides))
+    run_id = run_id or saved["provenance"].get("mlflow_run_id")
+    uri = saved["provenance"].get("tracking_uri") if uri is None else uri
+    if not run_id:
+        raise BadInput(f"eval: {path} records no MLflow run; re-run `harness run` to get one")
+    trial = prepare(cfg)
+    load_checkpoint(path, trial.method, None, None)
+    trial.method.to(trial.device)
+    mlrun = open_run(run_id, uri)
+    metrics = evaluate(trial, mlrun)
+    mlrun.log_metrics(metrics)
+    mlrun.log_text(yaml.safe_dump(cfg.as_dict()["eval"], sort_keys=False), "eval/protocol.yaml")
+    return run_id, metrics
+
+
+def load_saved_config(path: Path) -> dict[str, Any]:
+    """The config and provenance stored in a checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same bad input
+        raise BadInput(f"eval: {path} is not a readable checkpoint ({type(err).__name__})") from None
+    return {"config": state["config"], "provenance": state.get("provenance", {})}

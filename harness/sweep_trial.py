@@ -1,0 +1,68 @@
+"""The trial side of a sweep: the function Ray Tune runs in a worker for each trial.
+
+It runs exactly what ``harness run`` runs (:func:`harness.prepare.prepare`,
+:func:`harness.run.execute`), logging into the child run the driver opened, and
+reports through :mod:`harness.raytune`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from harness import raytune
+from harness.config import build_config
+from harness.tracking import open_run
+
+__all__ = ["FINISHED_KEY", "train_trial"]
+
+FINISHED_KEY = "trial/finished"
+"""Reported (value 1) by a trial after its evaluation: a trial that ends without it was stopped early."""
+
+
+def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:
+    """One Tune trial: exactly what ``harness run`` does, logging into the child run the driver opened.
+
+    Reports ``train/*`` every epoch with the epoch's checkpoint (so a retried or
+    resumed trial continues from it) and, after the evaluation, the final metrics
+    with :data:`FINISHED_KEY`. When a scheduler stops the trial, the report raises
+    ``SystemExit`` and nothing after the training loop runs; the driver marks it.
+    """
+    import torch
+
+    from harness.prepare import prepare
+    from harness.run import execute
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    key = raytune.trial_key(config)
+    spec = specs[key]
+    torch.set_num_threads(max(1, int(spec["cpus"])))
+    cfg = build_config(spec["run"])
+    # Working files live outside the trial folder: Ray syncs that folder to storage in the background.
+    work = Path(tempfile.mkdtemp(prefix="harness-trial-"))
+    try:
+        restored = raytune.restored_checkpoint(work / "restored")
+        cfg.pretrain.checkpoint_dir = work / "checkpoint"
+        cfg.pretrain.progress = False
+        if restored is not None:
+            cfg.pretrain.resume = restored / "checkpoint.pt"
+        mlrun = open_run(spec["run_id"], spec["uri"])
+        mlrun.set_status("RUNNING")
+        if restored is not None:
+            mlrun.set_tags({"harness.resumed": "from the trial's last checkpoint"})
+
+        last: dict[str, float] = {}
+
+        def on_epoch_end(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+            last.update(metrics)
+            raytune.report({**metrics, "epoch": epoch}, checkpoint_dir=checkpoint.parent if checkpoint else None)
+
+        trial = prepare(cfg)
+        metrics = execute(trial, mlrun, on_epoch_end=on_epoch_end)
+        # the last epoch's online metrics again, so a scheduler finds its metric in the final report too
+        raytune.report({**last, **metrics, "epoch": cfg.pretrain.epochs, FINISHED_KEY: 1})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # Tune keeps its own copy of the last checkpoint
