@@ -22,7 +22,7 @@ from torch import nn
 from evaluations.features import eval_mode
 from harness.backbones import spatial_features
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec
+from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, feature_dim
 
 if TYPE_CHECKING:
     from harness.splits import DataSplits
@@ -123,7 +123,7 @@ class Autoencoder(Method):
             self.decoder = ConvDecoder(fmap.shape[1], fmap.shape[-1], channels, size, width).to(device)
         else:  # tokens: the pooled vector, through a linear layer, onto a small grid
             grid = min(TOKEN_GRID, size)
-            lift = nn.Sequential(nn.Linear(self.backbone.num_features, width * grid * grid), nn.ReLU(inplace=True), nn.Unflatten(1, (width, grid, grid)))
+            lift = nn.Sequential(nn.Linear(feature_dim(self.backbone), width * grid * grid), nn.ReLU(inplace=True), nn.Unflatten(1, (width, grid, grid)))
             self.lift = lift.to(device)
             self.decoder = ConvDecoder(width, grid, channels, size, width).to(device)
 

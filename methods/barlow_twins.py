@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -55,9 +55,11 @@ class BarlowTwins(Method):
     paper = "Zbontar et al., ICML 2021"
     test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 32}
 
+    params: BarlowTwinsParams
+
     def __init__(self, backbone: nn.Module, params: BarlowTwinsParams) -> None:
         super().__init__(backbone, params)
-        self.projector = mlp(backbone.num_features, params.proj_hidden_dim, params.proj_dim, 3)
+        self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, 3)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z1, z2 = self.projector(self.backbone(torch.cat([views[0], views[1]]))).chunk(2)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -93,6 +93,12 @@ class EvalContext:
     """``extract(encoder, inputs)`` -> float32 (N, D): ``encoder`` over every row of ``inputs``, batched, in eval mode."""
     retrieval_ks: tuple[int, ...] | None
     """The battery's Recall@k (None: retrieval is disabled)."""
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The output size of a backbone: its ``num_features`` (timm's attribute; :class:`nn.Module` types an unknown
+    attribute as a submodule or a tensor, so it is read here, once, as the int it is)."""
+    return int(cast(int, backbone.num_features))
 
 
 def unchanged(x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +234,7 @@ class Method(nn.Module):
         projection head can be fine-tuned from (SimCLRv2) also accept ``projector_layers`` > 0."""
         if projector_layers:
             raise BadInput(f"eval.semi.from_projector_layer: method {self.name!r} cannot fine-tune from its projection head; use 0")
-        return self.backbone, int(self.backbone.num_features)
+        return self.backbone, feature_dim(self.backbone)
 
     @classmethod
     def taxonomy(cls) -> dict[str, object]:

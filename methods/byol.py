@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
 from methods.heads import mlp
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 
@@ -44,9 +44,11 @@ class BYOL(Method):
     paper = "Grill et al., NeurIPS 2020"
     test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}
 
+    params: BYOLParams
+
     def __init__(self, backbone: nn.Module, params: BYOLParams) -> None:
         super().__init__(backbone, params)
-        self.projector = mlp(backbone.num_features, params.proj_hidden_dim, params.proj_dim)
+        self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim)
         self.target = frozen_copy(nn.Sequential(backbone, self.projector))
 

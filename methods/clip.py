@@ -24,7 +24,7 @@ from pydantic import Field
 from evaluations.features import eval_mode
 from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1
 from methods import register
-from methods.base import EvalContext, EvalInputs, StepInfo, StepOutput, ViewSpec, unchanged
+from methods.base import EvalContext, EvalInputs, StepInfo, StepOutput, ViewSpec, feature_dim, unchanged
 from methods.captions import item_captions, zero_shot_prompts
 from methods.distributed import gather
 from methods.losses import info_nce
@@ -74,7 +74,7 @@ class CLIP(CaptionedMethod):
 
     def __init__(self, backbone: torch.nn.Module, params: CLIPParams) -> None:
         super().__init__(backbone, params)
-        self.projector = torch.nn.Linear(backbone.num_features, params.embed_dim, bias=False)  # the image projection
+        self.projector = torch.nn.Linear(feature_dim(backbone), params.embed_dim, bias=False)  # the image projection
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / params.init_temperature)))
 
     def setup(self, data: DataSplits) -> None:

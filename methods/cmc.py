@@ -34,7 +34,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec
+from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, feature_dim
 from methods.distributed import gather
 from methods.heads import mlp
 from methods.losses import info_nce
@@ -79,13 +79,19 @@ class SplitEncoder(nn.Module):
     ``num_features`` is the sum of both encoders', like a timm backbone's.
     """
 
+    # non-persistent buffers, each (1, 3, 1, 1)
+    mean: torch.Tensor
+    std: torch.Tensor
+    lab_center: torch.Tensor
+    lab_scale: torch.Tensor
+
     def __init__(self, l_encoder: nn.Module, ab_encoder: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std must have 3 values (RGB), got {len(mean)} and {len(std)}")
         self.l_encoder = l_encoder
         self.ab_encoder = ab_encoder
-        self.num_features = int(l_encoder.num_features) + int(ab_encoder.num_features)
+        self.num_features = feature_dim(l_encoder) + feature_dim(ab_encoder)
         for name, values in (("mean", mean), ("std", std), ("lab_center", LAB_CENTER), ("lab_scale", LAB_HALF_RANGE)):
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -147,8 +153,8 @@ class CMC(Method):
             raise ValueError("cmc builds one encoder per channel group: create it with create_method(..., backbone_factory=...)")
         p = self.params
         self.backbone = SplitEncoder(self.backbone_factory(in_chans=1), self.backbone_factory(in_chans=2), data.mean, data.std)
-        self.projector_l = mlp(self.backbone.l_encoder.num_features, p.proj_hidden_dim, p.proj_dim, p.proj_layers)
-        self.projector_ab = mlp(self.backbone.ab_encoder.num_features, p.proj_hidden_dim, p.proj_dim, p.proj_layers)
+        self.projector_l = mlp(feature_dim(self.backbone.l_encoder), p.proj_hidden_dim, p.proj_dim, p.proj_layers)
+        self.projector_ab = mlp(feature_dim(self.backbone.ab_encoder), p.proj_hidden_dim, p.proj_dim, p.proj_layers)
 
     def views(self, image_size: int) -> list[ViewSpec]:
         """One augmented view per step: its L and ab are the two views (the paper's single crop)."""
@@ -169,5 +175,5 @@ class CMC(Method):
     @torch.no_grad()
     def project(self, features: torch.Tensor) -> torch.Tensor | None:
         """Each head on its encoder's part of the concatenated features, concatenated: (B, 2 * proj_dim)."""
-        n_l = int(self.backbone.l_encoder.num_features)
+        n_l = feature_dim(self.backbone.l_encoder)
         return torch.cat([self.projector_l(features[:, :n_l]), self.projector_ab(features[:, n_l:])], dim=1)

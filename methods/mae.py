@@ -162,6 +162,8 @@ class MAE(Method):
     }
 
     params: MAEParams
+    decoder_pos_embed: torch.Tensor
+    """Non-persistent buffer (1, P + L, decoder_dim): zeros for the prefix tokens, then the fixed 2-D sin-cos embedding."""
 
     def __init__(self, backbone: nn.Module, params: MAEParams) -> None:
         super().__init__(backbone, params)
@@ -175,7 +177,7 @@ class MAE(Method):
             )
         if params.pool == "cls" and not parts.has_class_token:
             raise ConfigError("method.pool: 'cls' needs a class token and this ViT has none (backbone.kwargs.class_token); use pool=mean")
-        in_chans = backbone.patch_embed.proj.in_channels
+        in_chans: int = parts.model.patch_embed.proj.in_channels  # parts.model is the backbone; timm leaves patch_embed untyped
         dim = params.decoder_dim
         self.decoder_embed = nn.Linear(parts.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
 from methods.distributed import gather_no_grad
 from methods.heads import mlp
 from methods.momentum import ema_update, frozen_copy
@@ -59,10 +59,12 @@ class MoCoV2(Method):
     paper = "Chen et al. 2020, arXiv:2003.04297"
     test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64}
 
+    params: MoCoV2Params
+
     def __init__(self, backbone: nn.Module, params: MoCoV2Params) -> None:
         super().__init__(backbone, params)
         # MoCo v2's head: Linear-ReLU-Linear, no BatchNorm
-        self.projector = mlp(backbone.num_features, params.proj_hidden_dim, params.proj_dim, 2, batch_norm=False)
+        self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, 2, batch_norm=False)
         self.key_encoder = frozen_copy(nn.Sequential(backbone, self.projector))
         self.queue = FeatureQueue(params.queue_size, params.proj_dim)
 

@@ -41,5 +41,5 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """``target <- tau * target + (1 - tau) * online`` for parameters; buffers (BN statistics) are copied."""
     for t, o in zip(target.parameters(), online.parameters(), strict=True):
         t.mul_(tau).add_(o.detach(), alpha=1.0 - tau)
-    for t, o in zip(target.buffers(), online.buffers(), strict=True):
-        t.copy_(o)
+    for t_buf, o_buf in zip(target.buffers(), online.buffers(), strict=True):
+        t_buf.copy_(o_buf)

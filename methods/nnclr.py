@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
 from methods.distributed import gather, gather_no_grad
 from methods.heads import mlp
 from methods.losses import info_nce
@@ -58,9 +58,11 @@ class NNCLR(Method):
     paper = "Dwibedi et al., ICCV 2021"
     test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64}
 
+    params: NNCLRParams
+
     def __init__(self, backbone: nn.Module, params: NNCLRParams) -> None:
         super().__init__(backbone, params)
-        self.projector = mlp(backbone.num_features, params.proj_hidden_dim, params.proj_dim, 3, last_bn=True)
+        self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, 3, last_bn=True)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim)
         self.support = FeatureQueue(params.queue_size, params.proj_dim)
 

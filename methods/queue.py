@@ -22,6 +22,11 @@ __all__ = ["FeatureQueue"]
 class FeatureQueue(nn.Module):
     """``size`` rows of ``dim`` features; :meth:`enqueue` overwrites the oldest rows."""
 
+    queue: torch.Tensor
+    """(size, dim) buffer."""
+    ptr: torch.Tensor
+    """0-d int64 buffer: the next row to write."""
+
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         if size < 1 or dim < 1:

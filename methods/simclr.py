@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -64,7 +64,7 @@ class SimCLR(Method):
 
     def __init__(self, backbone: torch.nn.Module, params: SimCLRParams) -> None:
         super().__init__(backbone, params)
-        self.projector = mlp(backbone.num_features, params.proj_hidden_dim, params.proj_dim, params.proj_layers)
+        self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, params.proj_layers)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         x1, x2 = views

@@ -17,6 +17,7 @@ from torch import nn
 
 from harness.errors import BadInput
 from methods import register
+from methods.base import feature_dim
 from methods.simclr import SimCLR, SimCLRParams
 
 
@@ -32,11 +33,13 @@ class SimCLRV2(SimCLR):
     paper = "Chen et al., NeurIPS 2020, Big Self-Supervised Models are Strong Semi-Supervised Learners"
     test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16}
 
+    params: SimCLRV2Params
+
     def trunk(self, projector_layers: int = 0) -> tuple[nn.Module, int]:
         """The backbone plus the first ``projector_layers`` (Linear, BN, ReLU) layers of the head."""
         hidden = self.params.proj_layers - 1
         if not 0 <= projector_layers <= hidden:
             raise BadInput(f"eval.semi.from_projector_layer: {projector_layers} is outside 0..{hidden} for simclr_v2 with {self.params.proj_layers} head layers")
         if projector_layers == 0:
-            return self.backbone, int(self.backbone.num_features)
+            return self.backbone, feature_dim(self.backbone)
         return nn.Sequential(self.backbone, self.projector[: 3 * projector_layers]), self.params.proj_hidden_dim

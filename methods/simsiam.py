@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
 from methods.heads import mlp
 
 
@@ -40,9 +40,11 @@ class SimSiam(Method):
     paper = "Chen & He, CVPR 2021"
     test_params: ClassVar[dict[str, Any]] = {"proj_dim": 32, "pred_hidden_dim": 8}
 
+    params: SimSiamParams
+
     def __init__(self, backbone: nn.Module, params: SimSiamParams) -> None:
         super().__init__(backbone, params)
-        self.projector = mlp(backbone.num_features, params.proj_dim, params.proj_dim, 3, last_bn=True)
+        self.projector = mlp(feature_dim(backbone), params.proj_dim, params.proj_dim, 3, last_bn=True)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:

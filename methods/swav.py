@@ -54,7 +54,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, check_area_range
+from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, check_area_range, feature_dim
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -153,10 +153,14 @@ class SwAV(Method):
     }
 
     params: SwAVParams
+    queue: torch.Tensor
+    """Buffer (2, queue_length, proj_dim): past global-crop projections, newest first."""
+    queue_filled: torch.Tensor
+    """0-d int64 buffer: rows of the queue filled so far (capped at queue_length)."""
 
     def __init__(self, backbone: nn.Module, params: SwAVParams) -> None:
         super().__init__(backbone, params)
-        self.projector = mlp(backbone.num_features, params.proj_hidden_dim, params.proj_dim)
+        self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim)
         self.prototypes = nn.Linear(params.proj_dim, params.num_prototypes, bias=False)
         with torch.no_grad():
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))

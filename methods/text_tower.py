@@ -80,6 +80,9 @@ class CaptionBank(nn.Module):
     U distinct caption lists of T templates, and ``rows`` int64 ``(N,)``, each item's row.
     """
 
+    tokens: torch.Tensor
+    rows: torch.Tensor
+
     def __init__(self, captions: list[list[str]], tokenizer: Tokenizer, context_length: int) -> None:
         super().__init__()
         distinct: dict[tuple[str, ...], int] = {}
