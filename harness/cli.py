@@ -1,6 +1,7 @@
 """Command line: ``python -m harness VERB``.
 
-Exit codes: 0 success, 2 bad input (usage, config, missing data), 1 a failure while running.
+Exit codes: 0 success, 2 bad input (usage, config, missing data), 1 a failure while running,
+128 + signal when stopped by one (130 Ctrl-C, 143 SIGTERM; runs are KILLED and resumable).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from harness.errors import BadInput, HarnessError
+from harness import signals
+from harness.errors import BadInput, HarnessError, Interrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 T = TypeVar("T")
@@ -68,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     ui.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
+    srv = verbs.add_parser(
+        "server",
+        help="a tracking server for a cluster: trials log over HTTP (tracking.uri: http://HOST:PORT)",
+        description="Serve an MLflow tracking server (runs in --store, artifacts under --artifacts, both over HTTP) for sweeps whose trials run on other machines.",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 to serve a cluster)")
+    srv.add_argument("--port", type=int, default=5000)
+    srv.add_argument("--workers", type=int, default=2, help="server worker processes (default: 2)")
+    srv.add_argument("--store", default="sqlite:///mlflow.db", help="backend store URI (default: sqlite:///mlflow.db here)")
+    srv.add_argument("--artifacts", default="mlartifacts", help="folder of the artifacts (default: ./mlartifacts)")
+
     lst = verbs.add_parser("list", help="list methods, datasets or timm backbones", description="List registered methods, datasets, or timm backbones matching a pattern.")
     lst.add_argument("what", nargs="?", choices=["methods", "datasets", "backbones"], default="methods")
     lst.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*' or 'vit_*'")
@@ -76,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    signals.install()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -88,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"interrupted by {signals.stop_reason()}", file=sys.stderr)
+        return signals.exit_code()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -98,7 +112,13 @@ def _run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"pretrain.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    metrics = _failure_is_one_line("run", lambda: run(cfg))
+    try:
+        metrics = _failure_is_one_line("run", lambda: run(cfg))
+    except Interrupted as stop:
+        again = " ".join(["python -m harness run", args.config, *args.overrides, f"--resume {stop.checkpoint}"])
+        hint = f"; continue it with: {again}" if stop.checkpoint else " before its first checkpoint; run it again"
+        print(f"interrupted by {signals.stop_reason()}: the MLflow run is KILLED{hint}", file=sys.stderr)
+        return signals.exit_code()
     if metrics is None:
         return EXIT_FAILED
     _print_metrics(metrics, ("eval/", "baseline/"))
@@ -193,6 +213,18 @@ def _ui(args: argparse.Namespace) -> int:
     return serve_ui(uri, port=args.port, workers=args.workers)
 
 
+def _server(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.tracking import absolute_uri, ensure_store, serve, server_command
+
+    store, artifacts = absolute_uri(args.store), Path(args.artifacts).resolve()
+    ensure_store(store)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    print(f"MLflow tracking server for {store} (artifacts in {artifacts}) at http://{args.host}:{args.port}; set tracking.uri to it", flush=True)
+    return serve(server_command(store, artifacts, args.host, args.port, args.workers))
+
+
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -223,4 +255,4 @@ def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_VERBS = {"run": _run, "eval": _eval, "sweep": _sweep, "table": _table, "ui": _ui, "config": _config, "list": _list}
+_VERBS = {"run": _run, "eval": _eval, "sweep": _sweep, "table": _table, "ui": _ui, "server": _server, "config": _config, "list": _list}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class HarnessError(Exception):
@@ -39,6 +40,15 @@ class RunFailed(HarnessError):
 
 class Diverged(RunFailed):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM) ended a run; ``checkpoint`` is its last complete one, to resume from
+    (None when no epoch had ended). A KeyboardInterrupt, so every handler of Ctrl-C handles it."""
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        super().__init__(str(checkpoint or ""))
+        self.checkpoint = checkpoint
 
 
 def suggest(name: str, known: Iterable[str], n: int = 3) -> str:

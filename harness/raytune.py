@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import reaper
 from harness.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,10 @@ def init(address: str | None) -> bool:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=2**28, logging_level=logging.WARNING)
+    context = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=2**28, logging_level=logging.WARNING)
+    session_dir = getattr(context, "address_info", {}).get("session_dir")
+    if session_dir:  # its processes end with this one, even after kill -9
+        reaper.watch(session_dir)
     return True
 
 
@@ -99,6 +103,7 @@ def shutdown() -> None:
     import ray
 
     ray.shutdown()
+    reaper.release()
 
 
 def can_restore(path: Path) -> bool:

@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import torch
 import yaml
 
 from harness.config import build_config
@@ -16,9 +14,9 @@ from harness.errors import BadInput
 from harness.evaluate import evaluate
 from harness.prepare import prepare
 from harness.tracking import open_run, tracking_uri
-from harness.train import load_checkpoint
+from harness.train import load_checkpoint, read_checkpoint
 
-__all__ = ["load_saved_config", "reevaluate"]
+__all__ = ["reevaluate"]
 
 
 def reevaluate(target: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[str, dict[str, float]]:
@@ -37,13 +35,14 @@ def reevaluate(target: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
         path = Path(tags["checkpoint"])
         if not path.is_file():
             raise BadInput(f"eval: run {target}'s checkpoint {path} does not exist (any more)")
-    saved = load_saved_config(path)
+    saved = read_checkpoint(path, key="eval")
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "device"))]
     if bad:
         raise BadInput(f"eval: only eval.* and device may be overridden on a trained model, got {bad[0]!r}")
     cfg = build_config(saved["config"], list(overrides))
-    run_id = run_id or saved["provenance"].get("mlflow_run_id")
-    uri = saved["provenance"].get("tracking_uri") if uri is None else uri
+    provenance = saved.get("provenance", {})
+    run_id = run_id or provenance.get("mlflow_run_id")
+    uri = provenance.get("tracking_uri") if uri is None else uri
     if not run_id:
         raise BadInput(f"eval: {path} records no MLflow run; re-run `harness run` to get one")
     trial = prepare(cfg)
@@ -55,11 +54,3 @@ def reevaluate(target: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
     mlrun.log_text(yaml.safe_dump(cfg.as_dict()["eval"], sort_keys=False), "eval/protocol.yaml")
     return run_id, metrics
 
-
-def load_saved_config(path: Path) -> dict[str, Any]:
-    """The config and provenance stored in a checkpoint."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same bad input
-        raise BadInput(f"eval: {path} is not a readable checkpoint ({type(err).__name__})") from None
-    return {"config": state["config"], "provenance": state.get("provenance", {})}

@@ -15,14 +15,15 @@ import torch
 import yaml
 
 from harness.config import RunConfig, flatten
+from harness.errors import Interrupted
 from harness.evaluate import baselines, evaluate
 from harness.prepare import Trial, prepare
 from harness.provenance import git_commit, library_versions, peak_rss_mb
-from harness.tracking import Run, start_run, tracking_uri
-from harness.train import EpochCallback, pretrain
+from harness.tracking import Run, absolute_uri, find_run, start_run, tracking_uri
+from harness.train import EpochCallback, pretrain, read_checkpoint
 from methods import get_method_class
 
-__all__ = ["default_run_name", "execute", "log_run_inputs", "run", "run_tags"]
+__all__ = ["default_run_name", "execute", "log_run_inputs", "run", "run_tags", "run_to_resume"]
 
 log = logging.getLogger(__name__)
 
@@ -37,40 +38,71 @@ def default_run_name(cfg: RunConfig) -> str:
 
 
 def run(cfg: RunConfig, *, on_epoch_end: EpochCallback | None = None, parent_run_id: str | None = None) -> dict[str, float]:
-    """Pretrain, evaluate and log one trial; returns its final metrics. The MLflow run ends FAILED on any error."""
+    """Pretrain, evaluate and log one trial; returns its final metrics. The MLflow run ends FAILED on any error,
+    KILLED on a stop signal (:class:`Interrupted`). Resuming from a checkpoint (``pretrain.resume``) continues the
+    MLflow run that wrote it, when it is in this store."""
     trial = prepare(cfg)
-    with start_run(cfg.tracking.experiment, run_name=default_run_name(cfg), tags=run_tags(cfg), uri=cfg.tracking.uri, parent_run_id=parent_run_id) as mlrun:
+    with start_run(
+        cfg.tracking.experiment, run_name=default_run_name(cfg), tags=run_tags(cfg), uri=cfg.tracking.uri, parent_run_id=parent_run_id, resume=run_to_resume(cfg)
+    ) as mlrun:
         return execute(trial, mlrun, on_epoch_end=on_epoch_end)
 
 
+def run_to_resume(cfg: RunConfig) -> Run | None:
+    """The MLflow run that wrote ``cfg.pretrain.resume``, when it is in this config's store; else None (a new run)."""
+    if cfg.pretrain.resume is None:
+        return None
+    provenance = read_checkpoint(cfg.pretrain.resume, cfg).get("provenance", {})
+    run_id, uri = provenance.get("mlflow_run_id"), tracking_uri(cfg.tracking.uri)
+    if not run_id or absolute_uri(provenance.get("tracking_uri", "")) != absolute_uri(uri):
+        return None
+    return find_run(run_id, uri)
+
+
 def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = None) -> dict[str, float]:
-    """The body of a trial, logging into an open MLflow run."""
+    """The body of a trial, logging into an open MLflow run.
+
+    The run may be one that was interrupted (``run --resume``, a sweep's resumed or retried trial): what it
+    logged stays, the baselines are not computed again, and no epoch is logged twice. A stop signal raises
+    :class:`Interrupted` with the last complete checkpoint.
+    """
     cfg, data, method, device = trial.cfg, trial.data, trial.method, trial.device
     checkpoint = cfg.pretrain.checkpoint_dir or Path("outputs") / cfg.tracking.experiment / mlrun.run_id
-    checkpoint_path = Path(checkpoint) / "checkpoint.pt"
+    checkpoint_path = (Path(checkpoint) / "checkpoint.pt").resolve()
     log_run_inputs(mlrun, cfg, checkpoint_path)
+    logged = mlrun.info()["metrics"]
     metrics: dict[str, float] = {}
 
     if cfg.eval.baselines:
-        metrics.update(baselines(trial))
-        mlrun.log_metrics(metrics)
+        done = {k: v for k, v in logged.items() if k.startswith("baseline/")}
+        metrics.update(done or baselines(trial))
+        if not done:
+            mlrun.log_metrics(metrics)
+
+    logged_epochs = mlrun.logged_steps("train/loss")
+
+    def log_epoch(epoch_metrics: dict[str, float], epoch: int) -> None:
+        if epoch not in logged_epochs:  # an epoch logged before the interruption keeps its one entry
+            mlrun.log_metrics(epoch_metrics, epoch)
 
     provenance = {"git_commit": git_commit(), "mlflow_run_id": mlrun.run_id, "tracking_uri": tracking_uri(cfg.tracking.uri), **library_versions()}
-    result = pretrain(
-        method, data.train.images, cfg, trial.augmenter, device,
-        checkpoint_path=checkpoint_path, provenance=provenance,
-        log_metrics=mlrun.log_metrics, on_epoch_end=on_epoch_end,
-    )  # fmt: skip
-    metrics["time/pretrain_s"] = result.time_s
-    metrics["train/images_per_s_mean"] = result.images_per_s
-    if result.losses:
-        metrics["train/final_loss"] = result.losses[-1]
-
-    metrics.update(evaluate(trial, mlrun))
+    try:
+        result = pretrain(
+            method, data.train.images, cfg, trial.augmenter, device,
+            checkpoint_path=checkpoint_path, provenance=provenance,
+            log_metrics=log_epoch, on_epoch_end=on_epoch_end,
+        )  # fmt: skip
+        metrics["time/pretrain_s"] = result.time_s
+        metrics["train/images_per_s_mean"] = result.images_per_s
+        if result.losses:
+            metrics["train/final_loss"] = result.losses[-1]
+        metrics.update(evaluate(trial, mlrun))
+    except KeyboardInterrupt as stop:
+        raise Interrupted(checkpoint_path if checkpoint_path.is_file() else None) from stop
     metrics["memory/peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         metrics["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    mlrun.log_metrics(metrics)
+    mlrun.log_metrics({k: v for k, v in metrics.items() if not k.startswith("baseline/")})  # those are logged already
     log.info("results: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import raytune
+from harness import raytune, signals
 from harness.config import RunConfig
 from harness.errors import RunFailed
 from harness.sweep_config import Sweep, load_sweep
@@ -41,11 +41,15 @@ class SweepOutcome:
 
     @property
     def exit_code(self) -> int:
-        return 130 if self.interrupted else (1 if self.failed else 0)
+        return signals.exit_code() if self.interrupted else (1 if self.failed else 0)
 
 
 def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepOutcome:
-    """Run (or resume) a validated sweep to the end; returns what became of each trial."""
+    """Run (or resume) a validated sweep to the end; returns what became of each trial.
+
+    MLflow's statuses are the truth on resumption: a trial whose child run is FINISHED is never run again (its
+    trial returns at once, :func:`harness.sweep_trial.train_trial`) and its run is not touched. A stop signal
+    (SIGINT, SIGTERM) stops Ray Tune gracefully; every unfinished run is then KILLED, tagged with the signal."""
     cfg = sweep.cfg
     uri = absolute_uri(tracking_uri(next(iter(sweep.configs.values())).tracking.uri))
     root = cfg.storage.resolve() / cfg.name
@@ -67,6 +71,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
     specs = {key: {"run": _trial_run_dict(sweep.configs[key]), "run_id": children[key].run_id, "uri": uri, "cpus": cfg.resources.cpus} for key in sweep.keys}
 
     stopped: list[str] = []
+    pending = set(todo)  # trials whose end the driver has yet to record
     done = [len(sweep.keys) - len(todo)]
     t0 = time.perf_counter()
 
@@ -75,10 +80,14 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
             print(f"[{done[0]}/{len(sweep.keys)} {time.perf_counter() - t0:5.0f} s] {key}: {what}", flush=True)
 
     def on_start(key: str) -> None:
-        children[key].set_status("RUNNING")
-        say(key, "started")
+        if key in pending:
+            children[key].set_status("RUNNING")
+            say(key, "started")
 
     def on_complete(key: str, result: dict[str, Any]) -> None:
+        if key not in pending:  # finished before (a resumed sweep): its run stays as it is
+            return
+        pending.discard(key)
         done[0] += 1
         if result.get(FINISHED_KEY):
             children[key].end("FINISHED")
@@ -90,8 +99,9 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
             say(key, f"stopped early by the scheduler after epoch {result.get('epoch', '?')}")
 
     def on_error(key: str, error: str) -> None:
-        if children[key].info()["status"] == "FAILED":
+        if key not in pending:
             return
+        pending.discard(key)
         done[0] += 1
         children[key].set_tags({"harness.error": error[:5000]})
         children[key].end("FAILED")
@@ -105,8 +115,10 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
     events = raytune.TrialEvents(on_start=on_start, on_recover=on_recover, on_complete=on_complete, on_error=on_error)
     epochs = max(c.pretrain.epochs for c in sweep.configs.values())
     scheduler = cfg.scheduler.model_dump() | {"max_t": epochs + 1}  # +1: the evaluation's report after the last epoch
-    started = raytune.init(cfg.address)
+    started = False
     try:
+        started = raytune.init(cfg.address)
+        signals.install()  # ray.init replaced the SIGTERM handler
         outcome = raytune.run_trials(
             train_trial, sweep.keys, name=state["tune_name"], storage=root, cpus=cfg.resources.cpus, gpus=cfg.resources.gpus,
             max_concurrent=cfg.max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures, events=events,
@@ -120,6 +132,13 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
         parent.set_tags({"harness.error": str(err)[:5000]})
         parent.end("FAILED")
         raise RunFailed(f"sweep {cfg.name!r} failed: {raytune.one_line(err)}") from err
+    except KeyboardInterrupt:  # a stop signal outside Tune's own handling: nothing may stay RUNNING
+        for key in pending:
+            children[key].set_tags({"harness.stopped": f"{signals.stop_reason()}: sweep interrupted; resume with --resume"})
+            children[key].end("KILLED")
+        parent.set_tags({"harness.stopped": signals.stop_reason()})
+        parent.end("KILLED")
+        raise
     finally:
         if started:
             raytune.shutdown()
@@ -128,13 +147,16 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
     finished += [k for k in sweep.keys if k not in todo]
     failed = {k: outcome.errors[k] for k in sweep.keys if k in outcome.errors}
     interrupted = [k for k in todo if k not in finished and k not in failed and k not in stopped]
-    for key in interrupted:  # never started, or cut off by Ctrl-C: resumable
-        if children[key].info()["status"] not in ("FINISHED", "FAILED", "KILLED"):
-            children[key].set_tags({"harness.stopped": "sweep interrupted; resume with --resume"})
+    for key in interrupted:  # never started, or cut off by a stop signal: resumable
+        if key in pending:
+            pending.discard(key)
+            children[key].set_tags({"harness.stopped": f"{signals.stop_reason()}: sweep interrupted; resume with --resume"})
             children[key].end("KILLED")
     for key, error in failed.items():  # the callback may not have run for a trial whose error surfaced at the end
         on_error(key, error)
     parent.log_metrics({"sweep/trials_finished": len(finished), "sweep/trials_failed": len(failed), "sweep/wall_s": outcome.wall_s})
+    if interrupted:
+        parent.set_tags({"harness.stopped": signals.stop_reason()})
     parent.end("KILLED" if interrupted else ("FAILED" if failed else "FINISHED"))
     state["complete"] = not interrupted
     write_json(state_path, state)

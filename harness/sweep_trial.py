@@ -30,6 +30,8 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
     resumed trial continues from it) and, after the evaluation, the final metrics
     with :data:`FINISHED_KEY`. When a scheduler stops the trial, the report raises
     ``SystemExit`` and nothing after the training loop runs; the driver marks it.
+    A trial whose child run is FINISHED already (Tune had not recorded it before the
+    driver was stopped) reports that run's metrics and returns: it never runs twice.
     """
     import torch
 
@@ -41,6 +43,11 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
     spec = specs[key]
     torch.set_num_threads(max(1, int(spec["cpus"])))
     cfg = build_config(spec["run"])
+    mlrun = open_run(spec["run_id"], spec["uri"])
+    info = mlrun.info()
+    if info["status"] == "FINISHED":
+        raytune.report({**info["metrics"], "epoch": cfg.pretrain.epochs, FINISHED_KEY: 1})
+        return
     # Working files live outside the trial folder: Ray syncs that folder to storage in the background.
     work = Path(tempfile.mkdtemp(prefix="harness-trial-"))
     try:
@@ -49,7 +56,6 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
         cfg.pretrain.progress = False
         if restored is not None:
             cfg.pretrain.resume = restored / "checkpoint.pt"
-        mlrun = open_run(spec["run_id"], spec["uri"])
         mlrun.set_status("RUNNING")
         if restored is not None:
             mlrun.set_tags({"harness.resumed": "from the trial's last checkpoint"})

@@ -7,14 +7,21 @@
 
 The store is MLflow's own default, ``sqlite:///mlflow.db`` in the working
 directory (so plain ``mlflow ui`` there shows the runs), unless the config's
-``tracking.uri`` or ``MLFLOW_TRACKING_URI`` names another.
+``tracking.uri`` or ``MLFLOW_TRACKING_URI`` names another (an MLflow server,
+``http://HOST:PORT``, beyond one machine).
+
+A SQLite store is created and migrated once per process under a file lock
+(``<db>.lock``), so any number of processes may start on a new store together;
+one that cannot be opened or migrated is :class:`BadInput` naming the file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +30,9 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+
+from harness import signals
+from harness.errors import BadInput
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -112,6 +122,10 @@ class Run:
         """Set a non-final status (SCHEDULED, RUNNING) without an end time."""
         _retry(lambda: self.client.update_run(self.run_id, status=status))
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric ``key`` has been logged (a resumed run skips them)."""
+        return {m.step for m in _retry(lambda: self.client.get_metric_history(self.run_id, key))}
+
     def info(self) -> dict[str, Any]:
         """Status, params, metrics and tags as stored now."""
         r = _retry(lambda: self.client.get_run(self.run_id))
@@ -123,10 +137,44 @@ def _param_str(value: Any) -> str:
     return text if len(text) <= _MAX_PARAM_LEN else text[: _MAX_PARAM_LEN - 3] + "..."
 
 
+_READY: set[str] = set()
+"""Store URIs this process has opened (and so created or migrated) once."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, or None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def ensure_store(uri: str) -> None:
+    """Create or migrate the store at ``uri`` now (a SQLite file: under its lock), not in a server's workers;
+    BadInput naming it when it cannot be opened."""
+    _client(uri)
+
+
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    path = sqlite_path(uri)
+    if path is None:
+        client = MlflowClient(tracking_uri=uri)
+    else:  # the first open creates or migrates the schema: one process at a time
+        if not path.parent.is_dir():
+            raise BadInput(f"tracking.uri: the folder of {path} does not exist; create it or point tracking.uri elsewhere")
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                client = MlflowClient(tracking_uri=uri)
+                _retry(lambda: client.search_experiments(max_results=1))
+            except Exception as err:  # noqa: BLE001 - any failure to open or migrate is the same bad store
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                raise BadInput(f"tracking.uri: {path} is not a usable MLflow store ({type(err).__name__}: {reason}); move it away or use another tracking.uri") from None
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
+    return client
 
 
 def experiment_id(client: Any, name: str) -> str:
@@ -159,13 +207,34 @@ def open_run(run_id: str, uri: str | None = None) -> Run:
     return Run(_client(tracking_uri(uri)), run_id)
 
 
+def find_run(run_id: str, uri: str | None = None) -> Run | None:
+    """The run ``run_id`` of the store at ``uri``, or None when that store has no such run."""
+    run = open_run(run_id, uri)
+    try:
+        run.info()
+    except Exception:  # noqa: BLE001 - MLflow raises its own error types for an unknown id
+        return None
+    return run
+
+
 @contextmanager
-def start_run(experiment: str, *, run_name: str | None = None, tags: dict[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None) -> Iterator[Run]:
-    """Open a run; it ends FINISHED when the block completes, FAILED on an exception, KILLED on Ctrl-C or SystemExit."""
-    run = create_run(experiment, run_name=run_name, tags=tags, uri=uri, parent_run_id=parent_run_id)
+def start_run(
+    experiment: str, *, run_name: str | None = None, tags: dict[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None, resume: Run | None = None
+) -> Iterator[Run]:
+    """Open a run (or continue ``resume``, set RUNNING again); it ends FINISHED when the block completes, FAILED on
+    an exception, KILLED on a stop signal (SIGINT, SIGTERM) or SystemExit, tagged ``harness.stopped`` with the signal."""
+    if resume is not None:
+        run = resume
+        run.set_status("RUNNING")
+    else:
+        run = create_run(experiment, run_name=run_name, tags=tags, uri=uri, parent_run_id=parent_run_id)
     try:
         yield run
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a scheduler stopping the trial
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (harness.signals)
+        run.set_tags({"harness.stopped": signals.stop_reason()})
+        run.end("KILLED")
+        raise
+    except SystemExit:  # a scheduler stopping the trial
         run.end("KILLED")
         raise
     except BaseException:
@@ -196,6 +265,7 @@ def _as_dict(r: Any) -> dict[str, Any]:
         "run_name": r.info.run_name,
         "status": r.info.status,
         "start_time": r.info.start_time,
+        "end_time": r.info.end_time,
         "params": dict(r.data.params),
         "metrics": dict(r.data.metrics),
         "tags": dict(r.data.tags),
@@ -213,9 +283,59 @@ def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
+def server_command(store: str, artifacts: Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
+    """The command of a tracking server for a cluster: runs and artifacts over HTTP (``tracking.uri: http://HOST:PORT``)."""
+    return [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination", str(artifacts),
+        "--serve-artifacts", "--host", host, "--port", str(port), "--workers", str(workers),
+    ]  # fmt: skip
+
+
 def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> int:
-    """Run MLflow's UI in the foreground until Ctrl-C; returns its exit code."""
+    """Run MLflow's UI in the foreground until Ctrl-C or SIGTERM; returns its exit code."""
+    ensure_store(uri)
+    return serve(ui_command(uri, host, port, workers))
+
+
+def serve(command: list[str]) -> int:
+    """Run an MLflow server process group in the foreground; whatever ends this process ends all of it.
+
+    The server gets a process group of its own, stopped as a whole (SIGTERM, then SIGKILL after 10 s) when it
+    exits, on Ctrl-C or SIGTERM, or on any error here; and on Linux it gets SIGTERM if this process is
+    killed outright (``PR_SET_PDEATHSIG``). Returns the server's exit code; 0 after Ctrl-C, 143 after SIGTERM.
+    """
+    proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)  # the hook calls prctl only
     try:
-        return subprocess.call(ui_command(uri, host, port, workers))
+        return proc.wait()
     except KeyboardInterrupt:
-        return 0
+        return 0 if signals.stop_reason() == "SIGINT" else signals.exit_code()
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
+    """Stop ``proc``'s process group (it leads one): SIGTERM, then SIGKILL after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                proc.poll()
+                return
+            proc.poll()
+            time.sleep(0.1)
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before it starts: SIGTERM when this process dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

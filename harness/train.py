@@ -181,27 +181,39 @@ def save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
         "config": cfg.as_dict(),
         "provenance": {k: str(v) for k, v in provenance.items()},
     }
+    for stale in path.parent.glob(f".{path.name}.tmp.*"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted save leaves the last complete checkpoint, and no temporary file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer | None, cfg: RunConfig | None) -> tuple[int, list[float]]:
-    """Load a checkpoint (``weights_only=True``) into ``method`` (and ``optimizer``); return (epoch, losses).
+def read_checkpoint(path: Path, cfg: RunConfig | None = None, key: str = "pretrain.resume") -> dict[str, Any]:
+    """A checkpoint's contents (``weights_only=True``: a file that would run code on loading is refused).
 
-    When ``cfg`` is given, the checkpoint's config must match it except for the
-    keys in :data:`RESUMABLE_DIFFERENCES`; otherwise resuming would silently
-    continue a different experiment.
+    BadInput naming ``key`` for a missing or unreadable file; when ``cfg`` is given, the checkpoint's
+    config must match it except for the keys in :data:`RESUMABLE_DIFFERENCES`, otherwise resuming
+    would silently continue a different experiment.
     """
     path = Path(path)
     if not path.is_file():
-        raise BadInput(f"pretrain.resume: checkpoint {path} not found")
+        raise BadInput(f"{key}: checkpoint {path} not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same bad input
-        raise BadInput(f"pretrain.resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
+        raise BadInput(f"{key}: {path} is not a readable checkpoint ({type(err).__name__})") from None
     if cfg is not None:
         _check_same_experiment(state["config"], cfg, path)
+    return dict(state)
+
+
+def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer | None, cfg: RunConfig | None) -> tuple[int, list[float]]:
+    """Load a checkpoint (:func:`read_checkpoint`) into ``method`` (and ``optimizer``); return (epoch, losses)."""
+    state = read_checkpoint(path, cfg)
     method.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

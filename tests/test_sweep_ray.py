@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,7 +81,9 @@ def test_asha_stops_trials_and_no_run_is_left_running(ray_instance, tmp_path, tr
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
 
 
-def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_uri) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_uri, sig) -> None:
+    """Ctrl-C, a scheduler's SIGTERM, or kill -9 of the driver after a trial finished; then --resume."""
     path = write_sweep(tmp_path, space={"method.temperature": [0.1, 0.2, 0.5]}, seeds=[0], max_concurrent=1)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "harness", "-q", "sweep", str(path), "pretrain.epochs=3"]
@@ -96,32 +99,82 @@ def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_u
             if finished:
                 break
         assert finished, "no trial finished before the deadline"
-        driver.send_signal(signal.SIGINT)  # Ctrl-C
+        driver.send_signal(sig)
         out, _ = driver.communicate(timeout=120)
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode == 130, out
-    assert "--resume" in out
     assert not (tmp_path / "results").exists()  # no half-written tables: they come with the completed sweep
     before = children_by_name("unit", tracking_uri)
     assert len(before) == 3
-    assert {r["status"] for r in before.values()} <= {"FINISHED", "KILLED"}, {n: r["status"] for n, r in before.items()}
     done_before = {n: r for n, r in before.items() if r["status"] == "FINISHED"}
+    assert done_before
     history = {n: metric_history(r["run_id"], "train/loss", tracking_uri) for n, r in done_before.items()}
-    assert latest_parent("unit", tracking_uri)["status"] == "KILLED"
+    if sig != signal.SIGKILL:  # a signal the driver handles: nothing left RUNNING, each run says what stopped it
+        assert driver.returncode == 128 + sig, out
+        assert "--resume" in out
+        assert {r["status"] for r in before.values()} <= {"FINISHED", "KILLED"}, {n: r["status"] for n, r in before.items()}
+        assert all(r["tags"]["harness.stopped"].startswith(sig.name) for r in before.values() if r["status"] == "KILLED")
+        assert latest_parent("unit", tracking_uri)["status"] == "KILLED"
 
-    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "pretrain.epochs=3", "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    counters = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+) ", resumed.stdout, flags=re.M)]
+    assert counters and all(done <= total == 3 for done, total in counters), resumed.stdout
     after = children_by_name("unit", tracking_uri)
     assert set(after) == set(before)  # no run duplicated
     assert [r["run_id"] for r in after.values()] == [before[n]["run_id"] for n in after]
     assert all(r["status"] == "FINISHED" and "eval/knn/top1" in r["metrics"] for r in after.values())
-    for name, run in done_before.items():  # not rerun: same end time, same logged losses
+    for name, run in done_before.items():  # not rerun: same end time, same logged losses and metrics
         assert metric_history(run["run_id"], "train/loss", tracking_uri) == history[name]
         assert after[name]["metrics"] == run["metrics"]
+        assert after[name]["end_time"] == run["end_time"]
+    for run in after.values():  # no epoch and no final metric logged twice
+        steps = [step for step, _ in metric_history(run["run_id"], "train/loss", tracking_uri)]
+        assert steps == [1, 2, 3], steps
+        assert len(metric_history(run["run_id"], "eval/knn/top1", tracking_uri)) == 1
     assert len([r for r in search_runs("unit", tracking_uri) if r["tags"].get("harness.role") == "sweep"]) == 1
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
     table = (tmp_path / "results" / "unit" / "table.csv").read_text().splitlines()
     assert len(table) == 1 + 3 and all(",ok," in line for line in table[1:])
     assert json.loads((tmp_path / "outputs" / "sweeps" / "unit" / "state.json").read_text())["complete"] is True
+
+
+def test_a_sweep_logs_over_http_to_a_tracking_server(ray_instance, tmp_path, monkeypatch) -> None:
+    """`harness server` (SQLite backend, local artifact root) on a loopback port; the trials log to it over HTTP."""
+    from tests.test_faults import free_port, wait_until
+
+    monkeypatch.chdir(tmp_path)
+    port, store, artifacts = free_port(), tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts"
+    store.parent.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "harness", "server", "--port", str(port), "--store", f"sqlite:///{store}", "--artifacts", str(artifacts)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(uri), 120, "the tracking server did not answer")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        path = write_sweep(tmp_path, space={"method.temperature": [0.2]}, seeds=[0, 1], max_concurrent=2)
+        assert main(["-q", "sweep", str(path), "--results", str(tmp_path / "results")]) == 0
+        runs = children_by_name("unit", uri)
+        assert len(runs) == 2 and all(r["status"] == "FINISHED" and "eval/knn/top1" in r["metrics"] for r in runs.values())
+        assert latest_parent("unit", uri)["status"] == "FINISHED"
+        assert len(list(artifacts.rglob("config.yaml"))) == 2  # the trials' artifacts went through the server
+        assert (tmp_path / "results" / "unit" / "table.md").is_file()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 143
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert {r["run_id"] for r in search_runs("unit", f"sqlite:///{store}")} >= {r["run_id"] for r in runs.values()}  # in the server's store
+
+
+def _answers(uri: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2):
+            return True
+    except OSError:
+        return False

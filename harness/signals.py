@@ -1,0 +1,58 @@
+"""Stop signals: SIGTERM is handled like SIGINT (Ctrl-C) everywhere, and the one that arrived is remembered.
+
+Slurm, Kubernetes and Ray send SIGTERM before killing a job. :func:`install` makes it
+take the same path as Ctrl-C: it is passed on to whatever handles SIGINT at that moment
+(Python's, which raises ``KeyboardInterrupt`` where the program is, or Ray Tune's, which
+stops a sweep gracefully), so runs end KILLED, checkpoints stay, and the process exits
+with ``128 + signal`` (130 for SIGINT, 143 for SIGTERM).
+
+    install()                          # once, in the CLI (again after ray.init, which replaces it)
+    ...
+    except KeyboardInterrupt:
+        return exit_code()             # 130 or 143
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+__all__ = ["exit_code", "install", "received", "stop_reason"]
+
+_received: list[int] = []
+
+
+def install() -> None:
+    """Route SIGTERM to the current SIGINT handler and record every stop signal (main thread only)."""
+    signal.signal(signal.SIGTERM, _on_term)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_int)
+
+
+def _on_int(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not _on_int:
+        handler(signal.SIGINT, frame)  # e.g. Ray Tune's graceful stop
+    else:
+        raise KeyboardInterrupt
+
+
+def received() -> int | None:
+    """The first stop signal received, or None."""
+    return _received[0] if _received else None
+
+
+def stop_reason() -> str:
+    """What stopped the process, for the ``harness.stopped`` tag: ``SIGTERM``, else ``SIGINT`` (Ctrl-C)."""
+    return signal.Signals(received() or signal.SIGINT).name
+
+
+def exit_code() -> int:
+    """``128 + signal``: 143 after SIGTERM, 130 after SIGINT or a plain KeyboardInterrupt."""
+    return 128 + int(received() or signal.SIGINT)

@@ -1,0 +1,235 @@
+"""Faults a cluster user meets, each tried for real: concurrent writers on a new store, SIGTERM to `run` and
+then --resume into the same run, SIGTERM and kill -9 to `ui`, a half-written checkpoint, a store that cannot be
+opened, a bad --resume, and Ray's processes after kill -9 of the process that started them.
+
+Sweeps under SIGTERM and kill -9, and a sweep logging to a tracking server, are in tests/test_sweep_ray.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import reaper
+from harness.cli import main
+from harness.tracking import metric_history, search_runs
+from tests.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_EVAL = ["eval.linear.enabled=false", "eval.semi.enabled=false", "eval.retrieval.enabled=false", "eval.collapse.enabled=false"]
+
+
+def harness_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness", *args]
+
+
+def env_for(uri: str) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} within {timeout_s} s")
+
+
+# ----------------------------------------------------------------------------- concurrent writers
+
+
+def test_eight_runs_started_together_on_a_new_store_all_finish(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    procs = [
+        subprocess.Popen(
+            harness_cmd("-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "tracking.experiment=concurrent", f"seed={i}", f"pretrain.checkpoint_dir={tmp_path / str(i)}"),
+            cwd=tmp_path, env=env_for(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i in range(8)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [err[-800:] for _, err in results]
+    runs = search_runs("concurrent", uri)
+    assert len(runs) == 8 and {r["status"] for r in runs} == {"FINISHED"}
+    for r in runs:  # complete histories: every epoch once, and the final metrics
+        assert [step for step, _ in metric_history(r["run_id"], "train/loss", uri)] == [1, 2]
+        assert "eval/knn/top1" in r["metrics"]
+    assert sorted(r["params"]["seed"] for r in runs) == [str(i) for i in range(8)]
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_exit_2_and_no_run(tmp_path, tiny_overrides, capsys) -> None:
+    db = tmp_path / "broken.db"
+    db.write_bytes(b"this is not a database" * 100)
+    code = main(["-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *tiny_overrides, f"tracking.uri=sqlite:///{db}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: tracking.uri: ") and str(db) in err[0], err
+    assert db.read_bytes() == b"this is not a database" * 100  # left as it was
+
+
+# ----------------------------------------------------------------------------- SIGTERM to run, then --resume
+
+
+def test_sigterm_to_run_marks_it_killed_and_resume_continues_the_same_run(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt_dir = tmp_path / "ckpt"
+    args = ["run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "data.num_train=512", "pretrain.epochs=6", "tracking.experiment=term", f"pretrain.checkpoint_dir={ckpt_dir}"]
+    proc = subprocess.Popen(harness_cmd("-q", *args), cwd=tmp_path, env=env_for(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (ckpt_dir / "checkpoint.pt").is_file() or proc.poll() is not None, 300, "no checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM" in err and f"--resume {ckpt_dir / 'checkpoint.pt'}" in err
+    (killed,) = search_runs("term", uri)
+    assert killed["status"] == "KILLED" and killed["tags"]["harness.stopped"] == "SIGTERM"
+    assert killed["tags"]["checkpoint"] == str(ckpt_dir / "checkpoint.pt")  # absolute: `eval RUN_ID` works from anywhere
+    epochs_before = [step for step, _ in metric_history(killed["run_id"], "train/loss", uri)]
+    assert 1 <= len(epochs_before) < 6
+    assert not list(ckpt_dir.glob(".checkpoint.pt.tmp.*"))
+
+    resumed = subprocess.run(harness_cmd("-q", *args, "--resume", str(ckpt_dir / "checkpoint.pt")), cwd=tmp_path, env=env_for(uri), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (run,) = search_runs("term", uri)  # the same run, not a second one
+    assert run["run_id"] == killed["run_id"] and run["status"] == "FINISHED"
+    history = metric_history(run["run_id"], "train/loss", uri)
+    assert [step for step, _ in history] == [1, 2, 3, 4, 5, 6]  # continuous, no epoch twice
+    assert history[: len(epochs_before)] == metric_history(killed["run_id"], "train/loss", uri)[: len(epochs_before)]
+    for key in ("baseline/raw_pixels/knn_top1", "baseline/random_init/knn_top1"):  # computed once
+        assert len(metric_history(run["run_id"], key, uri)) == 1
+
+
+@pytest.mark.parametrize("make_bad", ["missing", "code"])
+def test_a_bad_resume_checkpoint_is_exit_2_and_opens_no_run(tmp_path, tiny_overrides, tracking_uri, capsys, make_bad) -> None:
+    path = tmp_path / "bad.pt"
+    if make_bad == "code":
+
+        class Boom:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path / 'executed'}",))
+
+        path.write_bytes(pickle.dumps({"model": Boom()}))
+    code = main(["-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *tiny_overrides, "tracking.experiment=badresume", "--resume", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: pretrain.resume: ") and str(path) in err[0], err
+    assert search_runs("badresume", tracking_uri) == []
+    assert not (tmp_path / "executed").exists()
+
+
+def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, tiny_overrides, monkeypatch) -> None:
+    from harness import train
+    from harness.config import load_config
+    from harness.prepare import prepare
+
+    cfg = load_config(REPO / "configs/simclr_shapes.yaml", tiny_overrides)
+    trial = prepare(cfg)
+    optimizer = torch.optim.SGD(trial.method.parameters(), lr=0.1)
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    train.save_checkpoint(path, trial.method, optimizer, 1, [1.0], cfg, {})
+    (path.parent / ".checkpoint.pt.tmp.99999").write_bytes(b"")  # left by a process killed while saving
+    good = path.read_bytes()
+
+    def interrupted(obj, f) -> None:
+        Path(f).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, trial.method, optimizer, 2, [1.0, 0.9], cfg, {})
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"]
+
+
+# ----------------------------------------------------------------------------- processes the harness starts
+
+
+def _pids_with(text: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(entry.name))
+            except OSError:
+                pass
+    return out
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_ui_leaves_no_process_and_frees_the_port(tmp_path, sig) -> None:
+    port = free_port()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(harness_cmd("ui", "--port", str(port)), cwd=tmp_path, env=env_for(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(port), 120, "the UI did not answer")
+        assert len(_pids_with(f"--port {port}")) >= 2  # mlflow's process and its server's
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+        wait_until(lambda: not _pids_with(f"--port {port}"), 30, f"processes left: {_pids_with(f'--port {port}')}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _pids_with(f"--port {port}"):
+            os.kill(pid, signal.SIGKILL)
+    assert code == (143 if sig == signal.SIGTERM else -9)
+    assert not _answers(port)
+    with socket.socket() as s:  # free again for a new server (which, like MLflow's, reuses an address in TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_the_reaper_ends_what_holds_the_session_after_kill_9(tmp_path) -> None:
+    """A driver that watched a folder is killed outright: the process it left holding a file there is ended."""
+    session = tmp_path / "session"
+    session.mkdir()
+    child_code = f"import time; f = open({str(session / 'log')!r}, 'w'); time.sleep(300)"
+    driver_code = (
+        "import subprocess, sys, time\n"
+        "from harness import reaper\n"
+        f"reaper.watch({str(session)!r})\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}], start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", driver_code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    orphan = int(driver.stdout.readline())
+    try:
+        wait_until(lambda: orphan in reaper.holders(str(session)), 30, "the child did not open its file")
+        driver.kill()
+        driver.wait(timeout=10)
+        wait_until(lambda: not reaper.holders(str(session)), 30, "the reaper did not end the orphan")
+    finally:
+        for pid in (orphan, *reaper.holders(str(session))):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
