@@ -12,6 +12,7 @@ instance was shut down cleanly (it then exits without doing anything).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -82,10 +83,8 @@ def _main(driver: int, session_dir: str) -> int:
         return 0
     time.sleep(3.0)  # let Ray's own clean-up run first
     for pid in holders(session_dir):
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
     return 0
 
 

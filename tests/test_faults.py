@@ -7,6 +7,7 @@ Sweeps under SIGTERM and kill -9, and a sweep logging to a tracking server, are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -61,7 +62,7 @@ def test_eight_runs_started_together_on_a_new_store_all_finish(tmp_path) -> None
         subprocess.Popen(
             harness_cmd("-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "tracking.experiment=concurrent", f"seed={i}", f"pretrain.checkpoint_dir={tmp_path / str(i)}"),
             cwd=tmp_path, env=env_for(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        )
         for i in range(8)
     ]
     results = [p.communicate(timeout=600) for p in procs]
@@ -229,7 +230,5 @@ def test_the_reaper_ends_what_holds_the_session_after_kill_9(tmp_path) -> None:
         wait_until(lambda: not reaper.holders(str(session)), 30, "the reaper did not end the orphan")
     finally:
         for pid in (orphan, *reaper.holders(str(session))):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
