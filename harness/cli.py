@@ -31,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m harness", description="Benchmark and ablation harness for self-supervised learning.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also the libraries' informational logs (MLflow, FAISS, Ray, ...)")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
 
     run = verbs.add_parser("run", help="one trial: pretrain, evaluate, log to MLflow", description="Pretrain one method on one dataset, run the evaluation battery and log everything to MLflow.")
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        _configure_logging(args.quiet, args.verbose)
         if args.verb is None:
             parser.print_help()
             return EXIT_BAD_INPUT
@@ -104,6 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted by {signals.stop_reason()}", file=sys.stderr)
         return signals.exit_code()
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    """The harness's own loggers at INFO (WARNING with ``-q``); every library's at WARNING unless ``-v``."""
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("harness", "methods", "evaluations"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow configures its own loggers on import
 
 
 def _run(args: argparse.Namespace) -> int:
