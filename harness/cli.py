@@ -119,10 +119,10 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.run import run
 
     overrides = list(args.overrides) + ([f"pretrain.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # bad input is reported before the heavy imports
+    from harness.run import run
     try:
         metrics = _failure_is_one_line("run", lambda: run(cfg))
     except Interrupted as stop:
@@ -171,10 +171,12 @@ def _print_metrics(metrics: dict[str, float], prefixes: tuple[str, ...]) -> None
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness import tables
-    from harness.sweep import load_sweep, run_sweep
+    from harness.sweep_config import load_sweep
 
-    sweep = load_sweep(args.sweep, args.overrides)
+    sweep = load_sweep(args.sweep, args.overrides)  # bad input is reported before the heavy imports
+    from harness import tables
+    from harness.sweep import run_sweep
+
     print(f"sweep {sweep.cfg.name!r}: {len(sweep.trials)} trials ({len(sweep.trials) // len(sweep.cfg.seeds)} points x {len(sweep.cfg.seeds)} seeds)", flush=True)
     outcome = run_sweep(sweep, resume=args.resume, verbose=0 if args.quiet else 1)
     for key, error in outcome.failed.items():
