@@ -12,19 +12,21 @@ import fnmatch
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import timm
 import torch
-from timm.layers import PatchEmbed
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from harness.errors import ConfigError, suggest
 
+if TYPE_CHECKING:  # timm itself is imported where a model is made: a config check stays light
+    from timm.models.vision_transformer import VisionTransformer
+
 
 @functools.cache
 def _all_models() -> tuple[str, ...]:
+    import timm
+
     return tuple(timm.list_models())
 
 
@@ -53,6 +55,8 @@ def create_backbone(name: str, *, in_chans: int = 3, img_size: int | None = None
 
 def _create(name: str, in_chans: int, kwargs: dict[str, Any], img_size: int | None) -> nn.Module:
     """timm.create_model, with ``img_size`` offered first and dropped if the model has no such argument."""
+    import timm
+
     if img_size is not None and "img_size" not in kwargs:
         try:
             return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, **kwargs)
@@ -141,6 +145,9 @@ class ViTParts:
 
 def vit_parts(model: nn.Module, needed_by: str = "this method") -> ViTParts:
     """The parts of a timm VisionTransformer (``vit_*``); any other model is a ConfigError naming ``backbone.name``."""
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     embed = getattr(model, "patch_embed", None)
     prefix = sum(int(t.shape[1]) for t in (getattr(model, "cls_token", None), getattr(model, "reg_token", None)) if t is not None)

@@ -183,7 +183,7 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"FAILED  {key}: {error}", file=sys.stderr)
     if outcome.interrupted:
         print(f"interrupted: {len(outcome.interrupted)} trial(s) unfinished; continue with: python -m harness sweep {args.sweep} --resume", file=sys.stderr)
-    from harness.tracking import absolute_uri, tracking_uri
+    from harness.tracking import absolute_uri, experiment_ids, runs_url, tracking_uri
 
     uri = absolute_uri(tracking_uri(sweep.configs[sweep.keys[0]].tracking.uri))
     out = Path(args.results) / sweep.cfg.name
@@ -193,7 +193,8 @@ def _sweep(args: argparse.Namespace) -> int:
     else:
         files = tables.build(sweep.cfg.name, out, uri)
         print(f"tables: {out}/table.md (also {', '.join(p.name for p in files if p.name != 'table.md')})")
-    print(f"MLflow: parent run {outcome.parent_run_id} in experiment {sweep.cfg.name!r} of {uri}; browse with: python -m harness ui")
+    link = runs_url("http://127.0.0.1:5000", experiment_ids(uri)[sweep.cfg.name])
+    print(f"MLflow: parent run {outcome.parent_run_id} in experiment {sweep.cfg.name!r} of {uri}; browse with: python -m harness ui, then {link}")
     if outcome.failed:
         print(f"error: {len(outcome.failed)} of {len(sweep.trials)} trials failed", file=sys.stderr)
     return outcome.exit_code
@@ -219,10 +220,14 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from harness.tracking import serve_ui, tracking_uri
+    from harness.tracking import ensure_store, experiment_ids, runs_url, serve_ui, tracking_uri
 
     uri = tracking_uri(args.uri)
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    base = f"http://127.0.0.1:{args.port}"
+    ensure_store(uri)
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C stops it); the runs of each experiment:", flush=True)
+    for name, experiment_id in experiment_ids(uri).items():
+        print(f"  {name}: {runs_url(base, experiment_id)}", flush=True)
     return serve_ui(uri, port=args.port, workers=args.workers)
 
 

@@ -278,6 +278,18 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[
     return sorted((m.step, m.value) for m in _retry(lambda: client.get_metric_history(run_id, key)))
 
 
+def runs_url(base: str, experiment_id: str) -> str:
+    """The UI's page of an experiment's training runs (MLflow 3 opens on its GenAI overview otherwise)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def experiment_ids(uri: str) -> dict[str, str]:
+    """Name -> id of every experiment in the store at ``uri`` (MLflow's empty Default left out), sorted by name."""
+    client = _client(tracking_uri(uri))
+    experiments = _retry(lambda: client.search_experiments(max_results=1000))
+    return {e.name: e.experiment_id for e in sorted(experiments, key=lambda e: e.name) if e.name != "Default"}
+
+
 def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
     """The command that serves MLflow's UI for ``uri`` (a local store or a server's URI)."""
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", str(workers)]

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from evaluations.features import eval_mode
-from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1
 from methods import register
 from methods.base import EvalContext, EvalInputs, StepInfo, StepOutput, ViewSpec, feature_dim, unchanged
 from methods.captions import item_captions, zero_shot_prompts
@@ -116,6 +115,8 @@ class CLIP(CaptionedMethod):
         per class) and image->text / text->image Recall@k against each image's first caption (images with the same
         caption match it alike), at the battery's retrieval ks. The image side is the projector on the cached
         image features."""
+        from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1  # FAISS: not for a config check
+
         data = ctx.data
         with eval_mode(self), torch.no_grad():
             image = self.projector(torch.from_numpy(ctx.test_features).to(self.logit_scale.device)).float().cpu().numpy()

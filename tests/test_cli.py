@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from harness.tracking import search_runs
 from methods.simclr import SimCLR
 
 EXPERIMENT = "cli-test"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(args, capsys):
@@ -69,9 +72,7 @@ def test_diverged_loss_exits_1_with_epoch_and_step(config_file, tiny_overrides, 
     assert [r["status"] for r in search_runs(EXPERIMENT, tracking_uri)] == ["FAILED"]
 
 
-@pytest.mark.parametrize(
-    "yaml_text,overrides,message",
-    [
+BAD_INPUTS = [
         ("pretrain: {epochs: [1, 2\n", [], "malformed YAML"),
         ("pretrain: {epoch: 2}\n", [], "pretrain.epoch: unknown key (did you mean 'pretrain.epochs'?)"),
         ("pretrain: {batch_size: big}\n", [], "pretrain.batch_size: "),
@@ -84,8 +85,11 @@ def test_diverged_loss_exits_1_with_epoch_and_step(config_file, tiny_overrides, 
         ("data: {name: cifar10, root: /nonexistent/data}\n", [], "/nonexistent/data"),
         ("{}\n", ["pretrain.batch_size=100000"], "pretrain.batch_size: 100000 is larger than"),
         ("{}\n", ["pretrain.epochz=3"], "unknown key 'pretrain.epochz'"),
-    ],
-)
+    ]
+"""(config YAML, overrides, what the one line says): bad input the README promises to report in one line."""
+
+
+@pytest.mark.parametrize("yaml_text,overrides,message", BAD_INPUTS)
 def test_bad_input_exits_2_with_one_line_and_no_finished_run(tmp_path, tracking_uri, capsys, yaml_text, overrides, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
@@ -94,6 +98,19 @@ def test_bad_input_exits_2_with_one_line_and_no_finished_run(tmp_path, tracking_
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert not any(r["status"] == "FINISHED" for r in search_runs("harness", tracking_uri))
+
+
+@pytest.mark.parametrize("yaml_text,overrides,message", BAD_INPUTS)
+def test_bad_input_is_one_line_on_stderr_from_a_fresh_process(tmp_path, yaml_text, overrides, message):
+    """As a user sees it, logging as configured by default: the one line and nothing else (no library's log)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(path), *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
 def test_usage_errors_exit_2(capsys):

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -64,8 +65,11 @@ def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    server = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
+        printed = [server.stdout.readline() for _ in range(2)]  # the header, then one link per experiment
+        threading.Thread(target=server.stdout.read, daemon=True).start()  # keep the pipe drained
+        (link,) = [line.split(": ", 1)[1].strip() for line in printed if line.startswith("  unit: ")]
         wait_for(base)
         exp = api(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=unit")["experiment"]
         runs = api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
@@ -80,7 +84,8 @@ def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri) -> None:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{base}/#/experiments/{exp['experiment_id']}/runs", timeout=60_000)
+            assert link == f"{base}/#/experiments/{exp['experiment_id']}/runs"
+            page.goto(link, timeout=60_000)  # the link `harness ui` printed opens the runs view
             parent_row = page.get_by_role("row").filter(has_text="unit sweep")
             parent_row.first.wait_for(timeout=60_000)
             assert page.get_by_text(children[0], exact=True).count() == 0  # collapsed under the parent
