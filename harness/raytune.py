@@ -191,6 +191,11 @@ def _scheduler(spec: dict[str, Any] | None) -> Any:
     )
 
 
+def stopped_by_sigterm(error: str) -> bool:
+    """Whether a trial's error is its worker process being sent SIGTERM (a preempted node), not a failure."""
+    return "receives a SIGTERM" in error
+
+
 def one_line(error: BaseException | str) -> str:
     """The last line of a (possibly remote, multi-line) error: usually the original exception."""
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]

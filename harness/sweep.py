@@ -14,6 +14,7 @@ interrupted), so no run is left RUNNING and none is duplicated across retries or
 from __future__ import annotations
 
 import json
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,14 @@ class SweepOutcome:
     stopped: list[str]
     interrupted: list[str]
     wall_s: float
+    preempted: bool = False
+    """Some trial's worker was sent SIGTERM (the driver itself may have received no signal)."""
 
     @property
     def exit_code(self) -> int:
-        return signals.exit_code() if self.interrupted else (1 if self.failed else 0)
+        if self.interrupted:
+            return 128 + signal.SIGTERM if self.preempted and signals.received() is None else signals.exit_code()
+        return 1 if self.failed else 0
 
 
 def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepOutcome:
@@ -71,6 +76,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
     specs = {key: {"run": _trial_run_dict(sweep.configs[key]), "run_id": children[key].run_id, "uri": uri, "cpus": cfg.resources.cpus} for key in sweep.keys}
 
     stopped: list[str] = []
+    preempted: list[str] = []
     pending = set(todo)  # trials whose end the driver has yet to record
     done = [len(sweep.keys) - len(todo)]
     t0 = time.perf_counter()
@@ -100,6 +106,10 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
 
     def on_error(key: str, error: str) -> None:
         if key not in pending:
+            return
+        if raytune.stopped_by_sigterm(error):  # its worker was preempted: KILLED and resumable, not FAILED
+            preempted.append(key)
+            say(key, "stopped: its worker received SIGTERM; continue the sweep with --resume")
             return
         pending.discard(key)
         done[0] += 1
@@ -145,22 +155,23 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
 
     finished = [k for k in todo if k in outcome.results and outcome.results[k].get(FINISHED_KEY)]
     finished += [k for k in sweep.keys if k not in todo]
-    failed = {k: outcome.errors[k] for k in sweep.keys if k in outcome.errors}
+    failed = {k: outcome.errors[k] for k in sweep.keys if k in outcome.errors and k not in preempted}
     interrupted = [k for k in todo if k not in finished and k not in failed and k not in stopped]
     for key in interrupted:  # never started, or cut off by a stop signal: resumable
         if key in pending:
             pending.discard(key)
-            children[key].set_tags({"harness.stopped": f"{signals.stop_reason()}: sweep interrupted; resume with --resume"})
+            reason = "SIGTERM to the trial's worker" if key in preempted else f"{signals.stop_reason()}: sweep interrupted"
+            children[key].set_tags({"harness.stopped": f"{reason}; resume with --resume"})
             children[key].end("KILLED")
     for key, error in failed.items():  # the callback may not have run for a trial whose error surfaced at the end
         on_error(key, error)
     parent.log_metrics({"sweep/trials_finished": len(finished), "sweep/trials_failed": len(failed), "sweep/wall_s": outcome.wall_s})
     if interrupted:
-        parent.set_tags({"harness.stopped": signals.stop_reason()})
+        parent.set_tags({"harness.stopped": "SIGTERM" if preempted and signals.received() is None else signals.stop_reason()})
     parent.end("KILLED" if interrupted else ("FAILED" if failed else "FINISHED"))
     state["complete"] = not interrupted
     write_json(state_path, state)
-    return SweepOutcome(state["parent_run_id"], finished, failed, stopped, interrupted, outcome.wall_s)
+    return SweepOutcome(state["parent_run_id"], finished, failed, stopped, interrupted, outcome.wall_s, bool(preempted))
 
 
 def _check_preparable(sweep: Sweep) -> None:

@@ -178,3 +178,49 @@ def _answers(uri: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_sigterm_to_a_trials_worker_leaves_it_killed_and_resumable(tmp_path, tracking_uri) -> None:
+    """A node preempted under a running trial: that trial is KILLED (not FAILED), the others finish, --resume completes it."""
+    path = write_sweep(tmp_path, space={"method.temperature": [0.1, 0.5]}, seeds=[0], max_concurrent=1)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "harness", "-q", "sweep", str(path), "pretrain.epochs=6"]
+    search_runs("unit", tracking_uri)  # create the store before the driver
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, worker = time.monotonic() + 240, None
+        while worker is None and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(1)
+            running = [r for r in search_runs("unit", tracking_uri) if r["status"] == "RUNNING" and "mlflow.parentRunId" in r["tags"]]
+            if running and metric_history(running[0]["run_id"], "train/loss", tracking_uri):
+                worker = next(iter(_trial_workers(tracking_uri)), None)
+        assert worker is not None, "no trial worker found running"
+        os.kill(worker, signal.SIGTERM)  # the worker alone, as a preempted node's
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 143, out
+    runs = children_by_name("unit", tracking_uri)
+    killed = [r for r in runs.values() if r["status"] == "KILLED"]
+    assert len(killed) == 1 and killed[0]["tags"]["harness.stopped"].startswith("SIGTERM to the trial's worker"), {n: r["status"] for n, r in runs.items()}
+    assert [r["status"] for r in runs.values() if r is not killed[0]] == ["FINISHED"]
+    assert "harness.error" not in killed[0]["tags"]
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = children_by_name("unit", tracking_uri)
+    assert all(r["status"] == "FINISHED" for r in after.values())
+    assert [s for s, _ in metric_history(killed[0]["run_id"], "train/loss", tracking_uri)] == [1, 2, 3, 4, 5, 6]
+
+
+def _trial_workers(uri: str) -> list[int]:
+    """Ray worker processes running a trial of the driver that logs to ``uri`` (their environment says so)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc") and f"MLFLOW_TRACKING_URI={uri}".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
