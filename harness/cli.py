@@ -191,7 +191,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if outcome.interrupted:  # an unfinished sweep leaves the tables of the last complete one in place
         print(f"tables: not written (interrupted); --resume writes them, or: python -m harness table {args.sweep}")
     else:
-        files = tables.build(sweep.cfg.name, out, uri)
+        files = tables.build(sweep.cfg.name, out, uri, table=sweep.cfg.table)
         print(f"tables: {out}/table.md (also {', '.join(p.name for p in files if p.name != 'table.md')})")
     link = runs_url("http://127.0.0.1:5000", experiment_ids(uri)[sweep.cfg.name])
     print(f"MLflow: parent run {outcome.parent_run_id} in experiment {sweep.cfg.name!r} of {uri}; browse with: python -m harness ui, then {link}")
@@ -206,15 +206,15 @@ def _table(args: argparse.Namespace) -> int:
     from harness import tables
     from harness.tracking import absolute_uri, tracking_uri
 
-    name, uri = args.sweep, args.uri
+    name, uri, table = args.sweep, args.uri, None
     if name.endswith((".yaml", ".yml")) or Path(name).is_file():
         from harness.sweep_config import load_sweep
 
         sweep = load_sweep(name)
-        name, uri = sweep.cfg.name, uri or sweep.configs[sweep.keys[0]].tracking.uri
+        name, uri, table = sweep.cfg.name, uri or sweep.configs[sweep.keys[0]].tracking.uri, sweep.cfg.table
     uri = absolute_uri(tracking_uri(uri))
     out = Path(args.results) / name
-    files = tables.build(name, out, uri)
+    files = tables.build(name, out, uri, table=table)  # the YAML's columns; an experiment name: those of its sweep
     print("\n".join(str(p) for p in files))
     return EXIT_OK
 

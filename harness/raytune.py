@@ -137,6 +137,10 @@ def run_trials(
     from ray import tune
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one checkpoint per epoch is by design
+    # A scheduler's metric may be one reported only at some epochs (online/*, every eval.online.every epochs): Tune's
+    # own check would fail a trial on the first report without it, while ASHA just decides at the next report holding
+    # it. The metric's name is checked before Ray starts (harness.sweep_config).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     fn = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs), {"cpu": cpus, "gpu": gpus})
     path = storage / name
     outcome = Outcome()

@@ -17,6 +17,7 @@ import yaml
 from harness.config import RunConfig, flatten
 from harness.errors import Interrupted
 from harness.evaluate import baselines, evaluate
+from harness.monitor import OnlineMonitor
 from harness.prepare import Trial, prepare
 from harness.provenance import git_commit, library_versions, peak_rss_mb
 from harness.tracking import Run, absolute_uri, find_run, start_run, tracking_uri
@@ -62,6 +63,9 @@ def run_to_resume(cfg: RunConfig) -> Run | None:
 def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = None) -> dict[str, float]:
     """The body of a trial, logging into an open MLflow run.
 
+    Each epoch logs ``train/*`` and, at the online monitor's epochs (``eval.online``, :mod:`harness.monitor`),
+    ``online/knn_top1`` and ``online/rankme``; ``on_epoch_end`` sees the same metrics.
+
     The run may be one that was interrupted (``run --resume``, a sweep's resumed or retried trial): what it
     logged stays, the baselines are not computed again, and no epoch is logged twice. A stop signal raises
     :class:`Interrupted` with the last complete checkpoint.
@@ -82,17 +86,21 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     logged_epochs = mlrun.logged_steps("train/loss")
 
     def log_epoch(epoch_metrics: dict[str, float], epoch: int) -> None:
-        if epoch not in logged_epochs:  # an epoch logged before the interruption keeps its one entry
+        if epoch not in logged_epochs:  # an epoch logged before the interruption keeps its one entry, online/* included
             mlrun.log_metrics(epoch_metrics, epoch)
+
+    monitor = OnlineMonitor.build(trial) if cfg.eval.online.enabled else None
 
     provenance = {"git_commit": git_commit(), "mlflow_run_id": mlrun.run_id, "tracking_uri": tracking_uri(cfg.tracking.uri), **library_versions()}
     try:
         result = pretrain(
             method, data.train.images, cfg, trial.augmenter, device,
             checkpoint_path=checkpoint_path, provenance=provenance,
-            log_metrics=log_epoch, on_epoch_end=on_epoch_end,
+            log_metrics=log_epoch, on_epoch_end=on_epoch_end, epoch_metrics=monitor,
         )  # fmt: skip
         metrics["time/pretrain_s"] = result.time_s
+        if monitor is not None and monitor.seconds:
+            metrics["time/online_s"] = sum(monitor.seconds)
         metrics["train/images_per_s_mean"] = result.images_per_s
         if result.losses:
             metrics["train/final_loss"] = result.losses[-1]

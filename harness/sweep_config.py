@@ -32,10 +32,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from harness.config import RunConfig, Section, _first_error, build_config, parse_overrides, read_yaml, set_values
+from harness.config import ONLINE_METRICS, RunConfig, Section, _first_error, build_config, parse_overrides, read_yaml, set_values
 from harness.errors import ConfigError, suggest
 
-__all__ = ["Domain", "Resources", "SchedulerConfig", "Sweep", "SweepConfig", "TrialSpec", "apply_sweep_overrides", "expand", "load_sweep"]
+__all__ = ["Domain", "Resources", "SchedulerConfig", "Sweep", "SweepConfig", "TableConfig", "TrialSpec", "apply_sweep_overrides", "expand", "load_sweep"]
 
 
 class Domain(Section):
@@ -131,7 +131,7 @@ class SchedulerConfig(Section):
 
     name: Literal["fifo", "asha"] = "fifo"
     metric: str | None = None
-    """A metric every trial reports each epoch, e.g. ``train/loss``."""
+    """A metric the trials report during training (:data:`EPOCH_METRICS`), e.g. ``online/knn_top1`` (mode max)."""
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(1, ge=1)
     """Epochs every trial runs before it may be stopped."""
@@ -140,8 +140,27 @@ class SchedulerConfig(Section):
     @model_validator(mode="after")
     def _asha_needs_metric(self) -> SchedulerConfig:
         if self.name == "asha" and not self.metric:
-            raise ValueError("asha needs a metric reported every epoch, e.g. metric: train/loss")
+            raise ValueError("asha needs a metric reported during training, e.g. metric: online/knn_top1, mode: max")
         return self
+
+
+class TableConfig(Section):
+    """What ``results/<sweep>/table.md`` and ``table.tex`` show after the swept keys and the taxonomy
+    (``table.csv`` keeps every metric). Whether each metric was logged is checked when the table is built."""
+
+    columns: list[str] | None = Field(None, min_length=1)
+    """Metric names, in order, e.g. ``[eval/knn/top1, time/pretrain_s]``; default (None): kNN, linear, 1% and 10%
+    top-1, Recall@1, RankMe, pretraining time and peak memory, those the runs logged (``harness.tables.DEFAULT_COLUMNS``)."""
+
+    @field_validator("columns")
+    @classmethod
+    def _metric_names(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if not name or name != name.strip() or not all(ch.isalnum() or ch in "_-./ " for ch in name):
+                raise ValueError(f"expected metric names such as eval/knn/top1 (got {name!r})")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"columns must be distinct (got {v})")
+        return v
 
 
 class SweepConfig(Section):
@@ -172,6 +191,8 @@ class SweepConfig(Section):
     """Where Ray Tune keeps trial state and checkpoints (a shared filesystem on a cluster)."""
     headline: list[str] = Field(default_factory=lambda: ["eval/knn/top1"], min_length=1)
     """Metrics plotted against each numeric swept key."""
+    table: TableConfig = Field(default_factory=TableConfig)
+    """The metric columns of the headline table."""
 
     @field_validator("seeds")
     @classmethod
@@ -245,7 +266,32 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for trial in sweep.trials:
         values = {k: v for key, value in trial.point.items() for k, v in cfg.space[key].run_values(key, value).items()}
         sweep.configs[trial.key] = _build(run_raw, {**values, "seed": trial.seed, "tracking.run_name": trial.key}, "space")
+    _check_scheduler_metric(cfg.scheduler, list(sweep.configs.values()))
     return sweep
+
+
+EPOCH_METRICS = ("train/loss", "train/lr", "train/images_per_s", "epoch")
+"""What every trial reports after each epoch, with ``train/<key>`` for each key its method logs (unknown before it
+runs) and, when ``eval.online.enabled``, the online monitor's :data:`harness.config.ONLINE_METRICS` at its epochs."""
+
+_FINAL_ONLY = ("train/final_loss", "train/images_per_s_mean")
+"""``train/`` metrics a trial reports only at its end."""
+
+
+def _check_scheduler_metric(scheduler: SchedulerConfig, configs: list[RunConfig]) -> None:
+    """ASHA's metric must be one the trials report during training: refused (naming it and the accepted ones) otherwise."""
+    metric = scheduler.metric
+    if scheduler.name != "asha" or metric is None:
+        return
+    online = all(c.eval.online.enabled for c in configs)
+    if metric in EPOCH_METRICS or (metric in ONLINE_METRICS and online) or (metric.startswith("train/") and metric != "train/" and metric not in _FINAL_ONLY):
+        return
+    if metric in ONLINE_METRICS:
+        raise ConfigError(f"scheduler.metric: {metric!r} is reported only by trials with eval.online.enabled=true, and some of these trials disable it")
+    accepted = [*EPOCH_METRICS[:-1], "train/<a key the method logs>", *(ONLINE_METRICS if online else ()), EPOCH_METRICS[-1]]
+    why = "reported only at the end of a trial" if metric.startswith(("eval/", "baseline/", "time/", "memory/")) or metric in _FINAL_ONLY else "not reported by the trials"
+    hint = suggest(metric, [m for m in accepted if "<" not in m], n=1)
+    raise ConfigError(f"scheduler.metric: {metric!r} is {why}{hint}; ASHA can stop trials on a metric reported during training: {', '.join(accepted)}")
 
 
 def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -261,7 +307,7 @@ def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str,
             raw["run"] = set_values(raw.get("run") or {}, {rest: value}, RunConfig)
         elif head == "space" and rest:
             raw.setdefault("space", {})[rest] = value
-        elif key in SweepConfig.model_fields or head in ("resources", "scheduler"):
+        elif key in SweepConfig.model_fields or head in ("resources", "scheduler", "table"):
             raw = set_values(raw, {key: value}, SweepConfig)
         else:
             known = list(SweepConfig.model_fields) + list(RunConfig.model_fields)

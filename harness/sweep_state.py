@@ -38,6 +38,7 @@ def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
     cfg = sweep.cfg
     swept = list(cfg.space)
     tags = {TAG_SWEEP: cfg.name, TAG_SWEPT_KEYS: json.dumps(swept), "harness.headline": json.dumps(cfg.headline), "git_commit": git_commit(), "harness.role": "sweep"}
+    tags["harness.table_columns"] = json.dumps(cfg.table.columns)  # what `table EXPERIMENT` shows (null: the default)
     parent = create_run(cfg.name, run_name=f"{cfg.name} sweep", uri=uri, tags=tags)
     parent.log_params({
         "sweep.space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in cfg.space.items()}),

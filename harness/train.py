@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 RESUMABLE_DIFFERENCES = ("pretrain.resume", "pretrain.checkpoint_dir", "pretrain.progress", "tracking.", "eval.", "device")
 
 EpochCallback = Callable[[int, dict[str, float], Path | None], None]
+EpochMetrics = Callable[[int], dict[str, float]]
+"""``epoch_metrics(epoch)`` (1-based) -> extra metrics of that epoch (``{}`` when it has none), e.g. the online monitor's."""
 
 
 @dataclass
@@ -86,12 +88,16 @@ def pretrain(
     provenance: dict[str, Any] | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     on_epoch_end: EpochCallback | None = None,
+    epoch_metrics: EpochMetrics | None = None,
 ) -> TrainResult:
     """Pretrain ``method`` on ``images`` (uint8 (N, C, H, W)) for ``cfg.pretrain.epochs`` epochs.
 
-    After each epoch: ``log_metrics({"train/loss": ..., ...}, epoch)``, an atomic
-    checkpoint at ``checkpoint_path`` (if given), then ``on_epoch_end(epoch,
-    metrics, checkpoint_path)`` (Ray Tune reports from there). If
+    After each epoch: ``epoch_metrics(epoch)`` merged into the epoch's metrics,
+    ``log_metrics({"train/loss": ..., ...}, epoch)``, an atomic checkpoint at
+    ``checkpoint_path`` (if given), then ``on_epoch_end(epoch, metrics,
+    checkpoint_path)`` (Ray Tune reports from there, so a scheduler sees the
+    ``epoch_metrics`` too). ``epoch_metrics`` must leave the model's state and the
+    random generators alone; its time is not counted in the throughput. If
     ``cfg.pretrain.resume`` names a checkpoint, training continues after its epoch.
     Raises :class:`Diverged` on a non-finite loss.
     """
@@ -119,7 +125,7 @@ def pretrain(
     show_bar = p.progress and sys.stderr.isatty()
     step = start_epoch * steps_per_epoch
     t0 = time.perf_counter()
-    seen = 0
+    seen, hook_s = 0, 0.0
     for epoch in range(start_epoch, p.epochs):
         method.train()
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
@@ -155,6 +161,10 @@ def pretrain(
         epoch_time = time.perf_counter() - epoch_t0
         metrics = {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": steps_per_epoch * p.batch_size / epoch_time}
         metrics.update({f"train/{k}": float(v) for k, v in out.logs.items()})
+        if epoch_metrics is not None:
+            hook_t0 = time.perf_counter()
+            metrics.update(epoch_metrics(epoch + 1))
+            hook_s += time.perf_counter() - hook_t0
         log.info("epoch %d/%d  loss %.4f  lr %.4g  %.0f img/s", epoch + 1, p.epochs, mean_loss, lr, metrics["train/images_per_s"])
         if log_metrics is not None:
             log_metrics(metrics, epoch + 1)
@@ -165,7 +175,8 @@ def pretrain(
     result.time_s = time.perf_counter() - t0
     result.epochs = p.epochs - start_epoch
     result.steps = result.epochs * steps_per_epoch
-    result.images_per_s = seen / result.time_s if result.time_s > 0 else 0.0
+    train_s = result.time_s - hook_s
+    result.images_per_s = seen / train_s if train_s > 0 else 0.0
     return result
 
 

@@ -20,7 +20,7 @@ from harness import raytune
 from harness.cli import main
 from harness.sweep import child_runs, latest_parent
 from harness.tracking import metric_history, search_runs
-from tests.test_sweep import write_sweep
+from tests.test_sweep import tiny_run, write_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,6 +78,27 @@ def test_asha_stops_trials_and_no_run_is_left_running(ray_instance, tmp_path, tr
     for r in stopped:
         assert r["tags"]["harness.stopped"].startswith("stopped early by the scheduler after epoch")
         assert "eval/knn/top1" not in r["metrics"]
+    assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
+
+
+def test_asha_on_the_online_knn_stops_trials_reported_every_other_epoch(ray_instance, tmp_path, tracking_uri) -> None:
+    """online/knn_top1 is reported after epochs 2 and 3 only (not in epoch 1's report): ASHA decides at epoch 2.
+
+    On digits the first trial's 128-item kNN bank scores about 0.7; the second's single-item bank predicts one class
+    for every test item (about 0.1), so it loses at the first rung, with trials run one at a time."""
+    run = {**tiny_run(), "data": {"name": "digits", "num_train": 128, "num_test": 64, "image_size": 16}}
+    run["eval"] = {**run["eval"], "online": {"every": 2}, "linear": {"enabled": False}, "semi": {"enabled": False}, "retrieval": {"enabled": False}}
+    scheduler = {"name": "asha", "metric": "online/knn_top1", "mode": "max", "grace_period": 1, "reduction_factor": 2}
+    path = write_sweep(tmp_path, run=run, space={"eval.online.num_train": [128, 1]}, seeds=[0], max_concurrent=1, scheduler=scheduler)
+    assert main(["sweep", str(path), "pretrain.epochs=3", "--results", str(tmp_path / "results")]) == 0
+    runs = children_by_name("unit", tracking_uri)
+    first, second = runs["eval.online.num_train=128 seed=0"], runs["eval.online.num_train=1 seed=0"]
+    assert first["status"] == "FINISHED" and "eval/knn/top1" in first["metrics"]
+    assert [step for step, _ in metric_history(first["run_id"], "online/knn_top1", tracking_uri)] == [2, 3]
+    assert second["status"] == "KILLED", second["status"]
+    assert second["tags"]["harness.stopped"] == "stopped early by the scheduler after epoch 2"
+    assert "eval/knn/top1" not in second["metrics"]
+    assert second["metrics"]["online/knn_top1"] < first["metrics"]["online/knn_top1"]
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
 
 

@@ -110,3 +110,21 @@ def test_batches_are_a_permutation_without_the_partial_tail():
 def test_batch_larger_than_dataset_is_bad_input(tiny_overrides):
     with pytest.raises(BadInput, match=r"pretrain.batch_size: 256 is larger than the shapes training set \(128 images\)"):
         prepare(build_config({}, [*tiny_overrides, "pretrain.batch_size=256"]))
+
+
+def test_epoch_metrics_join_the_epoch_before_it_is_logged_and_reported(tiny_overrides):
+    cfg = build_config({}, tiny_overrides)
+    trial = prepare(cfg)
+    calls, logged, reported = [], {}, {}
+
+    def extra(epoch):
+        calls.append(epoch)
+        return {"online/x": float(epoch)} if epoch == 2 else {}
+
+    pretrain(
+        trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device, epoch_metrics=extra,
+        log_metrics=lambda m, e: logged.__setitem__(e, dict(m)), on_epoch_end=lambda e, m, p: reported.__setitem__(e, dict(m)),
+    )  # fmt: skip
+    assert calls == [1, 2]
+    assert logged == reported
+    assert "online/x" not in logged[1] and logged[2]["online/x"] == 2.0 and "train/loss" in logged[2]

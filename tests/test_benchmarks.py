@@ -1,0 +1,24 @@
+"""The benchmark scripts run, at a tiny size, so that they cannot rot: a script the suite never runs breaks unnoticed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_online_monitor_cost_prints_both_times_and_their_ratio(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "online_monitor_cost.py"), "--tiny"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    epoch = float(re.search(r"^epoch \(training only, median\): +([\d.]+) s$", out, re.M).group(1))
+    evaluation = float(re.search(r"^evaluation \(median\): +([\d.]+) s$", out, re.M).group(1))
+    ratio = float(re.search(r"^ratio evaluation / epoch: +([\d.]+)%$", out, re.M).group(1))
+    assert epoch > 0 and evaluation > 0
+    assert abs(ratio - 100 * evaluation / epoch) < 0.05 * ratio + 0.5, out  # the ratio of the two printed times (rounded)
+    assert "monitor: 64 train / 32 test items" in out and "1 thread(s)" in out
