@@ -137,6 +137,8 @@ def run_trials(
     from ray import tune
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one checkpoint per epoch is by design
+    if not verbose:  # Tune's own progress output (result paths, TensorBoard hints, trial tables) stays out of the terminal
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A scheduler's metric may be one reported only at some epochs (online/*, every eval.online.every epochs): Tune's
     # own check would fail a trial on the first report without it, while ASHA just decides at the next report holding
     # it. The metric's name is checked before Ray starts (harness.sweep_config).
