@@ -1,5 +1,6 @@
-"""After a tiny sweep, ``python -m harness ui`` serves MLflow's UI: its REST API and the experiment page in
-headless Chromium list the child runs under the parent. One screenshot is kept in ``test-artifacts/``.
+"""After a tiny sweep, ``python -m harness ui`` serves MLflow's UI: the link it prints opens the runs view, whose
+REST API and page in headless Chromium list the child runs under the parent, and whose chart view shows the
+online kNN curve of each child. The screenshots are kept in ``test-artifacts/``.
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it) and the ``playwright`` package (the ``test`` extra);
 the browser is the system one, nothing is downloaded. Skipped where Chromium is missing, except in CI.
@@ -94,6 +95,12 @@ def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri) -> None:
                 page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "mlflow_ui_sweep.png"))
+            # the chart view: the online monitor's learning curve, one line per child
+            page.goto(f"{link}?compareRunsMode=CHART", timeout=60_000)
+            page.get_by_placeholder("Search metric charts").fill("online/knn_top1")
+            for name in children:
+                page.get_by_text(f"{name} (online/knn_top1)").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_online_knn.png"))
             browser.close()
     finally:
         os.killpg(server.pid, 15)
