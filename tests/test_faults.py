@@ -176,9 +176,10 @@ def _pids_with(text: str) -> list[int]:
     return out
 
 
-def _answers(port: int) -> bool:
+def answers(base: str) -> bool:
+    """Whether an MLflow server at ``base`` (http://HOST:PORT) answers its health check."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+        with urllib.request.urlopen(f"{base}/health", timeout=2):
             return True
     except OSError:
         return False
@@ -190,7 +191,7 @@ def test_stopping_ui_leaves_no_process_and_frees_the_port(tmp_path, sig) -> None
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.Popen(harness_cmd("ui", "--port", str(port)), cwd=tmp_path, env=env_for(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _answers(port), 120, "the UI did not answer")
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}"), 120, "the UI did not answer")
         assert len(_pids_with(f"--port {port}")) >= 2  # mlflow's process and its server's
         proc.send_signal(sig)
         code = proc.wait(timeout=60)
@@ -201,7 +202,7 @@ def test_stopping_ui_leaves_no_process_and_frees_the_port(tmp_path, sig) -> None
         for pid in _pids_with(f"--port {port}"):
             os.kill(pid, signal.SIGKILL)
     assert code == (143 if sig == signal.SIGTERM else -9)
-    assert not _answers(port)
+    assert not answers(f"http://127.0.0.1:{port}")
     with socket.socket() as s:  # free again for a new server (which, like MLflow's, reuses an address in TIME_WAIT)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

@@ -163,7 +163,7 @@ def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_u
 
 def test_a_sweep_logs_over_http_to_a_tracking_server(ray_instance, tmp_path, monkeypatch) -> None:
     """`harness server` (SQLite backend, local artifact root) on a loopback port; the trials log to it over HTTP."""
-    from tests.test_faults import free_port, wait_until
+    from tests.test_faults import answers, free_port, wait_until
 
     monkeypatch.chdir(tmp_path)
     port, store, artifacts = free_port(), tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts"
@@ -174,7 +174,7 @@ def test_a_sweep_logs_over_http_to_a_tracking_server(ray_instance, tmp_path, mon
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(uri), 120, "the tracking server did not answer")
+        wait_until(lambda: answers(uri), 120, "the tracking server did not answer")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         path = write_sweep(tmp_path, space={"method.temperature": [0.2]}, seeds=[0, 1], max_concurrent=2)
         assert main(["-q", "sweep", str(path), "--results", str(tmp_path / "results")]) == 0
@@ -190,15 +190,6 @@ def test_a_sweep_logs_over_http_to_a_tracking_server(ray_instance, tmp_path, mon
             server.kill()
     assert {r["run_id"] for r in search_runs("unit", f"sqlite:///{store}")} >= {r["run_id"] for r in runs.values()}  # in the server's store
 
-
-def _answers(uri: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def test_sigterm_to_a_trials_worker_leaves_it_killed_and_resumable(tmp_path, tracking_uri) -> None:
