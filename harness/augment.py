@@ -7,15 +7,23 @@ grayscale with probability 0.2, optional Gaussian blur, then normalisation. The 
 are :class:`harness.config.AugmentConfig`.
 
     aug = Augmenter(cfg.augment, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
-    g = torch.Generator().manual_seed(seed)              # a CPU generator
-    v1 = aug(images, ViewSpec(32), g)                     # uint8 (B, C, H, W) -> float (B, C, 32, 32)
-    v2 = aug(images, ViewSpec(32), g)                     # a second, independent view
+    draws = Draws(key=epoch_key, indices=rows, step=step)  # pretraining: keyed by (epoch key, image, view)
+    v1 = aug(images, ViewSpec(32), draws.view(0))         # uint8 (B, C, H, W) -> float (B, C, 32, 32)
+    v2 = aug(images, ViewSpec(32), draws.view(1))         # a second, independent view
+    g = torch.Generator().manual_seed(seed)               # or one sequential CPU generator (fine-tuning)
+    v3 = aug(images, ViewSpec(32), g)
     x = aug.normalize(images)                             # evaluation: no augmentation
+
+Keyed draws (:class:`Draws`) make an image's views a function of (epoch key, image index,
+view index) alone: the same whichever batch the image lands in and however a batch is split
+over data-parallel workers, so W workers see exactly the views one process sees. Each image's
+13 uniforms come from a counter-based hash (SplitMix64's finaliser, Steele et al. 2014) of
+(key, view, image, column); the jitter order of a call is keyed by (key, view, step).
 
 How it differs from ``torchvision.transforms`` applied image by image (documented choices):
 
-* Every random number comes from the given CPU generator, as one ``(B, 13)`` uniform draw
-  plus one ``randperm(4)`` per call, always in the same order whatever the config. Results
+* Every random number comes from the given CPU generator (or keyed :class:`Draws`), as one
+  ``(B, 13)`` uniform draw plus one ``randperm(4)`` per call, always in the same order whatever the config. Results
   are therefore the same on the CPU and on CUDA for the same generator state (up to float
   rounding of the ops themselves), and switching one op off (say ``blur_p=0``) does not
   change the crops or colours the other ops draw.
@@ -49,7 +57,7 @@ import torch.nn.functional as F
 from harness.config import AugmentConfig
 from methods.base import ViewSpec
 
-__all__ = ["Augmenter"]
+__all__ = ["Augmenter", "Draws", "keyed_uniforms"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma; torchvision writes 0.2989 for 0.299).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -57,6 +65,69 @@ _LUMA = (0.2989, 0.587, 0.114)
 # Columns of the per-image uniform draw, in draw order.
 (_SCALE, _RATIO, _CX, _CY, _FLIP, _JITTER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, _BLUR, _SIGMA) = range(13)
 _NUM_DRAWS = 13
+
+# SplitMix64 (Steele, Lea and Flood 2014) on int64 tensors: two's-complement wrapping arithmetic,
+# logical right shifts by masking. The constants are the unsigned 64-bit ones, as signed int64.
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic on negatives)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser, elementwise on int64."""
+    x = x ^ _shr(x, 30)
+    x = x * _MIX1
+    x = x ^ _shr(x, 27)
+    x = x * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def _signed64(value: int) -> int:
+    value %= 2**64
+    return value - 2**64 if value >= 2**63 else value
+
+
+def keyed_uniforms(key: int, indices: torch.Tensor, columns: int) -> torch.Tensor:
+    """U[0, 1) float64 (len(indices), columns): entry (i, c) a hash of (key, indices[i], c) alone."""
+    rows = indices.to(device="cpu", dtype=torch.int64).reshape(-1, 1)
+    base = _mix64(torch.tensor([_signed64(key)], dtype=torch.int64))
+    h = _mix64(base + rows * _GOLDEN)
+    h = _mix64(h + torch.arange(1, columns + 1, dtype=torch.int64) * _GOLDEN)
+    return _shr(h, 11).to(torch.float64) * 2.0**-53
+
+
+class Draws:
+    """The randomness of one step's views, keyed rather than sequential (see the module docstring).
+
+    Args:
+        key: the epoch's key (the loop's ``epoch_seed(seed, epoch)``).
+        indices: (B,) the batch's rows in the training split: an image's draws depend on its row alone.
+        step: the step within the epoch (keys the per-call jitter order, which every worker of a step shares).
+        view_index: which of the step's views.
+    """
+
+    def __init__(self, key: int, indices: torch.Tensor, step: int, view_index: int = 0):
+        self.key, self.indices, self.step, self.view_index = key, indices, step, view_index
+
+    def view(self, view_index: int) -> Draws:
+        """The draws of view ``view_index`` of the same images."""
+        return Draws(self.key, self.indices, self.step, view_index)
+
+    def _view_key(self) -> int:
+        return int(_mix64(torch.tensor([_signed64(self.key * 1_000_003 + self.view_index)], dtype=torch.int64)))
+
+    def uniforms(self, columns: int) -> torch.Tensor:
+        return keyed_uniforms(self._view_key(), self.indices, columns)
+
+    def order(self) -> list[int]:
+        """The jitter ops' order for this call: a permutation of 4 keyed by (key, view, step)."""
+        u = keyed_uniforms(self._view_key() ^ 0x5DEECE66D, torch.tensor([self.step]), 4)[0]
+        return torch.argsort(u).tolist()
 
 
 class Augmenter:
@@ -79,21 +150,27 @@ class Augmenter:
 
     # ------------------------------------------------------------------ public
 
-    def __call__(self, images: torch.Tensor, view: ViewSpec, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, view: ViewSpec, draws: torch.Generator | Draws) -> torch.Tensor:
         """images: uint8 (B, C, H, W) on any device -> float32 (B, C, view.size, view.size), normalised with mean/std.
 
+        ``draws``: a CPU generator (sequential draws) or keyed :class:`Draws` for these B images.
         C must be 1 or 3; with one channel, saturation, hue and grayscale are skipped.
         Float images are accepted too and taken to be in [0, 1].
         """
         batch, channels, height, width = self._check(images)
-        if generator.device.type != "cpu":
-            raise ValueError(f"the generator must be a CPU generator (parameters are drawn on the CPU), got {generator.device}")
         cfg = self.cfg
         scale = view.scale if view.scale is not None else cfg.crop_scale  # both checked when they were made
 
         # All randomness, on the CPU, in a fixed order; then one transfer to the images' device.
-        order = torch.randperm(4, generator=generator).tolist()
-        u = torch.rand(batch, _NUM_DRAWS, generator=generator, dtype=torch.float64)
+        if isinstance(draws, Draws):
+            if draws.indices.numel() != batch:
+                raise ValueError(f"the draws are for {draws.indices.numel()} images, the batch has {batch}")
+            order, u = draws.order(), draws.uniforms(_NUM_DRAWS)
+        else:
+            if draws.device.type != "cpu":
+                raise ValueError(f"the generator must be a CPU generator (parameters are drawn on the CPU), got {draws.device}")
+            order = torch.randperm(4, generator=draws).tolist()
+            u = torch.rand(batch, _NUM_DRAWS, generator=draws, dtype=torch.float64)
         jitter = u[:, _JITTER] < cfg.jitter_p
         gray = (u[:, _GRAY] < cfg.grayscale_p) & (channels == 3)
         blur = (u[:, _BLUR] < cfg.blur_p) & (view.size >= 2)

@@ -79,6 +79,11 @@ class PretrainConfig(Section):
     """A checkpoint to continue from (weights, optimiser, epoch); the config must match."""
     progress: bool = True
     """Show a progress bar when stderr is a terminal."""
+    sync_batchnorm: bool | None = None
+    """With several workers, normalise every BatchNorm (momentum copies and predictors included) over the global batch
+    while pretraining: ``nn.SyncBatchNorm`` on CUDA, the harness's gloo equivalent on the CPU. Default (None): on with
+    more than one worker, so W workers compute what one process computes; false: each worker normalises its own
+    slice (as DDP without SyncBatchNorm; MoCo's shuffle-BN concern)."""
 
     @property
     def lr(self) -> float:
@@ -249,6 +254,24 @@ class EvalConfig(Section):
     """Batch size of feature extraction."""
 
 
+class DistributedConfig(Section):
+    """Data-parallel pretraining: one loop for every world size (``pretrain.batch_size`` is the global batch).
+
+    ``python -m harness run CONFIG distributed.workers=W`` starts W local workers through Ray Train; under
+    ``torchrun`` the world size is torchrun's; a sweep sets it from ``resources.workers``.
+    """
+
+    workers: int = Field(1, ge=1)
+    """Worker processes (one GPU each on CUDA). ``pretrain.batch_size`` must be divisible by it."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """``auto``: NCCL on CUDA, gloo on the CPU."""
+    cpus: float = Field(1.0, gt=0)
+    """CPUs (threads) per worker, when ``run`` starts the workers through Ray Train."""
+    max_failures: int = Field(0, ge=0)
+    """When ``run`` starts the workers through Ray Train: times the worker group is restarted from the last checkpoint
+    after a worker dies or raises."""
+
+
 class TrackingConfig(Section):
     """Where runs are logged. ``uri`` falls back to MLFLOW_TRACKING_URI, then ``sqlite:///mlflow.db``."""
 
@@ -271,6 +294,7 @@ class RunConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("device")
@@ -307,6 +331,14 @@ class RunConfig(Section):
         if online.enabled and online.every is not None and online.every > epochs:
             accepted = f"give 1 to {epochs} or leave it unset" if epochs else "leave it unset"
             raise ConfigError(f"eval.online.every: {online.every} is larger than pretrain.epochs ({epochs}); {accepted} (about ten points over the run), or set eval.online.enabled=false")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> RunConfig:
+        batch, workers = self.pretrain.batch_size, self.distributed.workers
+        if batch % workers:
+            lower, upper = batch - batch % workers, batch + workers - batch % workers
+            raise ConfigError(f"pretrain.batch_size: the global batch {batch} does not split over distributed.workers={workers}; give a multiple of {workers} (e.g. {lower or upper} or {upper})")
         return self
 
     def as_dict(self) -> dict[str, Any]:

@@ -1,8 +1,18 @@
-"""The pretraining loop. It owns optimisation, precision, devices, seeding and checkpoints; methods own losses.
+"""The pretraining loop. It owns optimisation, precision, devices, seeding, distribution and checkpoints; methods
+own losses.
 
-Same config and seed, same numbers on the CPU: every epoch draws its shuffling
-and augmentation from a generator seeded by (seed, epoch), so an epoch resumed
-from a checkpoint sees exactly the batches and views it would have seen.
+Same config and seed, same numbers on the CPU: every epoch shuffles with a generator
+seeded by (seed, epoch), and an image's views are keyed by (seed, epoch, image, view)
+(:class:`harness.augment.Draws`), so an epoch resumed from a checkpoint sees exactly
+the batches and views it would have seen.
+
+One loop for every world size. ``pretrain.batch_size`` is the global batch: with W
+workers (:mod:`harness.distributed`) each takes its contiguous slice of the step's rows
+of the same permutation, so the union of the slices is the one-process batch and every
+image gets the views it would get in one process. Gradients are averaged over the
+workers after ``backward`` (:func:`methods.distributed.average_gradients`), the methods
+gather what their losses couple, and the logged loss is the workers' mean. Rank 0 alone
+runs ``epoch_metrics``, logs and writes the checkpoint; every rank calls ``on_epoch_end``.
 """
 
 from __future__ import annotations
@@ -21,17 +31,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from harness.augment import Augmenter
+from harness import distributed
+from harness.augment import Augmenter, Draws
 from harness.config import RunConfig, flatten
 from harness.errors import BadInput, Diverged
 from harness.optim import build_optimizer
 from harness.schedules import cosine_lr
 from methods.base import Method, StepInfo
+from methods.distributed import average_gradients
 
 log = logging.getLogger(__name__)
 
 #: Keys that may differ between a checkpoint's config and the config resuming from it.
-RESUMABLE_DIFFERENCES = ("pretrain.resume", "pretrain.checkpoint_dir", "pretrain.progress", "tracking.", "eval.", "device")
+RESUMABLE_DIFFERENCES = ("pretrain.resume", "pretrain.checkpoint_dir", "pretrain.progress", "tracking.", "eval.", "device", "distributed.")
 
 EpochCallback = Callable[[int, dict[str, float], Path | None], None]
 EpochMetrics = Callable[[int], dict[str, float]]
@@ -40,9 +52,11 @@ EpochMetrics = Callable[[int], dict[str, float]]
 
 @dataclass
 class TrainResult:
-    """What pretraining did: per-epoch mean losses, wall time and throughput of this process."""
+    """What pretraining did: per-epoch mean losses (and this call's per-step losses), wall time and throughput
+    (images of the global batch per second)."""
 
     losses: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
     epochs: int = 0
     steps: int = 0
     time_s: float = 0.0
@@ -50,12 +64,9 @@ class TrainResult:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU; ``cuda`` without CUDA is BadInput."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"device: {spec!r} requested but CUDA is not available here; use device=cpu or device=auto")
-    return torch.device(spec)
+    """``auto`` -> CUDA if there is one (this worker's GPU with several workers), else the CPU; ``cuda`` without CUDA
+    is BadInput."""
+    return distributed.device_for(spec, distributed.current())
 
 
 def check_batch_size(batch_size: int, num_images: int, dataset: str = "") -> None:
@@ -100,57 +111,101 @@ def pretrain(
     random generators alone; its time is not counted in the throughput. If
     ``cfg.pretrain.resume`` names a checkpoint, training continues after its epoch.
     Raises :class:`Diverged` on a non-finite loss.
+
+    In a process group (see the module docstring) every worker calls this with the same
+    arguments; only rank 0's ``checkpoint_path``, ``log_metrics`` and ``epoch_metrics`` are used.
     """
+    world = distributed.current()
+    if not world.is_main:
+        checkpoint_path = log_metrics = epoch_metrics = None
     p = cfg.pretrain
     n = images.shape[0]
     check_batch_size(p.batch_size, n)
-    steps_per_epoch = n // p.batch_size
-    total_steps = steps_per_epoch * p.epochs
-    warmup_steps = round(p.warmup_epochs * steps_per_epoch)
+    if p.batch_size % world.size:
+        raise BadInput(f"pretrain.batch_size: the global batch {p.batch_size} does not split over {world.size} workers; give a multiple of {world.size}")
     cuda = device.type == "cuda"
 
     method.to(device)
     if cuda and p.channels_last:
         method.to(memory_format=torch.channels_last)
+    sync_bn = distributed.wants_sync_batchnorm(p.sync_batchnorm, world)
+    if sync_bn:
+        distributed.to_sync_batchnorm(method, device)
     optimizer = build_optimizer(method, p)
     result = TrainResult()
     start_epoch = 0
     if p.resume is not None:
         start_epoch, result.losses = load_checkpoint(p.resume, method, optimizer, cfg)
         log.info("resumed from %s after epoch %d", p.resume, start_epoch)
+    distributed.broadcast_module(method)  # every worker starts from rank 0's weights
+    try:
+        _train_epochs(method, images, cfg, augmenter, device, optimizer, result, start_epoch, world, checkpoint_path, provenance, log_metrics, on_epoch_end, epoch_metrics)
+    finally:
+        if sync_bn:
+            distributed.from_sync_batchnorm(method)
+    return result
 
+
+def _train_epochs(
+    method: Method,
+    images: torch.Tensor,
+    cfg: RunConfig,
+    augmenter: Augmenter,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer,
+    result: TrainResult,
+    start_epoch: int,
+    world: distributed.World,
+    checkpoint_path: Path | None,
+    provenance: dict[str, Any] | None,
+    log_metrics: Callable[[dict[str, float], int], None] | None,
+    on_epoch_end: EpochCallback | None,
+    epoch_metrics: EpochMetrics | None,
+) -> None:
+    p = cfg.pretrain
+    n = images.shape[0]
+    steps_per_epoch = n // p.batch_size
+    total_steps = steps_per_epoch * p.epochs
+    warmup_steps = round(p.warmup_epochs * steps_per_epoch)
+    cuda = device.type == "cuda"
     images = images.to(device)
     views = method.views(images.shape[-1])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and p.amp else nullcontext()
-    show_bar = p.progress and sys.stderr.isatty()
+    show_bar = p.progress and sys.stderr.isatty() and world.is_main
     step = start_epoch * steps_per_epoch
+    lr = cosine_lr(step, total_steps, warmup_steps, p.lr, p.final_lr)
     t0 = time.perf_counter()
     seen, hook_s = 0, 0.0
     for epoch in range(start_epoch, p.epochs):
         method.train()
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and other in-model randomness
+        key = epoch_seed(cfg.seed, epoch)
+        generator = torch.Generator().manual_seed(key)
+        torch.manual_seed(key + world.rank)  # dropout, masks and other in-model randomness: a stream per worker
         epoch_loss, epoch_t0 = 0.0, time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", disable=not show_bar, leave=False)
-        for idx in batch_indices(n, p.batch_size, generator):
+        for i, rows in enumerate(batch_indices(n, p.batch_size, generator)):
             lr = cosine_lr(step, total_steps, warmup_steps, p.lr, p.final_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            idx = distributed.shard(rows, world)
             batch = images[idx.to(device)]
-            xs = [augmenter(batch, spec, generator) for spec in views]
+            draws = Draws(key, idx, i)
+            xs = [augmenter(batch, spec, draws.view(v)) for v, spec in enumerate(views)]
             if cuda and p.channels_last:
                 xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
             info = StepInfo(epoch=epoch, step=step, total_steps=total_steps, indices=idx)
             with autocast:
                 out = method.training_step(xs, info)
-            loss = out.loss.item()
+            loss = distributed.mean_over_workers(out.loss.detach()).item()
             if not math.isfinite(loss):
-                raise Diverged(f"loss diverged at epoch {epoch + 1} step {step - epoch * steps_per_epoch + 1} (loss={loss})")
+                raise Diverged(f"loss diverged at epoch {epoch + 1} step {i + 1} (loss={loss})")
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            average_gradients(method)
             optimizer.step()
             method.after_step(info)
             epoch_loss += loss
+            result.step_losses.append(loss)
             step += 1
             seen += p.batch_size
             bar.update(1)
@@ -177,7 +232,6 @@ def pretrain(
     result.steps = result.epochs * steps_per_epoch
     train_s = result.time_s - hook_s
     result.images_per_s = seen / train_s if train_s > 0 else 0.0
-    return result
 
 
 def save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], cfg: RunConfig, provenance: dict[str, Any]) -> None:

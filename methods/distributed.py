@@ -81,16 +81,38 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return _all_gather(x.detach()) if is_distributed() else x.detach()
 
 
+_BUCKET_BYTES = 32 * 2**20
+
+
 @torch.no_grad()
 def average_gradients(module: nn.Module) -> None:
     """Replace every parameter's ``.grad`` by its mean over the workers (what DDP does), after ``backward``.
 
+    Gradients travel flattened in buckets of about 32 MiB (one all_reduce each, not one per parameter).
     Parameters without a gradient are skipped; it must be None on every worker or on none.
     """
     if not is_distributed():
         return
     w = dist.get_world_size()
+    bucket: list[torch.Tensor] = []
+    size = 0
     for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(w)
+        if p.grad is None:
+            continue
+        if bucket and (p.grad.dtype != bucket[0].dtype or p.grad.device != bucket[0].device or size >= _BUCKET_BYTES):
+            _reduce_bucket(bucket, w)
+            bucket, size = [], 0
+        bucket.append(p.grad)
+        size += p.grad.numel() * p.grad.element_size()
+    if bucket:
+        _reduce_bucket(bucket, w)
+
+
+def _reduce_bucket(grads: list[torch.Tensor], world: int) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
