@@ -119,12 +119,27 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from harness.config import load_config
+    from harness.launch import check_launch, torchrun_world
 
+    world = torchrun_world()  # torchrun's variables, all or none
     overrides = list(args.overrides) + ([f"pretrain.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # bad input is reported before the heavy imports
-    from harness.run import run
+    check_launch(cfg, world)
     try:
-        metrics = _failure_is_one_line("run", lambda: run(cfg))
+        if world is not None:  # torchrun: every rank runs this; rank 0 logs, checkpoints, evaluates
+            from harness.data_parallel import run_torchrun
+
+            metrics = _failure_is_one_line("run", lambda: run_torchrun(cfg, world))
+            if world.rank != 0:
+                return EXIT_OK if metrics is not None else EXIT_FAILED
+        elif cfg.distributed.workers > 1:  # W workers through Ray Train
+            from harness.data_parallel import run_workers
+
+            metrics = _failure_is_one_line("run", lambda: run_workers(cfg))
+        else:
+            from harness.run import run
+
+            metrics = _failure_is_one_line("run", lambda: run(cfg))
     except Interrupted as stop:
         again = " ".join(["python -m harness run", args.config, *args.overrides, f"--resume {stop.checkpoint}"])
         hint = f"; continue it with: {again}" if stop.checkpoint else " before its first checkpoint; run it again"

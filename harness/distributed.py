@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from harness.errors import BadInput
 __all__ = [
     "GlobalBatchNorm",
     "World",
+    "all_gather_object",
     "backend_for",
     "broadcast_module",
     "current",
@@ -101,6 +102,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every worker's ``obj`` (picklable), by rank; ``[obj]`` with one worker."""
+    if current().size == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shard(rows: torch.Tensor, world: World) -> torch.Tensor:
     """This worker's contiguous slice of a step's global batch (whose size the world size divides)."""
     per = rows.shape[0] // world.size
@@ -150,7 +160,7 @@ class _SumOverWorkers(torch.autograd.Function):
         return grad
 
 
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):  # noqa: SLF001 - the base of every torch BatchNorm, SyncBatchNorm too
     """BatchNorm over the global batch for any device and backend (gloo on the CPU): what ``nn.SyncBatchNorm`` does
     on CUDA, in two all_reduces per layer (the sum, then the centred sum of squares, as a two-pass variance). In
     eval mode, or outside a process group of several workers, it is plain BatchNorm."""
@@ -176,7 +186,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 if self.num_batches_tracked is not None:
                     self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked = float(self.num_batches_tracked) if self.num_batches_tracked is not None else 1.0
+                m = self.momentum if self.momentum is not None else 1.0 / tracked
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
         y = centred * torch.rsqrt(var + self.eps).view(shape)
@@ -192,9 +203,10 @@ def to_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     kind = nn.SyncBatchNorm if device.type == "cuda" else GlobalBatchNorm
     for name, child in module.named_children():
         if type(child) in _BATCHNORMS:
-            sync = kind(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            _share_state(child, sync)
-            sync.harness_batchnorm = type(child)
+            bn = cast(nn.BatchNorm2d, child)
+            sync = kind(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+            _share_state(bn, sync)
+            sync.__dict__["harness_batchnorm"] = type(bn)  # what from_sync_batchnorm restores
             module.add_module(name, sync)
         else:
             to_sync_batchnorm(child, device)
@@ -204,9 +216,10 @@ def to_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 def from_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Undo :func:`to_sync_batchnorm` (evaluation runs on rank 0 alone, so no statistic may be synchronised)."""
     for name, child in module.named_children():
-        original = getattr(child, "harness_batchnorm", None)
+        original = child.__dict__.get("harness_batchnorm")
         if original is not None:
-            plain = original(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn = cast(nn.BatchNorm2d, child)
+            plain = original(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
             _share_state(child, plain)
             module.add_module(name, plain)
         else:

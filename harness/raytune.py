@@ -80,8 +80,12 @@ def cluster_address(configured: str | None) -> str | None:
     return configured or os.environ.get("RAY_ADDRESS") or None
 
 
-def init(address: str | None) -> bool:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local instance; True if we started one."""
+def init(address: str | None, min_cpus: int = 1) -> bool:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local instance; True if we started one.
+
+    A local instance offers this machine's cores as logical CPUs, at least ``min_cpus`` (so that one trial of
+    several workers fits even on a small machine; the workers then share the cores).
+    """
     import ray
 
     if ray.is_initialized():
@@ -92,11 +96,30 @@ def init(address: str | None) -> bool:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
-    context = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=2**28, logging_level=logging.WARNING)
+    context = ray.init(
+        num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, object_store_memory=2**28, logging_level=logging.WARNING,
+        runtime_env={"worker_process_setup_hook": "harness.raytune.quiet_worker"},
+    )  # fmt: skip
     session_dir = getattr(context, "address_info", {}).get("session_dir")
     if session_dir:  # its processes end with this one, even after kill -9
         reaper.watch(session_dir)
     return True
+
+
+def quiet_worker() -> None:
+    """Run by every worker process of a local instance: library log noise stays out of the terminal. Without a
+    dashboard (a local instance has none) Ray Train's placement-group cleaner cannot query actor states and would
+    warn every few seconds; the instance's processes end with it anyway (:mod:`harness.reaper`)."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
+def cluster_capacity() -> tuple[float, float]:
+    """(CPUs, GPUs) of the Ray cluster joined by :func:`init`."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
 
 
 def shutdown() -> None:

@@ -14,6 +14,7 @@ interrupted), so no run is left RUNNING and none is duplicated across retries or
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -22,11 +23,14 @@ from typing import Any
 
 from harness import raytune, signals
 from harness.config import RunConfig
-from harness.errors import RunFailed
+from harness.errors import BadInput, RunFailed
 from harness.sweep_config import Sweep, load_sweep
 from harness.sweep_state import STATE_FILE, child_runs, latest_parent, load_state, new_state, write_json
 from harness.sweep_trial import FINISHED_KEY, train_trial
 from harness.tracking import absolute_uri, open_run, tracking_uri
+
+DRIVER_CPUS = 0.1
+"""What the Tune trial of a multi-worker trial holds itself: it only opens the run and fits the Ray Train job."""
 
 __all__ = ["SweepOutcome", "child_runs", "latest_parent", "load_sweep", "run_sweep"]
 
@@ -66,14 +70,52 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
         address = raytune.cluster_address(cfg.address)
         if address:
             raytune.check_address(address)
-        state = new_state(sweep, uri, root)
+    r = cfg.resources
+    started = raytune.init(cfg.address, min_cpus=math.ceil(r.workers * r.cpus + (DRIVER_CPUS if r.workers > 1 else 0)))
+    try:
+        signals.install()  # ray.init replaced the SIGTERM handler
+        max_concurrent = _concurrency(cfg.max_concurrent, r.workers, r.cpus, r.gpus)
+        if not resume:
+            state = new_state(sweep, uri, root)
+        return _run(sweep, state, uri, root, state_path, resume, verbose, max_concurrent)
+    finally:
+        if started:
+            raytune.shutdown()
+
+
+def _concurrency(configured: int | None, workers: int, cpus: float, gpus: float) -> int | None:
+    """At most as many concurrent trials as the cluster holds, for multi-worker trials: their workers' placement
+    groups are not Tune's, so Tune alone would start trials whose workers then wait (or leave groups behind).
+    A trial that cannot fit at all is bad input naming both numbers."""
+    if workers == 1:
+        return configured
+    have_cpus, have_gpus = raytune.cluster_capacity()
+    if workers * gpus > have_gpus:
+        raise BadInput(f"resources: {workers} workers x {gpus:g} GPU need {workers * gpus:g} GPUs per trial, the Ray cluster has {have_gpus:g}")
+    per_trial = workers * cpus + DRIVER_CPUS
+    if per_trial > have_cpus:
+        raise BadInput(f"resources: {workers} workers x {cpus:g} CPU (+{DRIVER_CPUS:g} for the trial's driver) need {per_trial:g} CPUs per trial, the Ray cluster has {have_cpus:g}")
+    fits = int(have_cpus // per_trial)
+    if gpus:
+        fits = min(fits, int(have_gpus // (workers * gpus)))
+    return min(configured, fits) if configured else fits
+
+
+def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: Path, resume: bool, verbose: int, max_concurrent: int | None) -> SweepOutcome:
+    cfg = sweep.cfg
     parent = open_run(state["parent_run_id"], uri)
     children = {key: open_run(run_id, uri) for key, run_id in state["trials"].items()}
     parent.set_status("RUNNING")
     todo = [k for k in sweep.keys if children[k].info()["status"] != "FINISHED"]
     for key in todo:
         children[key].set_status("SCHEDULED")
-    specs = {key: {"run": _trial_run_dict(sweep.configs[key]), "run_id": children[key].run_id, "uri": uri, "cpus": cfg.resources.cpus} for key in sweep.keys}
+    specs = {
+        key: {
+            "run": _trial_run_dict(sweep.configs[key]), "run_id": children[key].run_id, "uri": uri, "cpus": cfg.resources.cpus,
+            "workers": {"gpus": cfg.resources.gpus, "max_failures": cfg.max_failures, "storage": str(root / "workers")},
+        }
+        for key in sweep.keys
+    }  # fmt: skip
 
     stopped: list[str] = []
     preempted: list[str] = []
@@ -125,13 +167,14 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
     events = raytune.TrialEvents(on_start=on_start, on_recover=on_recover, on_complete=on_complete, on_error=on_error)
     epochs = max(c.pretrain.epochs for c in sweep.configs.values())
     scheduler = cfg.scheduler.model_dump() | {"max_t": epochs + 1}  # +1: the evaluation's report after the last epoch
-    started = False
+    r = cfg.resources
+    # A multi-worker trial is a Tune "driver" holding DRIVER_CPUS; its workers' resources are Ray Train's, and a failed
+    # worker group is restarted by Ray Train (from the trial's checkpoint), not by Tune.
+    trial_cpus, trial_gpus = (r.cpus, r.gpus) if r.workers == 1 else (DRIVER_CPUS, 0.0)
     try:
-        started = raytune.init(cfg.address)
-        signals.install()  # ray.init replaced the SIGTERM handler
         outcome = raytune.run_trials(
-            train_trial, sweep.keys, name=state["tune_name"], storage=root, cpus=cfg.resources.cpus, gpus=cfg.resources.gpus,
-            max_concurrent=cfg.max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures, events=events,
+            train_trial, sweep.keys, name=state["tune_name"], storage=root, cpus=trial_cpus, gpus=trial_gpus,
+            max_concurrent=max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures if r.workers == 1 else 0, events=events,
             resume=resume, specs=specs,
         )  # fmt: skip
     except Exception as err:  # Tune itself failed: no trial may stay SCHEDULED or RUNNING
@@ -149,9 +192,6 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
         parent.set_tags({"harness.stopped": signals.stop_reason()})
         parent.end("KILLED")
         raise
-    finally:
-        if started:
-            raytune.shutdown()
 
     finished = [k for k in todo if k in outcome.results and outcome.results[k].get(FINISHED_KEY)]
     finished += [k for k in sweep.keys if k not in todo]

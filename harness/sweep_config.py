@@ -120,10 +120,15 @@ class Domain(Section):
 
 
 class Resources(Section):
-    """What one trial gets: CPUs (also its torch threads) and GPUs (fractions share one GPU)."""
+    """What one trial gets: ``workers`` processes (data-parallel, a Ray Train job inside the Tune trial when more than
+    one), each with ``cpus`` CPUs (also its torch threads) and ``gpus`` GPUs (fractions share one GPU)."""
 
+    workers: int = Field(1, ge=1)
+    """Data-parallel workers per trial; the trials' ``pretrain.batch_size`` (the global batch) must be divisible by it."""
     cpus: float = Field(1.0, gt=0)
+    """Per worker."""
     gpus: float = Field(0.0, ge=0)
+    """Per worker."""
 
 
 class SchedulerConfig(Section):
@@ -259,6 +264,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(_first_error(err, SweepConfig)) from None
     run_raw = _merge(read_yaml(_relative(cfg.base, path)) if cfg.base else {}, cfg.run)
     run_raw = set_values(run_raw, {"tracking.experiment": cfg.name}, RunConfig)
+    run_raw = _workers_from_resources(run_raw, cfg.resources)
     sweep = Sweep(cfg, path, path.read_text(), expand(cfg))
     for key, domain in cfg.space.items():  # every value (or both ends of a range) must make a valid run config
         for value in domain.bounds():
@@ -268,6 +274,20 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         sweep.configs[trial.key] = _build(run_raw, {**values, "seed": trial.seed, "tracking.run_name": trial.key}, "space")
     _check_scheduler_metric(cfg.scheduler, list(sweep.configs.values()))
     return sweep
+
+
+def _workers_from_resources(run_raw: dict[str, Any], resources: Resources) -> dict[str, Any]:
+    """A sweep's trials take their worker count and per-worker CPUs from ``resources``; a run config asking for
+    another worker count is refused (it would be silently ignored)."""
+    asked = (run_raw.get("distributed") or {}).get("workers")
+    if resources.workers > 1 and (run_raw.get("distributed") or {}).get("backend") == "nccl" and not resources.gpus:
+        raise ConfigError("run.distributed.backend: nccl needs GPUs, and resources.gpus is 0; give resources.gpus (per worker) or use distributed.backend=gloo or auto")
+    if asked not in (None, 1, resources.workers):
+        raise ConfigError(f"run.distributed.workers: {asked}, but resources.workers is {resources.workers}; a sweep's trials take their workers from resources.workers")
+    try:
+        return set_values(run_raw, {"distributed.workers": resources.workers, "distributed.cpus": resources.cpus}, RunConfig)
+    except ConfigError as err:
+        raise ConfigError(f"resources.workers: {err}") from None
 
 
 EPOCH_METRICS = ("train/loss", "train/lr", "train/images_per_s", "epoch")

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import raytune
-from harness.config import build_config
-from harness.tracking import open_run
+from harness.config import RunConfig, build_config
+from harness.tracking import Run, open_run
 
 __all__ = ["FINISHED_KEY", "train_trial"]
 
@@ -48,6 +48,9 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
     if info["status"] == "FINISHED":
         raytune.report({**info["metrics"], "epoch": cfg.pretrain.epochs, FINISHED_KEY: 1})
         return
+    if cfg.distributed.workers > 1:
+        _fit_workers(cfg, mlrun, spec)
+        return
     # Working files live outside the trial folder: Ray syncs that folder to storage in the background.
     work = Path(tempfile.mkdtemp(prefix="harness-trial-"))
     try:
@@ -72,3 +75,24 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
         raytune.report({**last, **metrics, "epoch": cfg.pretrain.epochs, FINISHED_KEY: 1})
     finally:
         shutil.rmtree(work, ignore_errors=True)  # Tune keeps its own copy of the last checkpoint
+
+
+def _fit_workers(cfg: RunConfig, mlrun: Run, spec: dict[str, Any]) -> None:
+    """A trial of ``resources.workers`` > 1: a Ray Train job fitted from this Tune trial, rank 0 logging into the child
+    run. Its checkpoint sits in the sweep's storage under the child run's id, so a retried or resumed trial (or a
+    restarted worker group) continues from it."""
+    from harness.data_parallel import fit_workers
+
+    workers = spec["workers"]
+    storage = Path(workers["storage"])
+    checkpoint = storage / mlrun.run_id / "checkpoint.pt"
+    gpus = float(workers["gpus"])
+    backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if gpus > 0 else "gloo")  # checked in harness.sweep_config
+    cfg.pretrain.progress = False
+    mlrun.set_status("RUNNING")
+    if checkpoint.is_file():
+        mlrun.set_tags({"harness.resumed": "from the trial's last checkpoint"})
+    fit_workers(
+        cfg, mlrun, checkpoint, name=f"trial-{mlrun.run_id}", storage=storage / mlrun.run_id / "ray", max_failures=int(workers["max_failures"]),
+        gpus_per_worker=gpus, backend=backend, in_tune=True, final={FINISHED_KEY: 1},
+    )  # fmt: skip

@@ -1,0 +1,110 @@
+"""Ray Train behind one small module: the rest of the harness never imports ``ray.train``.
+
+A multi-worker trial is a ``TorchTrainer`` fitted from the process that owns the trial's
+MLflow run: ``harness run ... distributed.workers=W`` (on a local Ray) or a sweep's Tune
+trial (Ray's supported "train driver" pattern: a Tune function that builds and fits a
+``TorchTrainer``; a trainer is never passed to ``Tuner``).
+
+    fit(worker_fn, job, workers=2, cpus_per_worker=1, gpus_per_worker=0, backend="gloo",
+        name="run-<id>", storage=Path(...), max_failures=1, in_tune=False)
+    # in every worker (the process group is set up by Ray Train):
+    report({"train/loss": 4.1})            # in a Tune trial: forwarded to Tune (rank 0's)
+
+Facts this module relies on (Ray 2.60, Train V2): every worker must call :func:`report`
+the same number of times (it is a barrier); ``TuneReportCallback`` forwards rank 0's
+metrics as one Tune result per report; a failed worker group raises ``TrainingFailedError``
+(``WorkerGroupError`` holds each failed rank's exception); with ``max_failures`` the whole
+group restarts and calls the worker function again (it resumes from its own checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["WorkerFailed", "describe_failure", "fit", "report"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerFailed(RuntimeError):
+    """A worker of a multi-worker trial died or raised (after any restarts); the message is one line naming it."""
+
+
+def fit(
+    worker_fn: Callable[[dict[str, Any]], None],
+    job: dict[str, Any],
+    *,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    backend: str,
+    name: str,
+    storage: Path,
+    max_failures: int,
+    in_tune: bool,
+) -> None:
+    """Run ``worker_fn(job)`` on ``workers`` Ray Train workers in one process group; raises :class:`WorkerFailed`."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
+    callbacks: list[Any] = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config=job,
+        torch_config=TorchConfig(backend=backend, timeout_s=3600),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]  # Train V2 RunConfig at run time, V1 in the stubs
+            name=name,
+            storage_path=str(storage.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise WorkerFailed(describe_failure(err)) from None
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line naming the failed rank and its error. A rank whose peer died usually fails too, with a
+    communication error: the first rank whose own error is something else is the one named."""
+    failures: dict[int, BaseException] = dict(getattr(err, "worker_failures", None) or {})
+    if not failures:
+        return _last_line(err)
+    lines = {rank: _last_line(e) for rank, e in sorted(failures.items())}
+    own = [r for r, line in lines.items() if not _is_peer_failure(line)]
+    rank = own[0] if own else min(lines)
+    more = f" ({len(lines) - 1} other rank(s) failed with it)" if len(lines) > 1 else ""
+    return f"rank {rank}: {lines[rank]}{more}"
+
+
+def _is_peer_failure(line: str) -> bool:
+    return any(s in line for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "timed out"))
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    kind = type(err).__name__
+    if "ActorDied" in kind or "died" in text.lower():
+        return f"worker process died ({kind}): {text}" if text else f"worker process died ({kind})"
+    return text if text.startswith(kind) or not text else f"{kind}: {text}"
+
+
+def report(metrics: dict[str, float]) -> None:
+    """From every worker, the same number of times: rank 0's metrics become one Tune result (in a Tune trial)."""
+    import ray.train
+
+    ray.train.report(dict(metrics))

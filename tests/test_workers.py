@@ -1,0 +1,137 @@
+"""Multi-worker trials, end to end on the CPU (gloo, 2 workers of 1 thread): a sweep whose trials are Ray Train jobs,
+``run`` over Ray Train with a worker killed (restarted from the checkpoint, or FAILED naming its rank), torchrun.
+
+Each test checks MLflow afterwards: one run per trial (never one per worker), its per-epoch history complete and
+without duplicates, nothing left RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.sweep import child_runs, latest_parent
+from harness.tracking import metric_history, search_runs
+from tests.conftest import TINY
+from tests.test_sweep import write_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "simclr_shapes.yaml")
+TWO = [*TINY, "eval.baselines=false", "eval.semi.enabled=false", "tracking.experiment=workers"]
+
+
+def _env(uri: str) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_a_sweep_of_two_worker_trials(tmp_path, tracking_uri) -> None:
+    path = write_sweep(tmp_path, space={"method.temperature": [0.1, 0.5]}, seeds=[0], resources={"workers": 2, "cpus": 1})
+    assert main(["-q", "sweep", str(path), "--results", str(tmp_path / "results")]) == 0
+    parent = latest_parent("unit", tracking_uri)
+    assert parent is not None and parent["status"] == "FINISHED"
+    runs = child_runs("unit", parent["run_id"], tracking_uri)
+    assert len(runs) == 2 and len(search_runs("unit", tracking_uri)) == 3  # one parent, one child per trial
+    for run in runs:
+        assert run["status"] == "FINISHED", run["tags"].get("harness.error")
+        assert [s for s, _ in metric_history(run["run_id"], "train/loss", tracking_uri)] == [1, 2]
+        assert 0.0 <= run["metrics"]["eval/knn/top1"] <= 1.0
+        assert run["params"]["distributed.workers"] == "2"
+        assert re.fullmatch(r"rank 0: pid \d+ on .+, rank 1: pid \d+ on .+", run["tags"]["harness.workers"])
+    assert (tmp_path / "results" / "unit" / "table.md").is_file()
+
+
+def _start_run(tmp_path: Path, uri: str, *overrides: str) -> subprocess.Popen:
+    search_runs("workers", uri)  # create the store before the workers
+    cmd = [sys.executable, "-m", "harness", "-q", "run", CONFIG, *TWO, "distributed.workers=2", "pretrain.epochs=6", "data.num_train=256", *overrides]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_rank_after_an_epoch(proc: subprocess.Popen, uri: str, rank: int) -> dict:
+    """Wait for the run's first logged epoch, kill -9 the given rank's process; return the run as it was then."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        runs = search_runs("workers", uri)
+        if runs and "harness.workers" in runs[0]["tags"] and metric_history(runs[0]["run_id"], "train/loss", uri):
+            pids = dict(re.findall(r"rank (\d+): pid (\d+)", runs[0]["tags"]["harness.workers"]))
+            os.kill(int(pids[str(rank)]), signal.SIGKILL)
+            return runs[0]
+    out = proc.communicate(timeout=60)[0] if proc.poll() is not None else ""
+    raise AssertionError(f"the run logged no epoch in time:\n{out}")
+
+
+def test_a_killed_worker_is_restarted_from_the_checkpoint(tmp_path, tracking_uri) -> None:
+    proc = _start_run(tmp_path, tracking_uri, "distributed.max_failures=1")
+    try:
+        run = _kill_rank_after_an_epoch(proc, tracking_uri, rank=1)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    after = search_runs("workers", tracking_uri)
+    assert len(after) == 1 and after[0]["run_id"] == run["run_id"] and after[0]["status"] == "FINISHED"
+    assert "after a restart" in after[0]["tags"]["harness.resumed"]
+    assert [s for s, _ in metric_history(run["run_id"], "train/loss", tracking_uri)] == [1, 2, 3, 4, 5, 6]
+    assert "eval/knn/top1" in after[0]["metrics"]
+
+
+def test_a_killed_worker_fails_the_run_naming_its_rank(tmp_path, tracking_uri) -> None:
+    proc = _start_run(tmp_path, tracking_uri)
+    try:
+        run = _kill_rank_after_an_epoch(proc, tracking_uri, rank=1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out
+    failed = search_runs("workers", tracking_uri)
+    assert len(failed) == 1 and failed[0]["run_id"] == run["run_id"] and failed[0]["status"] == "FAILED"
+    error = failed[0]["tags"]["harness.error"]
+    assert error.startswith("rank 1: ") and "\n" not in error, error
+    assert out.strip().splitlines()[-1].startswith("error: run failed: WorkerFailed: rank 1: "), out
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_torchrun_two_workers_log_one_run(tmp_path, tracking_uri) -> None:
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    search_runs("workers", tracking_uri)
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "harness", "-q", "run", CONFIG, *TWO]
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(tracking_uri), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = search_runs("workers", tracking_uri)
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
+    assert [s for s, _ in metric_history(runs[0]["run_id"], "train/loss", tracking_uri)] == [1, 2]
+    assert done.stdout.count("eval/knn/top1") == 1  # rank 0 prints the results, the other rank nothing
+
+
+def test_a_half_set_torchrun_environment_is_bad_input(tmp_path, tracking_uri) -> None:
+    env = {k: v for k, v in _env(tracking_uri).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-m", "harness", "run", CONFIG, *TWO], cwd=tmp_path, env={**env, "RANK": "0", "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: torchrun environment half set: RANK, WORLD_SIZE set but LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing; launch with `torchrun --nproc-per-node W -m harness run CONFIG`, or unset them to run one process"
+    assert not search_runs("workers", tracking_uri)
+
+
+def test_more_gpus_per_trial_than_the_cluster_has_is_bad_input(tmp_path, tracking_uri, capsys) -> None:
+    path = write_sweep(tmp_path, space={"method.temperature": [0.1]}, seeds=[0], resources={"workers": 2, "cpus": 1, "gpus": 1})
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: resources: 2 workers x 1 GPU need 2 GPUs per trial, the Ray cluster has 0", err
+    assert not search_runs("unit", tracking_uri)
+
+
+def test_a_sweep_batch_that_does_not_split_over_its_workers_is_bad_input(tmp_path, tracking_uri, capsys) -> None:
+    path = write_sweep(tmp_path, space={"method.temperature": [0.1]}, seeds=[0], resources={"workers": 3})
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the global batch 32 does not split over distributed.workers=3" in err and len(err.splitlines()) == 1, err
