@@ -22,3 +22,15 @@ def test_online_monitor_cost_prints_both_times_and_their_ratio(tmp_path) -> None
     assert epoch > 0 and evaluation > 0
     assert abs(ratio - 100 * evaluation / epoch) < 0.05 * ratio + 0.5, out  # the ratio of the two printed times (rounded)
     assert "monitor: 64 train / 32 test items" in out and "1 thread(s)" in out
+
+
+def test_data_parallel_prints_both_layouts_their_ratio_and_the_start_up_cost(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_parallel.py"), "--tiny"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    one = float(re.search(r"^1 worker x 2 threads: +([\d.]+) img/s$", out, re.M).group(1))
+    two = float(re.search(r"^2 workers x 1 thread: +([\d.]+) img/s$", out, re.M).group(1))
+    ratio = float(re.search(r"^ratio 2 workers / 1 worker: ([\d.]+)$", out, re.M).group(1))
+    assert one > 0 and two > 0 and abs(ratio - two / one) < 0.01, out
+    assert re.search(r"^Ray Train start-up, 2 workers \(empty job on a running local Ray\): [\d.]+ s  \(starting the local Ray: [\d.]+ s\)$", out, re.M), out

@@ -135,3 +135,19 @@ def test_a_sweep_batch_that_does_not_split_over_its_workers_is_bad_input(tmp_pat
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "the global batch 32 does not split over distributed.workers=3" in err and len(err.splitlines()) == 1, err
+
+
+def test_asha_stops_multi_worker_trials_and_the_sweep_goes_on(tmp_path, tracking_uri) -> None:
+    """A trial ASHA stops ends its Ray Train job (workers and placement group): the next trials still get the CPUs."""
+    space = {"pretrain.base_lr": [0.4, 0.2, 0.1]}
+    scheduler = {"name": "asha", "metric": "train/lr", "mode": "max", "grace_period": 1, "reduction_factor": 2}
+    path = write_sweep(tmp_path, space=space, seeds=[0], max_concurrent=1, scheduler=scheduler, resources={"workers": 2, "cpus": 1})
+    assert main(["-q", "sweep", str(path), "pretrain.epochs=3", "--results", str(tmp_path / "results")]) == 0
+    parent = latest_parent("unit", tracking_uri)
+    runs = {r["run_name"]: r for r in child_runs("unit", parent["run_id"], tracking_uri)}
+    assert {r["status"] for r in runs.values()} <= {"FINISHED", "KILLED"}
+    assert runs["pretrain.base_lr=0.4 seed=0"]["status"] == "FINISHED"
+    stopped = [r for r in runs.values() if r["status"] == "KILLED"]
+    assert stopped, "ASHA stopped no trial"
+    for r in stopped:
+        assert r["tags"]["harness.stopped"].startswith("stopped early by the scheduler after epoch")
