@@ -55,7 +55,8 @@ def run_workers(cfg: RunConfig, *, parent_run_id: str | None = None) -> dict[str
                 shutil.copyfile(cfg.pretrain.resume, base / "checkpoint.pt")
             checkpoint = base / "checkpoint.pt"
             try:
-                fit_workers(cfg, mlrun, checkpoint, name=f"run-{mlrun.run_id}", storage=base / "ray", max_failures=d.max_failures, gpus_per_worker=gpus, backend=backend)
+                uri = absolute_uri(tracking_uri(cfg.tracking.uri))
+                fit_workers(cfg, mlrun, checkpoint, uri=uri, name=f"run-{mlrun.run_id}", storage=base / "ray", max_failures=d.max_failures, gpus_per_worker=gpus, backend=backend)
             except KeyboardInterrupt as stop:  # the run ends KILLED, resumable from its last checkpoint
                 raise Interrupted(checkpoint if checkpoint.is_file() else None) from stop
             except raytrain.WorkerFailed as err:
@@ -81,6 +82,7 @@ def fit_workers(
     mlrun: Run,
     checkpoint: Path,
     *,
+    uri: str,
     name: str,
     storage: Path,
     max_failures: int,
@@ -91,6 +93,7 @@ def fit_workers(
 ) -> None:
     """Run the trial on ``cfg.distributed.workers`` Ray Train workers, rank 0 logging into ``mlrun``.
 
+    ``uri`` is the run's tracking URI, absolute (the workers' working directory is not this process's).
     ``checkpoint`` (an absolute path every worker can read: shared storage on a cluster) is where rank 0 writes the
     per-epoch checkpoint and where every worker resumes from after a restart. In a Tune trial (``in_tune``) every
     epoch's metrics reach Tune, and after the evaluation the final metrics merged with ``final``.
@@ -102,7 +105,7 @@ def fit_workers(
     job = {
         "run": run_dict,
         "run_id": mlrun.run_id,
-        "uri": absolute_uri(tracking_uri(cfg.tracking.uri)),
+        "uri": uri,
         "checkpoint": str(checkpoint),
         "cpus": cfg.distributed.cpus,
         "in_tune": in_tune,
@@ -141,6 +144,10 @@ def worker_main(job: dict[str, Any]) -> None:
         raytrain.report({**metrics, "epoch": epoch})
 
     if world.is_main:
+        group = raytrain.current_placement_group()
+        if group is not None:  # for the sweep, which removes it if the trial is stopped while the job runs
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            (checkpoint.parent / raytrain.PLACEMENT_GROUP_FILE).write_text(group)
         mlrun = open_run(job["run_id"], job["uri"])
         mlrun.set_tags({"harness.workers": ", ".join(f"rank {r}: pid {pid} on {host}" for r, (host, pid) in enumerate(where))})
         if restarted:

@@ -25,7 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerFailed", "describe_failure", "fit", "report"]
+PLACEMENT_GROUP_FILE = "placement_group"
+"""Written by rank 0 next to a multi-worker trial's checkpoint: the id of its workers' placement group."""
+
+__all__ = ["PLACEMENT_GROUP_FILE", "WorkerFailed", "current_placement_group", "describe_failure", "fit", "remove_placement_group", "report"]
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +111,30 @@ def report(metrics: dict[str, float]) -> None:
     import ray.train
 
     ray.train.report(dict(metrics))
+
+
+def current_placement_group() -> str | None:
+    """In a worker: the id (hex) of the placement group holding the job's workers."""
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    return group.id.hex() if group is not None else None
+
+
+def remove_placement_group(group_id: str) -> bool:
+    """Remove a job's placement group (ending any worker still in it), unless it is gone already; True if removed.
+
+    A Tune trial stopped by a scheduler is ended with its process; the Ray Train job it was fitting then leaves
+    its workers' placement group behind (Ray Train's own cleaner needs the dashboard's state API, which a local
+    instance does not run), holding the resources the next trials wait for. The sweep removes it.
+    """
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+    from ray.util.placement_group import remove_placement_group as remove
+
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
+    if placement_group_table(group).get("state") in (None, "REMOVED"):
+        return False
+    remove(group)
+    log.debug("removed the placement group %s of an ended trial", group_id)
+    return True

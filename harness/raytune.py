@@ -149,13 +149,15 @@ def run_trials(
     events: TrialEvents,
     resume: bool = False,
     verbose: int = 0,
+    reuse_actors: bool = True,
     **trainable_kwargs: Any,
 ) -> Outcome:
     """Run one Tune trial per key (``trainable(config, **trainable_kwargs)`` reads ``config["trial"]``).
 
     The experiment lives at ``storage / name``; with ``resume`` it is restored from
     there: finished trials are kept, unfinished and errored ones continue from
-    their last checkpoint. Statuses reach ``events`` as they happen.
+    their last checkpoint. Statuses reach ``events`` as they happen. ``reuse_actors=False`` for trainables that
+    fit a Ray Train job (Tune cannot reset such an actor for the next trial and would wait for it).
     """
     from ray import tune
 
@@ -182,7 +184,7 @@ def run_trials(
         tuner = tune.Tuner(
             fn,
             param_space={_TRIAL_KEY: tune.grid_search(keys)},
-            tune_config=tune.TuneConfig(scheduler=_scheduler(scheduler), max_concurrent_trials=max_concurrent, num_samples=1, reuse_actors=True),
+            tune_config=tune.TuneConfig(scheduler=_scheduler(scheduler), max_concurrent_trials=max_concurrent, num_samples=1, reuse_actors=reuse_actors),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage.resolve()),

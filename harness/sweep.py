@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import raytune, signals
+from harness import raytrain, raytune, signals
 from harness.config import RunConfig
 from harness.errors import BadInput, RunFailed
 from harness.sweep_config import Sweep, load_sweep
 from harness.sweep_state import STATE_FILE, child_runs, latest_parent, load_state, new_state, write_json
-from harness.sweep_trial import FINISHED_KEY, train_trial
+from harness.sweep_trial import FINISHED_KEY, train_trial, worker_folder
 from harness.tracking import absolute_uri, open_run, tracking_uri
 
 DRIVER_CPUS = 0.1
@@ -132,7 +132,16 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
             children[key].set_status("RUNNING")
             say(key, "started")
 
+    def release_workers(key: str) -> None:
+        """A multi-worker trial that ended while its Ray Train job ran (stopped by ASHA) leaves the job's placement
+        group behind; remove it so that the next trials get the resources."""
+        if cfg.resources.workers > 1:
+            group = worker_folder(root / "workers", children[key].run_id) / raytrain.PLACEMENT_GROUP_FILE
+            if group.is_file():
+                raytrain.remove_placement_group(group.read_text().strip())
+
     def on_complete(key: str, result: dict[str, Any]) -> None:
+        release_workers(key)
         if key not in pending:  # finished before (a resumed sweep): its run stays as it is
             return
         pending.discard(key)
@@ -147,6 +156,7 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
             say(key, f"stopped early by the scheduler after epoch {result.get('epoch', '?')}")
 
     def on_error(key: str, error: str) -> None:
+        release_workers(key)
         if key not in pending:
             return
         if raytune.stopped_by_sigterm(error):  # its worker was preempted: KILLED and resumable, not FAILED
@@ -175,7 +185,7 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
         outcome = raytune.run_trials(
             train_trial, sweep.keys, name=state["tune_name"], storage=root, cpus=trial_cpus, gpus=trial_gpus,
             max_concurrent=max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures if r.workers == 1 else 0, events=events,
-            resume=resume, specs=specs,
+            resume=resume, reuse_actors=r.workers == 1, specs=specs,
         )  # fmt: skip
     except Exception as err:  # Tune itself failed: no trial may stay SCHEDULED or RUNNING
         for key in todo:

@@ -77,6 +77,11 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
         shutil.rmtree(work, ignore_errors=True)  # Tune keeps its own copy of the last checkpoint
 
 
+def worker_folder(storage: Path, run_id: str) -> Path:
+    """Where a multi-worker trial keeps its checkpoint and Ray Train state (under the sweep's storage)."""
+    return storage / run_id
+
+
 def _fit_workers(cfg: RunConfig, mlrun: Run, spec: dict[str, Any]) -> None:
     """A trial of ``resources.workers`` > 1: a Ray Train job fitted from this Tune trial, rank 0 logging into the child
     run. Its checkpoint sits in the sweep's storage under the child run's id, so a retried or resumed trial (or a
@@ -85,7 +90,7 @@ def _fit_workers(cfg: RunConfig, mlrun: Run, spec: dict[str, Any]) -> None:
 
     workers = spec["workers"]
     storage = Path(workers["storage"])
-    checkpoint = storage / mlrun.run_id / "checkpoint.pt"
+    checkpoint = worker_folder(storage, mlrun.run_id) / "checkpoint.pt"
     gpus = float(workers["gpus"])
     backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if gpus > 0 else "gloo")  # checked in harness.sweep_config
     cfg.pretrain.progress = False
@@ -93,6 +98,6 @@ def _fit_workers(cfg: RunConfig, mlrun: Run, spec: dict[str, Any]) -> None:
     if checkpoint.is_file():
         mlrun.set_tags({"harness.resumed": "from the trial's last checkpoint"})
     fit_workers(
-        cfg, mlrun, checkpoint, name=f"trial-{mlrun.run_id}", storage=storage / mlrun.run_id / "ray", max_failures=int(workers["max_failures"]),
+        cfg, mlrun, checkpoint, uri=spec["uri"], name=f"trial-{mlrun.run_id}", storage=worker_folder(storage, mlrun.run_id) / "ray", max_failures=int(workers["max_failures"]),
         gpus_per_worker=gpus, backend=backend, in_tune=True, final={FINISHED_KEY: 1},
     )  # fmt: skip
