@@ -96,6 +96,7 @@ def init(address: str | None, min_cpus: int = 1) -> bool:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one node, never preempted (it warns on start)
     context = ray.init(
         num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, object_store_memory=2**28, logging_level=logging.WARNING,
         runtime_env={"worker_process_setup_hook": "harness.raytune.quiet_worker"},
