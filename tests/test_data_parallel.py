@@ -7,6 +7,9 @@ gathering, the gradient averaging, the synchronised statistics, the loss logged.
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,3 +110,32 @@ def test_sync_batchnorm_is_on_with_several_workers_unless_turned_off() -> None:
     assert distributed.wants_sync_batchnorm(None, distributed.World(0, 2, 0))
     assert not distributed.wants_sync_batchnorm(False, distributed.World(0, 2, 0))
     assert not distributed.wants_sync_batchnorm(True, distributed.World())
+
+
+class _StopAfterFirstEpoch(Exception):
+    pass
+
+
+def _first_epoch_then_stop(rank: int, world_size: int, raw: dict, checkpoint: str) -> dict:
+    torch.set_num_threads(1)
+    cfg = build_config(raw, [])
+    trial = prepare(cfg)
+
+    def stop(epoch: int, metrics: dict, path) -> None:
+        raise _StopAfterFirstEpoch
+
+    with contextlib.suppress(_StopAfterFirstEpoch):
+        pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device, checkpoint_path=Path(checkpoint), on_epoch_end=stop)
+    return {}
+
+
+def test_a_checkpoint_of_two_workers_resumes_on_one(tmp_path) -> None:
+    """Epoch 1 on 2 workers, epoch 2 on 1 process from its checkpoint: the 2-epoch, 1-process run."""
+    raw = raw_config("barlow_twins")
+    whole = _pretrain(0, 1, raw)
+    checkpoint = tmp_path / "checkpoint.pt"
+    run_distributed(_first_epoch_then_stop, tmp_path, world_size=2, args=(raw, str(checkpoint)), timeout=300)
+    resumed = _pretrain(0, 1, {**raw, "pretrain": {**raw["pretrain"], "resume": str(checkpoint)}, "distributed": {"workers": 1}})
+    assert _relative(resumed["losses"], whole["losses"][4:]) < 1e-5  # the second epoch's 4 steps
+    for name, weight in whole["state"].items():
+        assert _relative(resumed["state"][name], weight, floor=1e-2) < 1e-4, name
