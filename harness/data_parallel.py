@@ -22,7 +22,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from harness import distributed, raytrain, raytune
+from harness import distributed, raytrain, raytune, signals
 from harness.config import RunConfig, build_config
 from harness.errors import BadInput, Interrupted
 from harness.launch import TorchrunWorld
@@ -44,6 +44,7 @@ def run_workers(cfg: RunConfig, *, parent_run_id: str | None = None) -> dict[str
     backend = distributed.backend_for(d.backend, trial.device)
     gpus = 1.0 if trial.device.type == "cuda" else 0.0
     started = raytune.init(None, min_cpus=math.ceil(d.workers * d.cpus))
+    signals.install()  # ray.init replaced the SIGTERM handler: a stop signal ends the run KILLED, resumable
     try:
         check_capacity(d.workers, d.cpus, gpus)
         with start_run(

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness import signals
+
 PLACEMENT_GROUP_FILE = "placement_group"
 """Written by rank 0 next to a multi-worker trial's checkpoint: the id of its workers' placement group."""
 
@@ -78,6 +80,12 @@ def fit(
         trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise WorkerFailed(describe_failure(err)) from None
+    except SystemExit as stop:
+        # In the main thread Ray Train handles SIGINT (and SIGTERM, routed to it by harness.signals) by aborting
+        # the job gracefully, workers and placement group included; the pending wait then ends in SystemExit.
+        if signals.received() is None:
+            raise
+        raise KeyboardInterrupt from stop
 
 
 def describe_failure(err: BaseException) -> str:

@@ -151,3 +151,23 @@ def test_asha_stops_multi_worker_trials_and_the_sweep_goes_on(tmp_path, tracking
     assert stopped, "ASHA stopped no trial"
     for r in stopped:
         assert r["tags"]["harness.stopped"].startswith("stopped early by the scheduler after epoch")
+
+
+def test_sigterm_to_a_multi_worker_run_leaves_it_killed_and_resumable(tmp_path, tracking_uri) -> None:
+    proc = _start_run(tmp_path, tracking_uri, "pretrain.epochs=40")
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            runs = search_runs("workers", tracking_uri)
+            if runs and metric_history(runs[0]["run_id"], "train/loss", tracking_uri):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out
+    runs = search_runs("workers", tracking_uri)
+    assert len(runs) == 1 and runs[0]["status"] == "KILLED" and runs[0]["tags"]["harness.stopped"] == "SIGTERM", runs
+    assert "interrupted by SIGTERM: the MLflow run is KILLED; continue it with: python -m harness run" in out and "--resume " in out, out
