@@ -102,7 +102,7 @@ def main() -> None:
         args.backbone, args.image_size, args.batch_size, args.steps, args.warmup = "resnet10t", 16, 32, 3, 1
     overrides = [
         f"backbone.name={args.backbone}",
-        f"backbone.cifar_stem={str(args.backbone.startswith('resnet')).lower()}",
+        f"backbone.cifar_stem={str(args.backbone in ('resnet18', 'resnet34', 'resnet50')).lower()}",  # 32 px ResNets
         f"data.image_size={args.image_size}",
         "data.num_test=16",
         f"pretrain.batch_size={args.batch_size}",

@@ -22,6 +22,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from harness import distributed, raytrain, raytune, signals
 from harness.config import RunConfig, build_config
 from harness.errors import BadInput, Interrupted
@@ -43,6 +45,8 @@ def run_workers(cfg: RunConfig, *, parent_run_id: str | None = None) -> dict[str
     d = cfg.distributed
     backend = distributed.backend_for(d.backend, trial.device)
     gpus = 1.0 if trial.device.type == "cuda" else 0.0
+    if gpus and not raytune.cluster_address(None) and d.workers > torch.cuda.device_count():
+        raise BadInput(f"distributed.workers: {d.workers} workers x 1 GPU need {d.workers} GPUs, this machine has {torch.cuda.device_count()}")
     started = raytune.init(None, min_cpus=math.ceil(d.workers * d.cpus))
     signals.install()  # ray.init replaced the SIGTERM handler: a stop signal ends the run KILLED, resumable
     try:
@@ -55,15 +59,15 @@ def run_workers(cfg: RunConfig, *, parent_run_id: str | None = None) -> dict[str
                 base.mkdir(parents=True, exist_ok=True)  # --resume: the workers continue from the given checkpoint
                 shutil.copyfile(cfg.pretrain.resume, base / "checkpoint.pt")
             checkpoint = base / "checkpoint.pt"
+            uri = absolute_uri(tracking_uri(cfg.tracking.uri))
             try:
-                uri = absolute_uri(tracking_uri(cfg.tracking.uri))
                 fit_workers(cfg, mlrun, checkpoint, uri=uri, name=f"run-{mlrun.run_id}", storage=base / "ray", max_failures=d.max_failures, gpus_per_worker=gpus, backend=backend)
             except KeyboardInterrupt as stop:  # the run ends KILLED, resumable from its last checkpoint
                 raise Interrupted(checkpoint if checkpoint.is_file() else None) from stop
             except raytrain.WorkerFailed as err:
                 mlrun.set_tags({"harness.error": str(err)[:5000]})
                 raise
-            return {k: v for k, v in mlrun.info()["metrics"].items()}
+            return dict(mlrun.info()["metrics"])
     finally:
         if started:
             raytune.shutdown()
