@@ -25,30 +25,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from harness.config import build_config
-from harness.prepare import prepare
-from harness.train import pretrain
-from methods.base import StepInfo
+from pretrain_throughput import harness_images_per_s  # the same timed loop, here run in each worker
 
 
 def _train(rank: int, world: int, threads: int, overrides: list[str], steps: int, warmup: int, batch: int, folder: str) -> None:
     torch.set_num_threads(threads)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
-    cfg = build_config({}, [*overrides, f"data.num_train={batch * (warmup + steps)}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.progress=false"])
-    trial = prepare(cfg)
-    marks: list[float] = []
-    original = trial.method.after_step
-
-    def after_step(step: StepInfo) -> None:  # timestamps each completed step
-        original(step)
-        marks.append(time.perf_counter())
-
-    trial.method.after_step = after_step  # type: ignore[method-assign]  # the method's own hook, instrumented on this instance
-    pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device)
+    speed = harness_images_per_s(overrides, steps, warmup, batch)  # global batch per step: every rank times the same steps
     if rank == 0:
-        Path(folder, "images_per_s").write_text(str(batch * steps / (marks[-1] - marks[warmup - 1])))
+        Path(folder, "images_per_s").write_text(str(speed))
     if world > 1:
         dist.destroy_process_group()
 

@@ -86,13 +86,16 @@ def _fit_workers(cfg: RunConfig, mlrun: Run, spec: dict[str, Any]) -> None:
     """A trial of ``resources.workers`` > 1: a Ray Train job fitted from this Tune trial, rank 0 logging into the child
     run. Its checkpoint sits in the sweep's storage under the child run's id, so a retried or resumed trial (or a
     restarted worker group) continues from it."""
+    import torch
+
+    from harness import distributed
     from harness.data_parallel import fit_workers
 
     workers = spec["workers"]
     storage = Path(workers["storage"])
     checkpoint = worker_folder(storage, mlrun.run_id) / "checkpoint.pt"
     gpus = float(workers["gpus"])
-    backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if gpus > 0 else "gloo")  # checked in harness.sweep_config
+    backend = distributed.backend_for(cfg.distributed.backend, torch.device("cuda" if gpus > 0 else "cpu"))  # nccl without GPUs: refused in sweep_config
     cfg.pretrain.progress = False
     mlrun.set_status("RUNNING")
     if checkpoint.is_file():
