@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from evaluations.finetune import Augment, train_on_batches
+from harness.splits import Images
 
 __all__ = ["distillation_loss", "self_distill"]
 
@@ -58,7 +59,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def self_distill(
     teacher: nn.Module,
     student: nn.Module,
-    images: torch.Tensor,
+    images: Images,
     augment: Augment,
     *,
     epochs: int,

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.splits import Images
+
 
 @contextmanager
 def eval_mode(module: nn.Module | None) -> Iterator[None]:
@@ -27,7 +29,7 @@ def eval_mode(module: nn.Module | None) -> Iterator[None]:
 @torch.inference_mode()
 def extract_embeddings(
     encoder: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
+    images: Images,
     preprocess: Callable[[torch.Tensor], torch.Tensor],
     *,
     batch_size: int = 512,
@@ -50,6 +52,6 @@ def extract_embeddings(
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
 
 
-def raw_pixels(images: torch.Tensor, preprocess: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 2048) -> np.ndarray:
+def raw_pixels(images: Images, preprocess: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 2048) -> np.ndarray:
     """The raw-pixel baseline's "embedding": normalised pixels, flattened to (N, C*H*W)."""
     return extract_embeddings(lambda x: x.flatten(1), images, preprocess, batch_size=batch_size)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.schedules import cosine_lr
+from harness.splits import Images
 
 __all__ = ["Augment", "Finetuned", "Normalize", "classification_accuracy", "classifier", "finetune_subset", "train_on_batches"]
 
@@ -61,10 +62,10 @@ def classifier(trunk: nn.Module, dim: int, num_classes: int) -> nn.Sequential:
 def finetune_subset(
     trunk: nn.Module,
     dim: int,
-    images: torch.Tensor,
+    images: Images,
     labels: torch.Tensor,
     subset: np.ndarray,
-    test_images: torch.Tensor,
+    test_images: Images,
     test_labels: torch.Tensor,
     augment: Augment,
     normalize: Normalize,
@@ -96,7 +97,7 @@ def finetune_subset(
 
 def train_on_batches(
     model: nn.Module,
-    images: torch.Tensor,
+    images: Images,
     rows: torch.Tensor,
     augment: Augment,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -136,7 +137,7 @@ def train_on_batches(
 
 @torch.inference_mode()
 def classification_accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize, device: torch.device | str = "cpu", batch_size: int = 512
+    model: nn.Module, images: Images, labels: torch.Tensor, normalize: Normalize, device: torch.device | str = "cpu", batch_size: int = 512
 ) -> dict[str, float]:
     """Top-1 and top-5 (of min(5, C) classes) of a classifier on un-augmented, normalised images; leaves it in eval mode."""
     device = torch.device(device)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from harness.config import AugmentConfig
 from methods.base import ViewSpec
 
-__all__ = ["Augmenter", "Draws", "keyed_uniforms"]
+__all__ = ["NUM_DRAWS", "Augmenter", "Draws", "crop_boxes", "keyed_uniforms"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma; torchvision writes 0.2989 for 0.299).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -65,6 +65,8 @@ _LUMA = (0.2989, 0.587, 0.114)
 # Columns of the per-image uniform draw, in draw order.
 (_SCALE, _RATIO, _CX, _CY, _FLIP, _JITTER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, _BLUR, _SIGMA) = range(13)
 _NUM_DRAWS = 13
+NUM_DRAWS = _NUM_DRAWS
+"""Uniforms per image and view (:meth:`Draws.uniforms` takes this many)."""
 
 # SplitMix64 (Steele, Lea and Flood 2014) on int64 tensors: two's-complement wrapping arithmetic,
 # logical right shifts by masking. The constants are the unsigned 64-bit ones, as signed int64.
@@ -99,6 +101,29 @@ def keyed_uniforms(key: int, indices: torch.Tensor, columns: int) -> torch.Tenso
     h = _mix64(base + rows * _GOLDEN)
     h = _mix64(h + torch.arange(1, columns + 1, dtype=torch.int64) * _GOLDEN)
     return _shr(h, 11).to(torch.float64) * 2.0**-53
+
+
+def crop_boxes(
+    u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], height: float | torch.Tensor, width: float | torch.Tensor
+) -> torch.Tensor:
+    """The random resized crops of the per-image uniforms ``u`` (B, 13): (B, 4) float64 ``[w, h, cx, cy]``.
+
+    ``w``, ``h``: the crop's width and height as fractions of the image's width and height
+    (area drawn uniformly in ``scale``, log aspect ratio uniformly in ``ratio``, as
+    torchvision's ``RandomResizedCrop``; clamped to 1, see the module docstring); ``cx``,
+    ``cy``: its centre in normalised [-1, 1] coordinates, uniform where the crop fits.
+    ``height``, ``width``: the image's sides in pixels (scalars, or (B,) for images of
+    different sizes). The one crop geometry of both the in-memory and the streamed path.
+    """
+    area = _uniform(u[:, _SCALE], *scale)
+    log_ratio = _uniform(u[:, _RATIO], math.log(ratio[0]), math.log(ratio[1]))
+    aspect = log_ratio.exp()  # width / height, in pixels
+    # torchvision: w = sqrt(area * H * W * ratio) pixels; here as a fraction of each side, clamped.
+    w = (area * aspect * height / width).sqrt().clamp(max=1.0)
+    h = (area / aspect * width / height).sqrt().clamp(max=1.0)
+    cx = (1 - w) * (2 * u[:, _CX] - 1)
+    cy = (1 - h) * (2 * u[:, _CY] - 1)
+    return torch.stack([w, h, cx, cy], dim=1)
 
 
 class Draws:
@@ -150,10 +175,14 @@ class Augmenter:
 
     # ------------------------------------------------------------------ public
 
-    def __call__(self, images: torch.Tensor, view: ViewSpec, draws: torch.Generator | Draws) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, view: ViewSpec, draws: torch.Generator | Draws, *, cropped: bool = False) -> torch.Tensor:
         """images: uint8 (B, C, H, W) on any device -> float32 (B, C, view.size, view.size), normalised with mean/std.
 
         ``draws``: a CPU generator (sequential draws) or keyed :class:`Draws` for these B images.
+        ``cropped``: the images are this view's random resized crops already (taken by
+        :mod:`harness.streaming` from the original images with the same draws, see
+        :func:`crop_boxes`), of side ``view.size``: the rest of the recipe (flip, colour,
+        grayscale, blur, normalisation) is applied with the draws it would use otherwise.
         C must be 1 or 3; with one channel, saturation, hue and grayscale are skipped.
         Float images are accepted too and taken to be in [0, 1].
         """
@@ -175,7 +204,7 @@ class Augmenter:
         gray = (u[:, _GRAY] < cfg.grayscale_p) & (channels == 3)
         blur = (u[:, _BLUR] < cfg.blur_p) & (view.size >= 2)
         radius = max(1, view.size // 20)  # blur kernel ~10% of the side, odd (SimCLR: side // 10, made odd)
-        params = self._params(u, scale, height, width, jitter, gray, blur, radius).to(images.device, non_blocking=True)
+        params = self._params(u, scale, height, width, jitter, gray, blur, radius, cropped).to(images.device, non_blocking=True)
 
         x = _to_float(images)
         x = _resized_crop(x, params[:, 0:4], params[:, 4], view.size)
@@ -226,6 +255,7 @@ class Augmenter:
         gray: torch.Tensor,
         blur: torch.Tensor,
         radius: int,
+        cropped: bool = False,
     ) -> torch.Tensor:
         """Uniforms (B, 13) and the per-image op flags (B,) -> parameters (B, 10 + 2 * radius + 1) float32.
 
@@ -235,14 +265,9 @@ class Augmenter:
         kernel where ``blur`` is off).
         """
         cfg = self.cfg
-        area = _uniform(u[:, _SCALE], *scale)
-        log_ratio = _uniform(u[:, _RATIO], math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
-        ratio = log_ratio.exp()  # width / height, in pixels
-        # torchvision: w = sqrt(area * H * W * ratio) pixels; here as a fraction of each side, clamped.
-        w = (area * ratio * height / width).sqrt().clamp(max=1.0)
-        h = (area / ratio * width / height).sqrt().clamp(max=1.0)
-        cx = (1 - w) * (2 * u[:, _CX] - 1)  # centre uniform where the crop fits, in [-1, 1] coordinates
-        cy = (1 - h) * (2 * u[:, _CY] - 1)
+        w, h, cx, cy = crop_boxes(u, scale, cfg.crop_ratio, height, width).unbind(1)
+        if cropped:  # the crop was taken already (from the original image, by a streamed loader): keep the whole view
+            w, h, cx, cy = torch.ones_like(w), torch.ones_like(h), torch.zeros_like(cx), torch.zeros_like(cy)
         sign_x = torch.where(u[:, _FLIP] < cfg.hflip_p, -1.0, 1.0)
         factors = torch.stack(
             [

@@ -43,6 +43,27 @@ class DataConfig(Section):
     """Seed of the data itself (generated images, subsets); the trial seed does not change the data."""
     verify_checksums: bool = False
     """Check the md5 sums of CIFAR/STL-10 files, as torchvision does for the full archives."""
+    shards: str | None = None
+    """Training shards of dataset ``shards``: a glob (``/data/in100-train-*.tar``) or a folder of WebDataset-style ``.tar``."""
+    val_shards: str | None = None
+    """Evaluation shards of dataset ``shards``, as ``shards``."""
+    in_memory: bool | Literal["auto"] = "auto"
+    """``imagefolder``/``shards``: decode every image once into memory (true), stream them (false), or hold them
+    when the decoded splits fit ``memory_budget_gb`` (auto). Other datasets are always in memory."""
+    memory_budget_gb: float = Field(4.0, gt=0)
+    num_workers: int | None = Field(None, ge=0)
+    """DataLoader processes that decode streamed images (0: in the training process); default the trial's CPUs."""
+    prefetch: int = Field(2, ge=1)
+    """Steps each loader process prepares ahead."""
+    eval_resize: int | None = Field(None, ge=1)
+    """Streamed evaluation: shorter side resized to this, then the centre ``image_size`` crop; default 256/224 of it."""
+    skip_corrupt: bool = False
+    """Skip (and count) images that cannot be decoded instead of failing the run."""
+
+    def streaming_options(self, threads: int) -> dict[str, Any]:
+        """The keyword arguments :func:`harness.datasets.load_dataset` takes for streaming."""
+        keys = ("in_memory", "memory_budget_gb", "eval_resize", "skip_corrupt", "shards", "val_shards")
+        return {k: getattr(self, k) for k in keys} | {"threads": threads}
 
 
 class BackboneConfig(Section):

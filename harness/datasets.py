@@ -15,28 +15,30 @@ size take a class-stratified subset drawn with ``seed``.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.utils import check_integrity
-from torchvision.transforms import functional as TF
 
+from harness import streaming
 from harness.errors import BadInput, DataNotFound, suggest
 from harness.shapes import SHAPES, generate_shapes
-from harness.splits import DataSplits, Split
+from harness.splits import DataSplits, Images, Split
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 STL10_MEAN, STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+log = logging.getLogger(__name__)
+
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
 SHAPES_TEST_SEED_OFFSET = 1_000_003
@@ -54,6 +56,13 @@ class DatasetRequest:
     num_test: int | None
     seed: int
     verify_checksums: bool
+    in_memory: bool | Literal["auto"] = "auto"
+    memory_budget_gb: float = 4.0
+    eval_resize: int | None = None
+    threads: int = 4
+    skip_corrupt: bool = False
+    shards: str | None = None
+    val_shards: str | None = None
 
 
 Loader = Callable[[DatasetRequest], DataSplits]
@@ -86,10 +95,14 @@ def load_dataset(
     num_test: int | None = None,
     seed: int = 0,
     verify_checksums: bool = False,
+    **streaming_options: Any,
 ) -> DataSplits:
-    """Load dataset ``name`` as uint8 tensors of side ``image_size``.
+    """Load dataset ``name`` as uint8 tensors of side ``image_size`` (or, for the datasets of :data:`STREAMABLE`,
+    as streamed images when they do not fit the memory budget).
 
-    Raises BadInput for an unknown name or a bad size, DataNotFound when its files are missing.
+    ``streaming_options``: ``in_memory``, ``memory_budget_gb``, ``eval_resize``, ``threads``, ``skip_corrupt``,
+    ``shards``, ``val_shards`` (see :class:`harness.config.DataConfig`). Raises BadInput for an unknown name or a
+    bad size, DataNotFound when its files are missing.
     """
     if name not in _REGISTRY:
         known = list_datasets()
@@ -107,7 +120,10 @@ def load_dataset(
         num_test=num_test,
         seed=seed,
         verify_checksums=verify_checksums,
+        **streaming_options,
     )
+    if request.in_memory is False and name not in STREAMABLE:
+        raise BadInput(f"data.in_memory: false streams {' and '.join(STREAMABLE)} only; {name!r} is always held in memory (use auto or true)")
     return _REGISTRY[name](request)
 
 
@@ -176,7 +192,7 @@ def _finish(
     return DataSplits(request.name, train, test, tuple(classes), mean, std)
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: Images, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, in [0, 1] units."""
     channels = images.shape[1]
     total = torch.zeros(channels, dtype=torch.float64)
@@ -346,54 +362,79 @@ def _load_stl10(request: DatasetRequest) -> DataSplits:
 # ----------------------------------------------------------------------------- image folders
 
 
-class _FixedClassesFolder(tv_datasets.ImageFolder):
-    """An ImageFolder whose class_to_idx is given (the train folder's), not found in its own folder."""
-
-    def __init__(self, root: Path, class_to_idx: dict[str, int]) -> None:
-        self._fixed = dict(class_to_idx)
-        super().__init__(root, allow_empty=True)
-
-    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        return sorted(self._fixed, key=self._fixed.__getitem__), self._fixed
-
-
 @register_dataset("imagefolder")
 def _load_imagefolder(request: DatasetRequest) -> DataSplits:
     """ImageNet-style folders ``<root>/train/<class>/*`` and ``<root>/val/<class>/*``.
 
-    Images are converted to RGB, resized (shorter side to image_size, antialiased) and
-    centre-cropped. Class indices follow the sorted train folder names; val uses the same.
+    Class indices follow the sorted train folder names; val uses the same. Held in memory
+    (converted to RGB, shorter side resized to image_size, centre-cropped) or streamed
+    (:mod:`harness.streaming`), as ``data.in_memory`` decides.
     """
     root = _require_root(request, "train/ and val/ class folders")
     for part in ("train", "val"):
         if not (root / part).is_dir():
             raise DataNotFound(f"data.root: image folder split not found at {root / part} (expected {root}/train/<class>/*.png|jpg and {root}/val/<class>/...)")
-    try:
-        train_folder = tv_datasets.ImageFolder(root / "train")
-    except FileNotFoundError as err:
-        raise DataNotFound(f"data.root: {root / 'train'}: {err}") from None
-    extra = sorted({p.name for p in (root / "val").iterdir() if p.is_dir()} - set(train_folder.classes))
+    train = streaming.folder_source(root / "train")
+    extra = sorted({p.name for p in (root / "val").iterdir() if p.is_dir()} - set(train.classes))
     if extra:
         raise BadInput(f"data.root: {root / 'val'} has classes that {root / 'train'} lacks: {', '.join(extra)}")
-    val_folder = _FixedClassesFolder(root / "val", train_folder.class_to_idx)
-    if not val_folder.samples:
+    if not any(p.is_dir() for p in (root / "val").iterdir()):
         raise DataNotFound(f"data.root: no images found under {root / 'val'}")
-    train = _decode_folder(train_folder, request.image_size)
-    test = _decode_folder(val_folder, request.image_size)
-    return _finish(request, train, test, train_folder.classes, IMAGENET_MEAN, IMAGENET_STD)
+    test = streaming.folder_source(root / "val", {c: i for i, c in enumerate(train.classes)})
+    return _from_sources(request, train, test)
 
 
-def _decode_folder(folder: tv_datasets.ImageFolder, size: int) -> Split:
-    """Decode every image of an ImageFolder (threads) into one uint8 ``(N, 3, size, size)`` tensor."""
+@register_dataset("shards")
+def _load_shards(request: DatasetRequest) -> DataSplits:
+    """WebDataset-style tar shards (``data.shards`` for training, ``data.val_shards`` for evaluation), each sample an
+    image and its ``.cls`` class index; held in memory or streamed as ``data.in_memory`` decides."""
+    if request.shards is None or request.val_shards is None:
+        missing = "data.shards" if request.shards is None else "data.val_shards"
+        raise BadInput(f"{missing}: dataset 'shards' needs data.shards and data.val_shards (a glob like /data/train-*.tar, or a folder of .tar files)")
+    train = streaming.shard_source(request.shards, "data.shards")
+    test = streaming.shard_source(request.val_shards, "data.val_shards")
+    classes = tuple(str(c) for c in range(max(len(train.classes), len(test.classes))))
+    return _from_sources(request, dataclasses.replace(train, classes=classes), dataclasses.replace(test, classes=classes))
 
-    def decode(path: str) -> torch.Tensor:
-        image = folder.loader(path).convert("RGB")
-        image = TF.resize(image, size, antialias=True)
-        return TF.pil_to_tensor(TF.center_crop(image, size))
 
-    paths = [path for path, _ in folder.samples]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(decode, paths))
-    labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
-    stacked = torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
-    return Split(stacked, labels)
+STREAMABLE = ("imagefolder", "shards")
+"""The datasets that can be streamed (``data.in_memory: false``); the others are always held in memory."""
+
+
+def _from_sources(request: DatasetRequest, train: streaming.ImageSource, test: streaming.ImageSource) -> DataSplits:
+    """Subset the sources, then hold them in memory or stream them (``data.in_memory``; the choice is in ``storage``)."""
+    train_rows = stratified_subset(train.labels, request.num_train, request.seed, "num_train")
+    test_rows = stratified_subset(test.labels, request.num_test, request.seed + 1, "num_test")
+    train = train if train_rows is None else train.subset(train_rows)
+    test = test if test_rows is None else test.subset(test_rows)
+    size = request.image_size
+    gigabytes = (len(train) + len(test)) * 3 * size * size / 1e9
+    budget = f"data.memory_budget_gb={request.memory_budget_gb:g}"
+    if request.in_memory == "auto":
+        in_memory = gigabytes <= request.memory_budget_gb
+        reason = f"{gigabytes:.2f} GB decoded at {size} px {'<=' if in_memory else '>'} {budget}"
+    else:
+        in_memory, reason = bool(request.in_memory), f"data.in_memory={str(request.in_memory).lower()}"
+    resize = request.eval_resize or round(size * 256 / 224)
+    splits = []
+    for source in (train, test):
+        streamed = streaming.StreamedImages(source, size, resize, threads=request.threads, skip_corrupt=request.skip_corrupt)
+        splits.append(_decode_all(source, size, request) if in_memory else Split(streamed, source.labels))
+    storage = f"in memory ({reason})" if in_memory else f"streamed from {'shards' if request.name == 'shards' else 'files'} ({reason})"
+    return DataSplits(request.name, splits[0], splits[1], train.classes, IMAGENET_MEAN, IMAGENET_STD, storage=storage)
+
+
+def _decode_all(source: streaming.ImageSource, size: int, request: DatasetRequest) -> Split:
+    """Every image of ``source`` as one uint8 ``(N, 3, size, size)`` tensor: shorter side resized to ``size``, centre
+    crop. An unreadable image is bad input naming it, or with ``data.skip_corrupt`` left out (and logged)."""
+    decoder = streaming.StreamedImages(source, size, size, threads=request.threads, skip_corrupt=request.skip_corrupt)
+    try:
+        images = decoder[:] if len(source) else torch.empty((0, 3, size, size), dtype=torch.uint8)
+    except streaming.CorruptImage as err:
+        raise BadInput(str(err)) from None
+    if not decoder.skipped:
+        return Split(images, source.labels)
+    bad = set(decoder.skipped)
+    keep = torch.tensor([name not in bad for name in source.names])
+    log.warning("skipped %d unreadable image(s) of %d, first %s", len(bad), len(source), decoder.skipped[0])
+    return Split(images[keep], source.labels[keep])

@@ -137,11 +137,25 @@ def baselines(trial: Trial) -> dict[str, float]:
     cfg, data, method = trial.cfg, trial.data, trial.method
     ytr, yte = data.train.labels.numpy(), data.test.labels.numpy()
     (name, train), (_, test) = (method.input_baseline(split, trial.augmenter.normalize) for split in (data.train, data.test))
+    if data.streamed:  # N x 3 x S x S floats would not fit: the pixels of a streamed dataset are pooled first
+        train, test = (EvalInputs(inputs.data, _pooled(inputs.prepare, STREAMED_RAW_PIXELS_SIDE)) for inputs in (train, test))
     out = {f"baseline/{name}/knn_top1": knn_top1(cfg, raw_pixels(train.data, train.prepare), ytr, raw_pixels(test.data, test.prepare), yte)}
     untrained = copy.deepcopy(method.backbone)
     train_x, test_x = embed_splits(trial, untrained, untrained)
     out["baseline/random_init/knn_top1"] = knn_top1(cfg, train_x, ytr, test_x, yte)
     return out
+
+
+STREAMED_RAW_PIXELS_SIDE = 32
+"""The raw-pixel baseline of a streamed dataset reads its images average-pooled to at most this side."""
+
+
+def _pooled(prepare: Callable[[torch.Tensor], torch.Tensor], side: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        y = prepare(x)
+        return torch.nn.functional.adaptive_avg_pool2d(y, side) if y.ndim == 4 and y.shape[-1] > side else y
+
+    return pooled
 
 
 def _extractor(trial: Trial, module: torch.nn.Module) -> Extract:

@@ -35,6 +35,7 @@ from harness.config import ONLINE_METRICS
 from harness.evaluate import embed_splits, knn_top1
 from harness.prepare import Trial
 from harness.splits import Split
+from harness.streaming import StreamedImages
 
 __all__ = ["OnlineMonitor", "subset_indices"]
 
@@ -53,7 +54,8 @@ def subset_indices(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
 def _take(split: Split, idx: np.ndarray) -> Split:
     rows = idx.tolist()
     attributes = [split.attributes[i] for i in rows] if split.attributes is not None else None
-    return Split(split.images[idx], split.labels[idx], attributes)
+    images = split.images.subset(idx) if isinstance(split.images, StreamedImages) else split.images[idx]  # streamed: stays streamed
+    return Split(images, split.labels[idx], attributes)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from harness.config import RunConfig
 from harness.datasets import load_dataset
 from harness.errors import ConfigError
 from harness.splits import DataSplits
-from harness.train import check_batch_size, read_checkpoint, resolve_device
+from harness.train import check_batch_size, data_workers, read_checkpoint, resolve_device
 from methods import Method, create_method
 
 __all__ = ["Trial", "prepare", "seed_everything"]
@@ -40,7 +40,10 @@ def prepare(cfg: RunConfig) -> Trial:
     """Load the data and build the model; raises BadInput for anything wrong, before any run is opened."""
     seed_everything(cfg.seed)
     d = cfg.data
-    data = load_dataset(d.name, root=d.root, image_size=d.image_size, num_train=d.num_train, num_test=d.num_test, seed=d.seed, verify_checksums=d.verify_checksums)
+    data = load_dataset(
+        d.name, root=d.root, image_size=d.image_size, num_train=d.num_train, num_test=d.num_test, seed=d.seed,
+        verify_checksums=d.verify_checksums, **d.streaming_options(max(1, data_workers(cfg))),
+    )  # fmt: skip
     check_batch_size(cfg.pretrain.batch_size, len(data.train), d.name)
     if cfg.pretrain.resume is not None:  # missing, unreadable or another experiment's: bad input, before any run opens
         read_checkpoint(cfg.pretrain.resume, cfg)

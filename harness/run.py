@@ -74,6 +74,8 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     checkpoint = cfg.pretrain.checkpoint_dir or Path("outputs") / cfg.tracking.experiment / mlrun.run_id
     checkpoint_path = (Path(checkpoint) / "checkpoint.pt").resolve()
     log_run_inputs(mlrun, cfg, checkpoint_path)
+    mlrun.set_tags({"harness.data": data.storage})
+    log.info("data: %s %s", cfg.data.name, data.storage)
     logged = mlrun.info()["metrics"]
     metrics: dict[str, float] = {}
 
@@ -102,6 +104,8 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
         if monitor is not None and monitor.seconds:
             metrics["time/online_s"] = sum(monitor.seconds)
         metrics["train/images_per_s_mean"] = result.images_per_s
+        if data.streamed:
+            metrics["data/skipped_images"] = len(result.skipped)
         if result.losses:
             metrics["train/final_loss"] = result.losses[-1]
         metrics.update(evaluate(trial, mlrun))

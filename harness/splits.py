@@ -8,17 +8,36 @@ the loaders in :mod:`harness.datasets`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-__all__ = ["DataSplits", "Split"]
+__all__ = ["DataSplits", "Images", "Split"]
+
+
+class Images(Protocol):
+    """uint8 images ``(N, C, S, S)`` indexed by rows (a slice, an index tensor or array) -> a uint8 tensor: a tensor
+    held in memory, or :class:`harness.streaming.StreamedImages`, which decodes the rows when indexed."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def ndim(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> torch.Tensor: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split held in memory: uint8 images ``(N, C, S, S)`` and int64 labels ``(N,)``."""
+    """One split: uint8 images ``(N, C, S, S)`` (in memory, or streamed: see :class:`Images`) and int64 labels ``(N,)``."""
 
-    images: torch.Tensor
+    images: Images
     labels: torch.Tensor
     attributes: list[dict[str, str]] | None = None
     """Per-image nuisance attributes (``shapes`` only): shape, colour, size, position."""
@@ -46,6 +65,12 @@ class DataSplits:
     mean: tuple[float, ...]
     """Per-channel mean of the pixel values in [0, 1] units."""
     std: tuple[float, ...]
+    storage: str = "in memory"
+    """Where the images are: ``in memory`` or ``streamed ...``, with the reason (``data.in_memory``)."""
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train.images, torch.Tensor) is False
 
     @property
     def channels(self) -> int:

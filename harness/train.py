@@ -37,7 +37,9 @@ from harness.config import RunConfig, flatten
 from harness.errors import BadInput, Diverged
 from harness.optim import build_optimizer
 from harness.schedules import cosine_lr
-from methods.base import Method, StepInfo
+from harness.splits import Images
+from harness.streaming import StreamedImages, TrainLoader
+from methods.base import Method, StepInfo, ViewSpec
 from methods.distributed import average_gradients
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,19 @@ class TrainResult:
     steps: int = 0
     time_s: float = 0.0
     images_per_s: float = 0.0
+    skipped: list[str] = field(default_factory=list)
+    """Streamed images that could not be read (``data.skip_corrupt``), each once."""
 
 
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> CUDA if there is one (this worker's GPU with several workers), else the CPU; ``cuda`` without CUDA
     is BadInput."""
     return distributed.device_for(spec, distributed.current())
+
+
+def data_workers(cfg: RunConfig) -> int:
+    """Processes (threads, in evaluation) that decode streamed images: ``data.num_workers``, default the trial's CPUs."""
+    return cfg.data.num_workers if cfg.data.num_workers is not None else torch.get_num_threads()
 
 
 def check_batch_size(batch_size: int, num_images: int, dataset: str = "") -> None:
@@ -90,7 +99,7 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterat
 
 def pretrain(
     method: Method,
-    images: torch.Tensor,
+    images: Images,
     cfg: RunConfig,
     augmenter: Augmenter,
     device: torch.device,
@@ -101,7 +110,7 @@ def pretrain(
     on_epoch_end: EpochCallback | None = None,
     epoch_metrics: EpochMetrics | None = None,
 ) -> TrainResult:
-    """Pretrain ``method`` on ``images`` (uint8 (N, C, H, W)) for ``cfg.pretrain.epochs`` epochs.
+    """Pretrain ``method`` on ``images`` (uint8 (N, C, H, W), in memory or streamed) for ``cfg.pretrain.epochs`` epochs.
 
     After each epoch: ``epoch_metrics(epoch)`` merged into the epoch's metrics,
     ``log_metrics({"train/loss": ..., ...}, epoch)``, an atomic checkpoint at
@@ -148,7 +157,7 @@ def pretrain(
 
 def _train_epochs(
     method: Method,
-    images: torch.Tensor,
+    images: Images,
     cfg: RunConfig,
     augmenter: Augmenter,
     device: torch.device,
@@ -168,8 +177,8 @@ def _train_epochs(
     total_steps = steps_per_epoch * p.epochs
     warmup_steps = round(p.warmup_epochs * steps_per_epoch)
     cuda = device.type == "cuda"
-    images = images.to(device)
     views = method.views(images.shape[-1])
+    batches = _batches(images, views, cfg, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and p.amp else nullcontext()
     show_bar = p.progress and sys.stderr.isatty() and world.is_main
     step = start_epoch * steps_per_epoch
@@ -183,14 +192,13 @@ def _train_epochs(
         torch.manual_seed(key + world.rank)  # dropout, masks and other in-model randomness: a stream per worker
         epoch_loss, epoch_t0 = 0.0, time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", disable=not show_bar, leave=False)
-        for i, rows in enumerate(batch_indices(n, p.batch_size, generator)):
+        steps = [distributed.shard(rows, world) for rows in batch_indices(n, p.batch_size, generator)]
+        for i, (idx, raw) in enumerate(batches.epoch(key, steps)):
             lr = cosine_lr(step, total_steps, warmup_steps, p.lr, p.final_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = distributed.shard(rows, world)
-            batch = images[idx.to(device)]
             draws = Draws(key, idx, i)
-            xs = [augmenter(batch, spec, draws.view(v)) for v, spec in enumerate(views)]
+            xs = [augmenter(x, spec, draws.view(v), cropped=batches.cropped) for v, (x, spec) in enumerate(zip(raw, views, strict=True))]
             if cuda and p.channels_last:
                 xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
             info = StepInfo(epoch=epoch, step=step, total_steps=total_steps, indices=idx)
@@ -227,11 +235,51 @@ def _train_epochs(
             save_checkpoint(checkpoint_path, method, optimizer, epoch + 1, result.losses, cfg, provenance or {})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics, checkpoint_path)
+    if isinstance(batches, _Streamed):
+        result.skipped = list(batches.loader.skipped)
     result.time_s = time.perf_counter() - t0
     result.epochs = p.epochs - start_epoch
     result.steps = result.epochs * steps_per_epoch
     train_s = result.time_s - hook_s
     result.images_per_s = seen / train_s if train_s > 0 else 0.0
+
+
+class _InMemory:
+    """Every step's images from the tensor held on the device: each view is cropped from the same batch."""
+
+    cropped = False
+
+    def __init__(self, images: torch.Tensor, views: int, device: torch.device) -> None:
+        self.images, self.views, self.device = images.to(device), views, device
+
+    def epoch(self, key: int, steps: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        for idx in steps:
+            yield idx, [self.images[idx.to(self.device)]] * self.views
+
+
+class _Streamed:
+    """Every step's views as crops from the original images, made by DataLoader workers (:mod:`harness.streaming`)."""
+
+    cropped = True
+
+    def __init__(self, images: StreamedImages, views: list[ViewSpec], cfg: RunConfig, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.loader = TrainLoader(
+            images.source, views, cfg.augment, num_workers=data_workers(cfg), prefetch=cfg.data.prefetch, pin_memory=cuda, skip_corrupt=cfg.data.skip_corrupt
+        )
+        self.device = device
+
+    def epoch(self, key: int, steps: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        for idx, crops in self.loader.epoch(key, steps):
+            yield idx, [x.to(self.device, non_blocking=True) for x in crops]
+
+
+def _batches(images: Images, views: list[ViewSpec], cfg: RunConfig, device: torch.device) -> _InMemory | _Streamed:
+    if isinstance(images, StreamedImages):
+        log.info("streaming the training images with %d loader process(es)", data_workers(cfg))
+        return _Streamed(images, views, cfg, device)
+    assert isinstance(images, torch.Tensor)
+    return _InMemory(images, len(views), device)
 
 
 def save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], cfg: RunConfig, provenance: dict[str, Any]) -> None:

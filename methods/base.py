@@ -42,7 +42,7 @@ from harness.errors import BadInput
 if TYPE_CHECKING:
     import numpy as np
 
-    from harness.splits import DataSplits, Split
+    from harness.splits import DataSplits, Images, Split
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
 """A batch of inputs on the device -> what the encoder takes (normalisation, augmentation, nothing)."""
@@ -77,8 +77,8 @@ class ViewSpec:
 class EvalInputs:
     """What ``embed`` (or a baseline) takes for every item of a split, and how one batch of it is prepared on the device."""
 
-    data: torch.Tensor
-    """One row per item: uint8 images (N, C, S, S), or token ids (N, L) for a text method."""
+    data: Images
+    """One row per item: uint8 images (N, C, S, S) (in memory or streamed), or token ids (N, L) for a text method."""
     prepare: Prepare
 
 

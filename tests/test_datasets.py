@@ -284,7 +284,7 @@ def test_imagefolder_missing(tmp_path: Path) -> None:
 
 
 def test_registry_and_unknown_name() -> None:
-    assert list_datasets() == sorted(["cifar10", "cifar100", "digits", "imagefolder", "shapes", "stl10"])
+    assert list_datasets() == sorted(["cifar10", "cifar100", "digits", "imagefolder", "shapes", "shards", "stl10"])
     with pytest.raises(BadInput, match=r"unknown dataset 'cifar01' \(did you mean 'cifar10'.*known: cifar10, cifar100"):
         load_dataset("cifar01")
 
