@@ -35,8 +35,9 @@ from harness.splits import Images
 
 __all__ = ["Augment", "Finetuned", "Normalize", "classification_accuracy", "classifier", "finetune_subset", "train_on_batches"]
 
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-"""``augment(x, generator)``: uint8 ``(B, C, S, S)`` on the device -> one random training view ``(B, C, S, S)``, float."""
+Augment = Callable[[Images, torch.Tensor, torch.Generator], torch.Tensor]
+"""``augment(images, rows, generator)``: one random training view ``(B, C, S, S)``, float on the device, of the B
+images ``images[rows]`` (uint8; streamed images crop from their originals)."""
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 """``normalize(x)``: uint8 ``(B, C, S, S)`` on the device -> the un-augmented, normalised float images."""
 
@@ -127,7 +128,7 @@ def train_on_batches(
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, 0, base_lr, 0.0)
-            x = augment(images[idx].to(device), generator)
+            x = augment(images, idx, generator)
             value = loss(x, idx)
             optimizer.zero_grad(set_to_none=True)
             value.backward()

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from harness.config import AugmentConfig
 from methods.base import ViewSpec
 
-__all__ = ["NUM_DRAWS", "Augmenter", "Draws", "crop_boxes", "keyed_uniforms"]
+__all__ = ["NUM_DRAWS", "Augmenter", "Drawn", "Draws", "crop_boxes", "draw", "keyed_uniforms"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma; torchvision writes 0.2989 for 0.299).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -101,6 +101,19 @@ def keyed_uniforms(key: int, indices: torch.Tensor, columns: int) -> torch.Tenso
     h = _mix64(base + rows * _GOLDEN)
     h = _mix64(h + torch.arange(1, columns + 1, dtype=torch.int64) * _GOLDEN)
     return _shr(h, 11).to(torch.float64) * 2.0**-53
+
+
+Drawn = tuple[list[int], torch.Tensor]
+"""A call's randomness drawn already: the jitter ops' order and the uniforms (B, NUM_DRAWS) float64."""
+
+
+def draw(batch: int, generator: torch.Generator) -> Drawn:
+    """The randomness of one call for ``batch`` images from a CPU generator, in the augmenter's fixed order (the
+    jitter order, then the uniforms): draw first to crop streamed originals with the same uniforms."""
+    if generator.device.type != "cpu":
+        raise ValueError(f"the generator must be a CPU generator (parameters are drawn on the CPU), got {generator.device}")
+    order = torch.randperm(4, generator=generator).tolist()
+    return order, torch.rand(batch, _NUM_DRAWS, generator=generator, dtype=torch.float64)
 
 
 def crop_boxes(
@@ -175,10 +188,11 @@ class Augmenter:
 
     # ------------------------------------------------------------------ public
 
-    def __call__(self, images: torch.Tensor, view: ViewSpec, draws: torch.Generator | Draws, *, cropped: bool = False) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, view: ViewSpec, draws: torch.Generator | Draws | Drawn, *, cropped: bool = False) -> torch.Tensor:
         """images: uint8 (B, C, H, W) on any device -> float32 (B, C, view.size, view.size), normalised with mean/std.
 
-        ``draws``: a CPU generator (sequential draws) or keyed :class:`Draws` for these B images.
+        ``draws``: a CPU generator (sequential draws), keyed :class:`Draws` for these B images, or
+        the ``(jitter order, uniforms)`` a generator gave :func:`draw` already.
         ``cropped``: the images are this view's random resized crops already (taken by
         :mod:`harness.streaming` from the original images with the same draws, see
         :func:`crop_boxes`), of side ``view.size``: the rest of the recipe (flip, colour,
@@ -196,10 +210,9 @@ class Augmenter:
                 raise ValueError(f"the draws are for {draws.indices.numel()} images, the batch has {batch}")
             order, u = draws.order(), draws.uniforms(_NUM_DRAWS)
         else:
-            if draws.device.type != "cpu":
-                raise ValueError(f"the generator must be a CPU generator (parameters are drawn on the CPU), got {draws.device}")
-            order = torch.randperm(4, generator=draws).tolist()
-            u = torch.rand(batch, _NUM_DRAWS, generator=draws, dtype=torch.float64)
+            order, u = draw(batch, draws) if isinstance(draws, torch.Generator) else draws
+            if u.shape != (batch, _NUM_DRAWS):
+                raise ValueError(f"the draws are for {tuple(u.shape)} uniforms, the batch needs ({batch}, {_NUM_DRAWS})")
         jitter = u[:, _JITTER] < cfg.jitter_p
         gray = (u[:, _GRAY] < cfg.grayscale_p) & (channels == 3)
         blur = (u[:, _BLUR] < cfg.blur_p) & (view.size >= 2)

@@ -23,9 +23,11 @@ from evaluations.features import eval_mode, extract_embeddings, raw_pixels
 from evaluations.finetune import classification_accuracy, classifier, finetune_subset
 from evaluations.knn import knn_evaluate
 from evaluations.semi_supervised import balanced_subset
-from harness.augment import Augmenter
+from harness.augment import Augmenter, draw
 from harness.config import RunConfig
 from harness.prepare import Trial
+from harness.splits import Images
+from harness.streaming import StreamedImages
 from harness.tracking import Run
 from methods.base import EvalContext, EvalInputs, Method, ViewSpec
 
@@ -80,8 +82,11 @@ def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
     augmenter = Augmenter(light, data.mean, data.std)
     view = ViewSpec(data.image_size)
 
-    def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return augmenter(x, view, generator)
+    def augment(images: Images, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if isinstance(images, StreamedImages):  # the crops from the original images, with the same draws as the rest
+            drawn = draw(len(rows), generator)
+            return augmenter(images.crops(rows, drawn[1], view, light).to(trial.device), view, drawn, cropped=True)
+        return augmenter(images[rows].to(trial.device), view, generator)
 
     epochs = semi.epochs * len(semi.fractions) if len(semi.epochs) == 1 else semi.epochs
     out: dict[str, float] = {}

@@ -341,6 +341,25 @@ class StreamedImages:
         return torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
 
 
+    def crops(self, rows: torch.Tensor, uniforms: torch.Tensor, view: ViewSpec, cfg: AugmentConfig) -> torch.Tensor:
+        """The random resized crops of ``rows`` for uniforms (B, NUM_DRAWS), from the original images
+        (:func:`crop_views`), each of side ``view.size``: uint8 (B, 3, s, s). Fine-tuning's views."""
+        size, rows_ = view.size, [int(r) for r in rows]
+
+        def make(k: int) -> torch.Tensor:
+            try:
+                return crop_views(self.source, rows_[k], [uniforms[k]], [view], cfg)[0]
+            except CorruptImage:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped.append(self.source.names[rows_[k]])
+                return torch.zeros((3, size, size), dtype=torch.uint8)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(rows_)))) as pool:
+            made = list(pool.map(make, range(len(rows_))))
+        return torch.stack(made) if made else torch.empty((0, 3, size, size), dtype=torch.uint8)
+
+
 # ----------------------------------------------------------------------------- pretraining
 
 

@@ -75,7 +75,7 @@ def test_no_gradient_reaches_the_teacher_and_bad_arguments_are_refused() -> None
 def _crop_flip(mean: tuple[float, ...], std: tuple[float, ...], size: int = 8) -> tuple[Augmenter, Callable[[torch.Tensor, torch.Generator], torch.Tensor]]:
     """A crop + flip augmenter and the full-size training view it makes, as fine-tuning builds them."""
     augmenter = Augmenter(AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0), mean, std)
-    return augmenter, lambda x, g: augmenter(x, ViewSpec(size), g)
+    return augmenter, lambda images, rows, g: augmenter(images[rows], ViewSpec(size), g)
 
 
 def _agreement(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
