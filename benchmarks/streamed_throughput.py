@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,10 +145,8 @@ def peer_images_per_s(trial: Trial, train_folder: Path, side: int, workers: int,
     cuda = device.type == "cuda"
     batch = cfg.pretrain.batch_size
     dataset = ImageFolder(str(train_folder), transform=TwoViews(simclr_transform(side)))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(0),
-        **({"prefetch_factor": cfg.data.prefetch} if workers else {}),
-    )  # fmt: skip
+    kw: dict[str, Any] = {"prefetch_factor": cfg.data.prefetch} if workers else {}  # the harness's prefetch (2 steps per worker)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(0), **kw)
     method.to(device)
     if cuda and cfg.pretrain.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -289,10 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trial = prepare(cfg)
     peer = peer_images_per_s(trial, train, args.view, args.workers, args.steps, args.warmup)
 
-    print(
-        f"data: {args.images} JPEGs of {args.image_px}x{args.image_px} px (mean {kb:.1f} KB) in {args.classes} classes at {folder}"
-        + (f" (written in {written:.0f} s)" if written > 1 else "")
-    )
+    print(f"data: {args.images} JPEGs of {args.image_px}x{args.image_px} px (mean {kb:.1f} KB) in {args.classes} classes at {folder}" + (f" (written in {written:.0f} s)" if written > 1 else ""))
     print(
         f"settings: view {args.view} px, batch {args.batch_size}, {args.backbone}, SimCLR (crop scale 0.08-1, blur p=0.5), {args.workers} loader worker(s), "
         f"{torch.get_num_threads()} torch thread(s) in the training process, {os.cpu_count()} CPUs, device {trial.device}"

@@ -34,3 +34,19 @@ def test_data_parallel_prints_both_layouts_their_ratio_and_the_start_up_cost(tmp
     ratio = float(re.search(r"^ratio 2 workers / 1 worker: ([\d.]+)$", out, re.M).group(1))
     assert one > 0 and two > 0 and abs(ratio - two / one) < 0.01, out
     assert re.search(r"^Ray Train start-up, 2 workers \(empty job on a running local Ray\): [\d.]+ s  \(starting the local Ray: [\d.]+ s\)$", out, re.M), out
+
+
+def test_streamed_throughput_prints_both_pipelines_their_ratio_and_decode_rates(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    folder = tmp_path / "jpegs"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "streamed_throughput.py"), "--tiny", "--folder", str(folder)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    harness = float(re.search(r"^harness  .* ([\d.]+)$", out, re.M).group(1))
+    peer = float(re.search(r"^peer  .* ([\d.]+)$", out, re.M).group(1))
+    ratio = float(re.search(r"^ratio harness / peer: ([\d.]+)$", out, re.M).group(1))
+    assert harness > 0 and peer > 0 and abs(ratio - harness / peer) < 0.01 * ratio + 0.002, out  # the ratio of the two printed figures (rounded)
+    for line in ("harness crop_views", "PIL full decode", "peer per-image work"):
+        assert float(re.search(rf"^  {line} .*: +([\d.]+)$", out, re.M).group(1)) > 0, out
+    assert len(list((folder / "train").rglob("*.jpg"))) == 64 and "64 JPEGs of 64x64 px" in out and "test_resnet" in out, out
