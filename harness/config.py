@@ -85,6 +85,14 @@ class PretrainConfig(Section):
     base_lr: float = Field(0.3, gt=0)
     """Learning rate for a batch of 256; the effective lr is ``base_lr * batch_size / 256``."""
     weight_decay: float = Field(1e-4, ge=0)
+    """On the weights; biases and norm parameters get none with every optimiser (a method may declare its own rule,
+    :meth:`methods.base.Method.no_weight_decay`)."""
+    weight_decay_end: float | None = Field(None, ge=0)
+    """None: ``weight_decay`` throughout. Else half a cosine from ``weight_decay`` at the first step to this at the
+    last, set on the decaying group every step (DINO: 0.04 -> 0.4); logged as ``train/weight_decay``."""
+    clip_grad: float | None = Field(None, ge=0)
+    """Clip the gradients to this global L2 norm after they are averaged over the workers, before the optimiser step
+    (DINO: 3.0); None or 0: off. The epoch's mean norm before clipping is logged as ``train/grad_norm``."""
     momentum: float = Field(0.9, ge=0, lt=1)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = Field(1.0, ge=0)
@@ -234,6 +242,9 @@ class CollapseConfig(Section):
 
 ONLINE_METRICS = ("online/knn_top1", "online/rankme")
 """What the online monitor (:mod:`harness.monitor`) logs at each epoch it evaluates."""
+
+COLLAPSED_METRIC = "eval/collapsed"
+"""1.0 for a run that collapsed (:func:`harness.evaluate.collapsed`): tables and the sweep print no numbers for it."""
 
 
 class OnlineConfig(Section):

@@ -10,6 +10,7 @@ trunk follow. Nothing here depends on which method runs.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,10 +37,12 @@ __all__ = ["baselines", "embed_splits", "evaluate", "knn_top1", "semi_supervised
 Extract = Callable[[Callable[[torch.Tensor], torch.Tensor], EvalInputs], np.ndarray]
 
 
-def evaluate(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
+def evaluate(trial: Trial, mlrun: Run | None = None, final_loss: float | None = None) -> dict[str, float]:
     """The evaluation battery of ``cfg.eval`` on the trained method: embeddings extracted once (eval mode),
     then every enabled evaluation on them, the method's own evaluations, and semi-supervised fine-tuning.
-    Figures and the label subsets go to ``mlrun`` as artifacts."""
+    Figures and the label subsets go to ``mlrun`` as artifacts. ``eval/collapsed`` (0 or 1) says whether
+    the run collapsed (:func:`collapsed`), judged from ``final_loss`` (the last epoch's training loss) and the
+    collapse diagnostics."""
     cfg, data, method = trial.cfg, trial.data, trial.method
     ytr, yte = data.train.labels.numpy(), data.test.labels.numpy()
     t0 = time.perf_counter()
@@ -51,6 +54,8 @@ def evaluate(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
         projections = _projections(method, train_x, trial.device)
     battery, figures = evaluate_embeddings(cfg.eval, train_x, ytr, test_x, yte, views=views, projections=projections, seed=cfg.seed)
     metrics.update(battery)
+    limit = method.collapse_loss(cfg.pretrain.batch_size)
+    metrics["eval/collapsed"] = float(collapsed(final_loss, limit, battery.get("eval/rank/std_of_normalized"), train_x.shape[1]))
     ks = tuple(cfg.eval.retrieval.ks) if cfg.eval.retrieval.enabled else None
     context = EvalContext(data, test_x, _extractor(trial, method), ks)
     for name, extra in method.extra_evaluations().items():
@@ -66,6 +71,23 @@ def evaluate(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
             mlrun.log_figure(figure, f"eval/{name}")
     _close(figures)
     return metrics
+
+
+COLLAPSE_LOSS_TOLERANCE = 0.02
+"""A final loss within 2% of the method's closed-form collapse value counts as collapsed (a collapsed MoCo v2 on
+shapes ends at 6.86 against log(1025) = 6.93: the positive is a little closer than the queue)."""
+
+COLLAPSE_STD_RATIO = 0.1
+"""Std of L2-normalised embeddings below this fraction of a healthy 1/sqrt(d) counts as collapsed."""
+
+
+def collapsed(final_loss: float | None, collapse_loss: float | None, std_of_normalized: float | None, dim: int) -> bool:
+    """Whether a run collapsed: its final training loss at the method's closed-form collapse value (within
+    :data:`COLLAPSE_LOSS_TOLERANCE`), or the per-dimension std of its L2-normalised embeddings near 0 (below
+    :data:`COLLAPSE_STD_RATIO` / sqrt(d); healthy embeddings have about 1/sqrt(d))."""
+    if final_loss is not None and collapse_loss is not None and final_loss >= (1 - COLLAPSE_LOSS_TOLERANCE) * collapse_loss:
+        return True
+    return std_of_normalized is not None and dim > 0 and std_of_normalized * math.sqrt(dim) < COLLAPSE_STD_RATIO
 
 
 def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:

@@ -49,7 +49,8 @@ def reevaluate(target: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
     load_checkpoint(path, trial.method, None, None)
     trial.method.to(trial.device)
     mlrun = open_run(run_id, uri)
-    metrics = evaluate(trial, mlrun)
+    losses = saved.get("losses") or []
+    metrics = evaluate(trial, mlrun, final_loss=float(losses[-1]) if losses else None)
     mlrun.log_metrics(metrics)
     mlrun.log_text(yaml.safe_dump(cfg.as_dict()["eval"], sort_keys=False), "eval/protocol.yaml")
     return run_id, metrics

@@ -108,7 +108,7 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
             metrics["data/skipped_images"] = len(result.skipped)
         if result.losses:
             metrics["train/final_loss"] = result.losses[-1]
-        metrics.update(evaluate(trial, mlrun))
+        metrics.update(evaluate(trial, mlrun, final_loss=result.losses[-1] if result.losses else None))
     except KeyboardInterrupt as stop:
         raise Interrupted(checkpoint_path if checkpoint_path.is_file() else None) from stop
     metrics["memory/peak_rss_mb"] = peak_rss_mb()

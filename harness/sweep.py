@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import raytrain, raytune, signals
+from harness.config import COLLAPSED_METRIC as COLLAPSED
 from harness.config import RunConfig
 from harness.errors import BadInput, RunFailed
 from harness.sweep_config import Sweep, load_sweep
@@ -148,7 +149,10 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
         done[0] += 1
         if result.get(FINISHED_KEY):
             children[key].end("FINISHED")
-            say(key, "finished  " + "  ".join(f"{m} {result[m]:.4f}" for m in cfg.headline if m in result))
+            if result.get(COLLAPSED, 0.0) >= 0.5:  # its numbers are not a result
+                say(key, "finished  COLLAPSED (final loss at the collapse value, or embeddings near constant)")
+            else:
+                say(key, "finished  " + "  ".join(f"{m} {result[m]:.4f}" for m in cfg.headline if m in result))
         else:
             stopped.append(key)
             children[key].set_tags({"harness.stopped": f"stopped early by the scheduler after epoch {result.get('epoch', '?')}"})

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from harness.config import COLLAPSED_METRIC
 from harness.errors import BadInput, suggest
 from harness.tracking import metric_history, search_runs
 
@@ -79,6 +80,8 @@ LABELS = {
 TAG_COLUMNS = "harness.table_columns"
 """The sweep parent's tag holding its ``table.columns`` (JSON; null for the default)."""
 ONLINE_METRIC = "online/knn_top1"
+
+COLLAPSED = COLLAPSED_METRIC
 """The metric the trials log during pretraining (step = epoch), drawn as learning curves."""
 LOWER_IS_BETTER = re.compile(r"(loss|^time/|^memory/|alignment|uniformity)")
 UNRANKED = re.compile(r"(^train/lr$|^epoch$|weight_decay$|images_per_s|^baseline/)")
@@ -139,13 +142,15 @@ def aggregate(runs: SweepRuns) -> pd.DataFrame:
         row.update({k: next((m["taxonomy"][k] for m in members if m["taxonomy"][k] is not None), None) for k in TAXONOMY})
         done = [m for m in members if m["status"] == "FINISHED"]
         row["seeds"] = len(done)
-        row["status"] = _status(members)
+        row["collapsed"] = sum(1 for m in done if m["metrics"].get(COLLAPSED, 0.0) >= 0.5)
+        row["status"] = _status(members, row["collapsed"])
         for metric in metrics:
             values = np.array([m["metrics"][metric] for m in done if metric in m["metrics"]], dtype=float)
             row[metric] = float(values.mean()) if values.size else math.nan
             row[f"{metric} std"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=[*keys, *TAXONOMY, "seeds", "status", *(c for m in metrics for c in (m, f"{m} std"))])
+    metrics = [m for m in metrics if m != COLLAPSED]  # in the status column instead
+    frame = pd.DataFrame(rows, columns=[*keys, *TAXONOMY, "seeds", "collapsed", "status", *(c for m in metrics for c in (m, f"{m} std"))])
     return frame.sort_values(keys, key=lambda col: col.map(_sortable), kind="stable").reset_index(drop=True)
 
 
@@ -265,17 +270,21 @@ class Table:
 
 def metric_cells(frame: pd.DataFrame, metric: str) -> tuple[list[Cell], Format]:
     """``mean ± std`` of ``metric`` per row at its column's precision, bold where best; ``failed`` for a point
-    none of whose seeds finished, ``–`` where a finished run did not log it."""
+    none of whose seeds finished, ``–`` where a finished run did not log it; ``collapsed`` for a point with a
+    collapsed seed (``eval/collapsed``: its numbers are not a result), unless ``metric`` is a baseline."""
     n = len(frame)
     means = frame[metric].to_numpy(dtype=float) if metric in frame.columns else np.full(n, math.nan)
+    if not metric.startswith("baseline/") and "collapsed" in frame.columns:
+        means = np.where(frame["collapsed"].to_numpy() > 0, math.nan, means)
     stds = frame[f"{metric} std"].to_numpy(dtype=float) if metric in frame.columns else np.full(n, math.nan)
     fmt = column_format(metric, means)
-    best = best_rows(frame, metric, fmt)
+    best = best_rows(frame.assign(**{metric: means}), metric, fmt) if metric in frame.columns else set()
     cells = []
     for i in range(n):
         if math.isnan(means[i]):
             failed = "failed" in frame["status"].iloc[i] and frame["seeds"].iloc[i] == 0
-            cells.append(Cell("failed" if failed else MISSING))
+            hidden = "collapsed" in frame.columns and frame["collapsed"].iloc[i] > 0 and not metric.startswith("baseline/")
+            cells.append(Cell("failed" if failed else "collapsed" if hidden else MISSING))
         else:
             cells.append(Cell(fmt(means[i]) + ("" if math.isnan(stds[i]) else f" ± {fmt(stds[i])}"), i in best))
     return cells, fmt
@@ -535,13 +544,13 @@ def _baseline_text(frame: pd.DataFrame, base: str, fmt: Format) -> str | None:
     return fmt(frame[base].iloc[i]) + ("" if math.isnan(std) else f" ± {fmt(std)}")
 
 
-def _status(members: list[dict[str, Any]]) -> str:
+def _status(members: list[dict[str, Any]], collapsed: int = 0) -> str:
     n = len(members)
     counts = {s: sum(1 for m in members if m["status"] == s) for s in ("FINISHED", "FAILED", "KILLED")}
     stopped = sum(1 for m in members if m["status"] == "KILLED" and m["stopped"])
-    if counts["FINISHED"] == n:
+    if counts["FINISHED"] == n and not collapsed:
         return "ok"
-    parts = []
+    parts = [f"{collapsed}/{n} collapsed"] if collapsed else []
     if counts["FAILED"]:
         parts.append(f"{counts['FAILED']}/{n} failed")
     if stopped:

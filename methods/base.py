@@ -8,8 +8,13 @@ precision, devices and distribution; it calls, per step::
 
     views = [augment(images, spec) for spec in method.views(image_size)]
     out = method.training_step(views, step)     # StepOutput(loss, logs); step.indices: the batch's rows
-    out.loss.backward(); optimizer.step()
+    out.loss.backward()
+    drop the gradients of method.frozen_modules(step)   # e.g. SwAV's prototypes, DINO's last layer, early on
+    average over workers; clip (pretrain.clip_grad); optimizer.step()
     method.after_step(step)                     # e.g. EMA update of a target network
+
+The optimiser's parameter groups follow :meth:`Method.no_weight_decay` (default: biases and
+norm parameters get no weight decay, :func:`is_bias_or_norm`).
 
 and for evaluation ``method.embed(x)`` on what :meth:`Method.eval_inputs` gives for each
 split (by default the normalised, un-augmented images).
@@ -101,6 +106,12 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(cast(int, backbone.num_features))
 
 
+def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
+    """The default no-weight-decay rule: biases and normalisation weights, i.e. tensors of at most one dimension
+    (SimCLR's and BYOL's LARS exclusion; DINO's ``get_params_groups``: ``name.endswith(".bias") or ndim == 1``)."""
+    return param.ndim <= 1
+
+
 def unchanged(x: torch.Tensor) -> torch.Tensor:
     """The identity :data:`Prepare` (inputs the encoder takes as they are, e.g. token ids)."""
     return x
@@ -185,6 +196,18 @@ class Method(nn.Module):
     def after_step(self, step: StepInfo) -> None:
         """Called after each optimiser step (EMA updates, queue bookkeeping). Default: nothing."""
 
+    def frozen_modules(self, step: StepInfo) -> list[str]:
+        """Submodules (or parameters), by dotted attribute name, that get no update at ``step``: the loop sets their
+        gradients to None after ``backward``, so neither the gradient, momentum nor weight decay moves them
+        (SwAV's prototypes for the first steps, DINO's last layer in the first epoch). A pure function of the step,
+        like every schedule. Default: none."""
+        return []
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """Whether the parameter ``name`` (as ``named_parameters`` gives it) is left out of weight decay, and of
+        LARS's adaptation. Default: biases and norm parameters (:func:`is_bias_or_norm`)."""
+        return is_bias_or_norm(name, param)
+
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The representation used for evaluation: (B, C, H, W) -> (B, D). Default: backbone features."""
@@ -222,6 +245,12 @@ class Method(nn.Module):
         """Evaluations this method adds to the battery, by name (timed as ``time/eval/<name>_s``); each returns
         ``eval/...`` metrics. Default: none."""
         return {}
+
+    def collapse_loss(self, batch_size: int) -> float | None:
+        """The training loss of collapsed embeddings (all equal) at global batch ``batch_size``, in closed form
+        (InfoNCE over K candidates: log K), or None where the method has none. A run whose final loss sits at it
+        learned nothing, and tables say so instead of printing its numbers. Default: None."""
+        return None
 
     @torch.no_grad()
     def project(self, features: torch.Tensor) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ single-process queue.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -70,6 +71,9 @@ class MoCoV2(Method):
 
     def check(self, batch_size: int) -> None:
         self.queue.check_holds_batch(batch_size)
+
+    def collapse_loss(self, batch_size: int) -> float | None:
+        return math.log(self.params.queue_size + 1)  # the positive and the K queued keys equally similar
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         x_q, x_k = views[0], views[1]

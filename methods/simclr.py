@@ -8,6 +8,7 @@ gathered first (``gather``), so the negatives are those of the global batch.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -73,3 +74,6 @@ class SimCLR(Method):
         if self.params.gather:
             z1, z2 = gather(z1), gather(z2)
         return StepOutput(nt_xent(z1, z2, self.params.temperature))
+
+    def collapse_loss(self, batch_size: int) -> float | None:
+        return math.log(2 * batch_size - 1)  # every anchor's 2N - 1 candidates equally similar

@@ -158,3 +158,24 @@ def test_bad_input():
         rankme(bad)
     with pytest.raises(ValueError, match="spectrum_figure"):
         spectrum_figure({})
+
+
+def test_closed_form_collapse_losses_equal_the_losses_of_constant_embeddings() -> None:
+    import math
+
+    from harness.evaluate import collapsed
+    from methods.moco import moco_loss
+    from methods.simclr import nt_xent
+    from tests.method_params import small_params
+
+    from methods import create_method
+    from harness.backbones import create_backbone
+
+    z = torch.ones(8, 16)
+    simclr = create_method("simclr", create_backbone("test_resnet"), **small_params("simclr"))
+    assert float(nt_xent(z, z, 0.2)) == pytest.approx(simclr.collapse_loss(8)) == pytest.approx(math.log(15))
+    moco = create_method("moco_v2", create_backbone("test_resnet"), **small_params("moco_v2", queue_size=64))
+    assert float(moco_loss(z, z, torch.ones(64, 16), 0.2)) == pytest.approx(moco.collapse_loss(8)) == pytest.approx(math.log(65))
+    # the verdict: loss within 2% of the collapse value, or normalised std far below 1/sqrt(d)
+    assert collapsed(6.86, math.log(1025), 0.05, 128) and not collapsed(6.70, math.log(1025), 0.05, 128)
+    assert collapsed(None, None, 0.001, 100) and not collapsed(None, None, 0.05, 100)

@@ -68,7 +68,7 @@ def test_table_command_writes_the_same_files_twice(sweep_store, tracking_uri, tm
     assert main(["table", "hand", "--results", str(tmp_path / "results")]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     csv = (out / "table.csv").read_text().splitlines()
-    assert csv[0].startswith("method.temperature,uses_negatives,networks,loss,seeds,status,eval/knn/top1,eval/knn/top1 std")
+    assert csv[0].startswith("method.temperature,uses_negatives,networks,loss,seeds,collapsed,status,eval/knn/top1,eval/knn/top1 std")
     assert len(csv) == 1 + 3 and ",ok," in csv[1]
     md = (out / "table.md").read_text()
     # default columns: only those logged (kNN top-1, pretrain time); the raw-pixels baseline as a row in the kNN column
@@ -356,3 +356,20 @@ def test_table_columns_override(tmp_path) -> None:
 
     sweep = load_sweep(write_sweep(tmp_path), ["table.columns=[eval/linear/top1, time/pretrain_s]"])
     assert sweep.cfg.table.columns == ["eval/linear/top1", "time/pretrain_s"]
+
+
+def test_a_collapsed_point_shows_collapsed_instead_of_numbers_and_is_never_best(monkeypatch) -> None:
+    runs = [
+        fake_run(0, {"method.temperature": 0.1}, "FINISHED", seed_metrics(0.50, 0.62, 40.0, 100.0, 1000.0, 0.24, **{"eval/collapsed": 0.0})),
+        fake_run(1, {"method.temperature": 0.5}, "FINISHED", seed_metrics(0.90, 0.66, 30.0, 96.0, 1004.8, 0.25, **{"eval/collapsed": 1.0})),
+        fake_run(2, {"method.temperature": 0.5}, "FINISHED", seed_metrics(0.80, 0.60, 30.0, 90.0, 1005.2, 0.24, **{"eval/collapsed": 0.0})),
+    ]
+    sweep = fake_sweep(monkeypatch, runs, ["method.temperature"])
+    frame = tables.aggregate(sweep)
+    assert frame["status"].tolist() == ["ok", "1/2 collapsed"]
+    assert "eval/collapsed" not in tables.metric_columns(frame)  # in the status column, not a metric column
+    table = tables.headline_table(frame, sweep.keys, ["eval/knn/top1", "eval/linear/top1"])
+    knn, status = table.header.index("kNN top-1 (%)"), table.header.index("status")
+    assert [row[status].text for row in table.rows] == ["ok", "1/2 collapsed"]
+    assert [row[knn] for row in table.rows] == [tables.Cell("50.0"), tables.Cell("collapsed")]  # 85.0 would have been bold
+    assert table.below[0][knn].text == "24.5 ± 0.7"  # the baselines keep their numbers
