@@ -17,8 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
-from evaluations import collapse
+from evaluations import collapse, search
 from evaluations.checks import check_features, remap_labels
 from evaluations.knn import knn_evaluate_many
 from evaluations.linear import linear_probe
@@ -38,9 +39,12 @@ def evaluate_embeddings(
     projections: np.ndarray | None = None,
     prefix: str = "eval",
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the enabled evaluations of ``ev`` (an :class:`harness.config.EvalConfig`).
 
+    ``device``: where the linear probe trains and the kNN and retrieval searches run (the trial's device: on a
+    GPU, faiss's GPU index or an exact torch matmul; see :mod:`evaluations.search`).
     ``views``: embeddings of two augmented views of the same test images (alignment).
     ``projections``: the projector's outputs on the test images, where the method has
     a projector (collapse diagnostics of the projector too).
@@ -57,12 +61,13 @@ def evaluate_embeddings(
         metrics.update(fn())
         metrics[f"time/{prefix}/{name}_s"] = time.perf_counter() - t0
 
-    if ev.knn.enabled:
-        timed("knn", lambda: _knn(ev.knn, train_x, train_y, test_x, test_y, prefix))
-    if ev.linear.enabled:
-        timed("linear", lambda: _linear(ev.linear, train_x, train_y, test_x, test_y, prefix, seed))
-    if ev.retrieval.enabled:
-        timed("retrieval", lambda: _retrieval(ev.retrieval, test_x, test_y, prefix))
+    with search.on_device(device):
+        if ev.knn.enabled:
+            timed("knn", lambda: _knn(ev.knn, train_x, train_y, test_x, test_y, prefix))
+        if ev.linear.enabled:
+            timed("linear", lambda: _linear(ev.linear, train_x, train_y, test_x, test_y, prefix, seed, device))
+        if ev.retrieval.enabled:
+            timed("retrieval", lambda: _retrieval(ev.retrieval, test_x, test_y, prefix))
     if ev.collapse.enabled:
         spectra: dict[str, np.ndarray] = {}
         timed("rank", lambda: _collapse(train_x, test_x, views, projections, prefix, spectra))
@@ -81,8 +86,11 @@ def _knn(cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     return out
 
 
-def _linear(cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, prefix: str, seed: int) -> dict[str, float]:
-    result = linear_probe(train_x, train_y, test_x, test_y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decays=tuple(cfg.weight_decays), val_fraction=cfg.val_fraction, seed=seed)
+def _linear(cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, prefix: str, seed: int, device: str | torch.device) -> dict[str, float]:
+    result = linear_probe(
+        train_x, train_y, test_x, test_y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decays=tuple(cfg.weight_decays),
+        val_fraction=cfg.val_fraction, seed=seed, device=device,
+    )  # fmt: skip
     return {f"{prefix}/linear/{k}": float(result[k]) for k in ("top1", "top5", "val_top1", "weight_decay") if k in result}
 
 

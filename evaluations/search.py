@@ -6,17 +6,55 @@ backend (or its GPU path) happens here and nowhere else.
 Reference: Johnson, Douze & Jégou, "Billion-scale similarity search with GPUs"
 (2017), the faiss library. Exact (brute-force) search only: ``IndexFlatIP``
 semantics, no approximation.
+
+Where the search runs: faiss on the CPU by default; inside ``with on_device(device)``
+(the battery of a trial on a GPU), a faiss GPU index when faiss has GPU support, else
+chunked ``matmul`` + ``topk`` in torch on that device (the same neighbours as faiss on
+the CPU, up to the order of exactly tied similarities; logged once).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import faiss
 import numpy as np
+import torch
 
-__all__ = ["GPU_MAX_K", "gpu_available", "inner_product_topk"]
+__all__ = ["GPU_MAX_K", "gpu_available", "inner_product_topk", "on_device"]
+
+log = logging.getLogger(__name__)
+
+_device: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("search_device", default=None)
+_announced: list[str] = []  # the torch fallback is logged once per process
+_TORCH_BUDGET = 1 << 28
+"""Similarities per torch matmul block (1 GiB of float32): bounds the (queries, database) block."""
+
+
+@contextlib.contextmanager
+def on_device(device: str | torch.device | None) -> Iterator[None]:
+    """Searches inside the block run on ``device`` (a CUDA device: faiss's GPU index, or torch's matmul + topk
+    when faiss has no GPU support; the CPU or None: faiss on the CPU)."""
+    token = _device.set(torch.device(device) if device is not None else None)
+    try:
+        yield
+    finally:
+        _device.reset(token)
+
+
+def _torch_topk(database: np.ndarray, queries: np.ndarray, k: int, device: torch.device, out: tuple[np.ndarray, np.ndarray]) -> None:
+    """Exact top-k inner products by blocks of ``queries @ database.T`` and ``torch.topk`` on ``device``, into ``out``."""
+    db = torch.from_numpy(np.ascontiguousarray(database, dtype=np.float32)).to(device)
+    rows = max(1, _TORCH_BUDGET // db.shape[0])
+    for start in range(0, queries.shape[0], rows):
+        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + rows], dtype=np.float32)).to(device)
+        sims, idx = torch.topk(q @ db.T, k, dim=1, largest=True, sorted=True)
+        out[0][start : start + rows] = sims.cpu().numpy()
+        out[1][start : start + rows] = idx.cpu().numpy()
 
 #: Largest k the faiss GPU brute-force kernels support; larger k runs on CPU.
 GPU_MAX_K = 2048
@@ -88,6 +126,7 @@ def inner_product_topk(
     *,
     chunk_size: int = 4096,
     use_gpu: bool | None = None,
+    backend: str = "faiss",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact maximum-inner-product search (faiss ``IndexFlatIP`` semantics).
 
@@ -99,7 +138,10 @@ def inner_product_topk(
             on CPU, the float32 copy of fp16/fp64 queries).
         use_gpu: None = GPU when :func:`gpu_available`; True = require a GPU
             (RuntimeError otherwise); False = CPU. With k > ``GPU_MAX_K`` (2048)
-            the search always runs on CPU.
+            the search always runs on CPU. Inside :func:`on_device` with a CUDA device, None means
+            that device: faiss's GPU index, or torch's matmul when faiss has no GPU support.
+        backend: ``faiss``, or ``torch`` (matmul + topk on the :func:`on_device` device, the CPU by
+            default): the path a GPU without faiss GPU support takes, selectable to test it.
 
     Returns:
         (similarities float32 (Q, min(k, N)), indices int64 (Q, min(k, N))),
@@ -130,6 +172,18 @@ def inner_product_topk(
     if n_q == 0:
         return similarities, indices
 
+    device = _device.get()
+    cuda = device is not None and device.type == "cuda"
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
+    if backend == "faiss" and cuda and use_gpu is not False and not (gpu_available() and k <= GPU_MAX_K):
+        if not _announced:
+            log.info("kNN search: faiss has no GPU support here; exact matmul + topk in torch on %s", device)
+            _announced.append(str(device))
+        backend = "torch"
+    if backend == "torch":
+        _torch_topk(database, queries, k, device if device is not None else torch.device("cpu"), (similarities, indices))
+        return similarities, indices
     if use_gpu is True and not gpu_available():
         raise RuntimeError(
             "use_gpu=True but faiss has no usable GPU (install faiss-gpu and check "

@@ -52,7 +52,7 @@ def evaluate(trial: Trial, mlrun: Run | None = None, final_loss: float | None = 
     if cfg.eval.collapse.enabled:
         views = embed_views(trial)
         projections = _projections(method, train_x, trial.device)
-    battery, figures = evaluate_embeddings(cfg.eval, train_x, ytr, test_x, yte, views=views, projections=projections, seed=cfg.seed)
+    battery, figures = evaluate_embeddings(cfg.eval, train_x, ytr, test_x, yte, views=views, projections=projections, seed=cfg.seed, device=trial.device)
     metrics.update(battery)
     limit = method.collapse_loss(cfg.pretrain.batch_size)
     metrics["eval/collapsed"] = float(collapsed(final_loss, limit, battery.get("eval/rank/std_of_normalized"), train_x.shape[1]))

@@ -407,3 +407,25 @@ def test_k_larger_than_the_training_set_is_clamped_with_a_warning(caplog) -> Non
         got = knn_evaluate(train_x, train_y, np.eye(3)[:1], np.array([0]), k=10)
     assert "k=10 is larger than the 3 training samples" in caplog.text
     assert got == knn_evaluate(train_x, train_y, np.eye(3)[:1], np.array([0]), k=3)
+
+
+def test_the_torch_search_path_finds_the_same_neighbours_and_predictions_as_faiss() -> None:
+    """The path a GPU takes when faiss has no GPU support (matmul + topk in torch), run on the CPU here."""
+    from evaluations import search
+    from evaluations.knn import knn_classify
+
+    rng = np.random.default_rng(0)
+    database, queries = rng.normal(size=(700, 24)).astype(np.float32), rng.normal(size=(130, 24)).astype(np.float32)
+    ref_s, ref_i = search.inner_product_topk(database, queries, 20)
+    old = search._TORCH_BUDGET
+    search._TORCH_BUDGET = 700 * 7  # blocks of 7 queries: the blocking is exercised
+    try:
+        s, i = search.inner_product_topk(database, queries, 20, backend="torch")
+    finally:
+        search._TORCH_BUDGET = old
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, rtol=1e-5, atol=1e-5)
+    labels = rng.integers(0, 5, size=700)
+    expected = knn_classify(database, labels, queries, k=20, temperature=0.07)
+    with search.on_device("cpu"):  # the CPU: faiss, as without the block
+        np.testing.assert_array_equal(knn_classify(database, labels, queries, k=20, temperature=0.07), expected)
