@@ -35,6 +35,7 @@ from __future__ import annotations
 import glob
 import io
 import logging
+import math
 import os
 import tarfile
 import threading
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from harness.augment import NUM_DRAWS, Draws, crop_boxes
+from harness.augment import _CX, _CY, _RATIO, _SCALE, NUM_DRAWS, Draws
 from harness.config import AugmentConfig
 from harness.errors import BadInput, DataNotFound, RunFailed
 from methods.base import ViewSpec
@@ -250,16 +251,27 @@ def _resize(image: Image.Image, width: int, height: int, box: tuple[float, float
     return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
+def _crop_box(u: list[float], scale: tuple[float, float], ratio: tuple[float, float], height: int, width: int) -> tuple[float, float, float, float]:
+    """:func:`harness.augment.crop_boxes` for one image, in Python floats (a loader worker's per-image cost:
+    the tensor version's ~20 tiny ops cost as much as decoding the JPEG)."""
+    area = scale[0] + (scale[1] - scale[0]) * u[_SCALE]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = math.exp(log_lo + (log_hi - log_lo) * u[_RATIO])
+    w = min(math.sqrt(area * aspect * height / width), 1.0)
+    h = min(math.sqrt(area / aspect * width / height), 1.0)
+    return w, h, (1 - w) * (2 * u[_CX] - 1), (1 - h) * (2 * u[_CY] - 1)
+
+
 def crop_views(source: ImageSource, i: int, uniforms: Sequence[torch.Tensor], views: Sequence[ViewSpec], cfg: AugmentConfig) -> list[torch.Tensor]:
     """Image ``i``'s random resized crop for each view, from the original image: the crop of
     :func:`harness.augment.crop_boxes` for the view's uniforms (13,) and this image's sides, resized to the view's
     side (bilinear, antialiased). uint8 (3, s, s) each.
     """
-    boxes: list[list[float]] = []
+    boxes: list[tuple[float, float, float, float]] = []
 
     def needed(width: int, height: int) -> tuple[int, int] | None:
         for u, spec in zip(uniforms, views, strict=True):
-            boxes.append(crop_boxes(u[None], spec.scale or cfg.crop_scale, cfg.crop_ratio, height, width)[0].tolist())
+            boxes.append(_crop_box(u.tolist(), spec.scale or cfg.crop_scale, cfg.crop_ratio, height, width))
         reduce = min(min(w * width, h * height) / spec.size for (w, h, _, _), spec in zip(boxes, views, strict=True))
         if reduce < 2:
             return None

@@ -304,3 +304,15 @@ def test_cuda_matches_cpu():
     cuda = aug(x.cuda(), ViewSpec(24), _gen(4))
     assert cuda.device.type == "cuda"
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def test_the_streamed_crop_box_is_the_augmenters_crop_geometry() -> None:
+    """A loader worker computes an image's crop in Python floats; it must be :func:`crop_boxes`'s, for any sides."""
+    from harness.augment import crop_boxes
+    from harness.streaming import _crop_box
+
+    u = torch.rand(64, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for height, width in ((100, 200), (256, 256), (375, 500)):
+        expected = crop_boxes(u, (0.08, 1.0), (3 / 4, 4 / 3), height, width)
+        got = torch.tensor([_crop_box(row, (0.08, 1.0), (3 / 4, 4 / 3), height, width) for row in u.tolist()], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
