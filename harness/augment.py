@@ -50,12 +50,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from harness.config import AugmentConfig
-from methods.base import ViewSpec
+
+if TYPE_CHECKING:  # methods.base imports the method registry, which may import this module
+    from methods.base import ViewSpec
 
 __all__ = ["NUM_DRAWS", "Augmenter", "Drawn", "Draws", "crop_boxes", "draw", "keyed_uniforms"]
 

@@ -20,6 +20,7 @@ from harness.evaluate import baselines, evaluate
 from harness.monitor import OnlineMonitor
 from harness.prepare import Trial, prepare
 from harness.provenance import git_commit, library_versions, peak_rss_mb
+from harness.streaming import StreamedImages
 from harness.tracking import Run, absolute_uri, find_run, start_run, tracking_uri
 from harness.train import EpochCallback, pretrain, read_checkpoint
 from methods import get_method_class
@@ -104,13 +105,15 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
         if monitor is not None and monitor.seconds:
             metrics["time/online_s"] = sum(monitor.seconds)
         metrics["train/images_per_s_mean"] = result.images_per_s
-        if data.streamed:
-            metrics["data/skipped_images"] = len(result.skipped)
+        skipped = set(result.skipped)
         if result.losses:
             metrics["train/final_loss"] = result.losses[-1]
         metrics.update(evaluate(trial, mlrun, final_loss=result.losses[-1] if result.losses else None))
     except KeyboardInterrupt as stop:
         raise Interrupted(checkpoint_path if checkpoint_path.is_file() else None) from stop
+    if data.streamed:  # unreadable images met in training, evaluation or fine-tuning, each once
+        skipped |= {name for split in (data.train, data.test) if isinstance(split.images, StreamedImages) for name in split.images.skipped}
+        metrics["data/skipped_images"] = len(skipped)
     metrics["memory/peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         metrics["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

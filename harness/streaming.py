@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,7 +52,9 @@ from PIL import Image, UnidentifiedImageError
 from harness.augment import _CX, _CY, _RATIO, _SCALE, NUM_DRAWS, Draws
 from harness.config import AugmentConfig
 from harness.errors import BadInput, DataNotFound, RunFailed
-from methods.base import ViewSpec
+
+if TYPE_CHECKING:  # methods.base imports the method registry, which may import this module
+    from methods.base import ViewSpec
 
 __all__ = ["IMAGE_SUFFIXES", "CorruptImage", "ImageSource", "StreamedImages", "TrainLoader", "folder_source", "shard_source"]
 
@@ -168,7 +170,9 @@ def shard_source(pattern: str, key: str = "data.shards") -> ImageSource:
                 for member in members:
                     if not member.isfile():
                         continue
-                    stem, _, suffix = member.name.partition(".")  # WebDataset: the key is up to the first dot
+                    folder, _, base = member.name.rpartition("/")  # WebDataset: the key ends at the file name's first dot
+                    base_stem, _, suffix = base.partition(".")
+                    stem = f"{folder}/{base_stem}" if folder else base_stem
                     if f".{suffix.lower()}" in IMAGE_SUFFIXES:
                         images[stem] = member
                     elif f".{suffix.lower()}" == LABEL_SUFFIX:
@@ -321,6 +325,11 @@ class StreamedImages:
         self.threads, self.skip_corrupt = max(1, threads), skip_corrupt
         self.skipped: list[str] = []
 
+    def _skip(self, name: str) -> None:
+        if name not in self.skipped:
+            log.warning("skipped an unreadable image (a blank image in its place): %s", name)
+            self.skipped.append(name)
+
     @property
     def shape(self) -> torch.Size:
         return torch.Size((len(self.source), 3, self.image_size, self.image_size))
@@ -342,7 +351,7 @@ class StreamedImages:
             except CorruptImage:
                 if not self.skip_corrupt:
                     raise
-                self.skipped.append(self.source.names[row])
+                self._skip(self.source.names[row])
                 return torch.zeros((3, size, size), dtype=torch.uint8)
 
         if len(rows) > 1 and self.threads > 1:  # the pool's threads return plain tensors; the caller's mode stacks them
@@ -364,7 +373,7 @@ class StreamedImages:
             except CorruptImage:
                 if not self.skip_corrupt:
                     raise
-                self.skipped.append(self.source.names[rows_[k]])
+                self._skip(self.source.names[rows_[k]])
                 return torch.zeros((3, size, size), dtype=torch.uint8)
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(rows_)))) as pool:
