@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.config import AugmentConfig
+from harness.keyed import keyed_uniforms, mix64, signed64
 
 if TYPE_CHECKING:  # methods.base imports the method registry, which may import this module
     from methods.base import ViewSpec
@@ -71,39 +72,6 @@ _NUM_DRAWS = 13
 NUM_DRAWS = _NUM_DRAWS
 """Uniforms per image and view (:meth:`Draws.uniforms` takes this many)."""
 
-# SplitMix64 (Steele, Lea and Flood 2014) on int64 tensors: two's-complement wrapping arithmetic,
-# logical right shifts by masking. The constants are the unsigned 64-bit ones, as signed int64.
-_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
-_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
-_MIX2 = 0x94D049BB133111EB - 2**64
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic on negatives)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser, elementwise on int64."""
-    x = x ^ _shr(x, 30)
-    x = x * _MIX1
-    x = x ^ _shr(x, 27)
-    x = x * _MIX2
-    return x ^ _shr(x, 31)
-
-
-def _signed64(value: int) -> int:
-    value %= 2**64
-    return value - 2**64 if value >= 2**63 else value
-
-
-def keyed_uniforms(key: int, indices: torch.Tensor, columns: int) -> torch.Tensor:
-    """U[0, 1) float64 (len(indices), columns): entry (i, c) a hash of (key, indices[i], c) alone."""
-    rows = indices.to(device="cpu", dtype=torch.int64).reshape(-1, 1)
-    base = _mix64(torch.tensor([_signed64(key)], dtype=torch.int64))
-    h = _mix64(base + rows * _GOLDEN)
-    h = _mix64(h + torch.arange(1, columns + 1, dtype=torch.int64) * _GOLDEN)
-    return _shr(h, 11).to(torch.float64) * 2.0**-53
 
 
 Drawn = tuple[list[int], torch.Tensor]
@@ -160,7 +128,7 @@ class Draws:
         return Draws(self.key, self.indices, self.step, view_index)
 
     def _view_key(self) -> int:
-        return int(_mix64(torch.tensor([_signed64(self.key * 1_000_003 + self.view_index)], dtype=torch.int64)))
+        return int(mix64(torch.tensor([signed64(self.key * 1_000_003 + self.view_index)], dtype=torch.int64)))
 
     def uniforms(self, columns: int) -> torch.Tensor:
         return keyed_uniforms(self._view_key(), self.indices, columns)

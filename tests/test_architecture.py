@@ -23,8 +23,8 @@ from methods import list_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("harness", "methods", "evaluations")
-LEAVES = {"harness.errors", "harness.splits", "harness.schedules", "harness.backbones"}
-"""Modules every package may import: the error types, the loaded-data containers, the schedules, the timm adapter."""
+LEAVES = {"harness.errors", "harness.splits", "harness.schedules", "harness.backbones", "harness.keyed"}
+"""Modules every package may import: the error types, the loaded-data containers, the schedules, the timm adapter, keyed random numbers."""
 
 
 def _modules() -> dict[str, Path]:
