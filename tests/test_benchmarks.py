@@ -32,7 +32,7 @@ def test_data_parallel_prints_both_layouts_their_ratio_and_the_start_up_cost(tmp
     one = float(re.search(r"^1 worker x 2 threads: +([\d.]+) img/s$", out, re.M).group(1))
     two = float(re.search(r"^2 workers x 1 thread: +([\d.]+) img/s$", out, re.M).group(1))
     ratio = float(re.search(r"^ratio 2 workers / 1 worker: ([\d.]+)$", out, re.M).group(1))
-    assert one > 0 and two > 0 and abs(ratio - two / one) < 0.01, out
+    assert one > 0 and two > 0 and abs(ratio - two / one) <= 0.01 + two * 0.05 / one**2, out  # the figures are printed to 0.1
     assert re.search(r"^Ray Train start-up, 2 workers \(empty job on a running local Ray\): [\d.]+ s  \(starting the local Ray: [\d.]+ s\)$", out, re.M), out
 
 
