@@ -38,6 +38,18 @@ def library_versions() -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux the high-water mark of this process's own memory (``VmHWM``): ``ru_maxrss`` keeps the peak of the
+    process that started it across ``fork`` + ``exec``, so a run started by a large parent would report the
+    parent's peak. Elsewhere ``ru_maxrss`` (macOS reports bytes).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
