@@ -14,11 +14,13 @@ Data: 50,000 x 512 float32 training embeddings and 10,000 queries, 10 classes
           heads sharing each batch on 45,000 rows, plus the retrain on 50,000).
 
     python benchmarks/eval_speed.py [--epochs 100] [--skip-grid]
+    python benchmarks/eval_speed.py --tiny      # 5,000 x 128, 500 queries, 2 epochs, 1 thread: the test suite runs it
 
 Thread settings are left to the environment (torch, faiss and sklearn defaults);
 the load average and OMP_WAIT_POLICY are printed because on a shared, busy
 2-core machine OpenMP's spinning worker threads can slow small per-step ops by
-orders of magnitude (OMP_WAIT_POLICY=PASSIVE avoids that).
+orders of magnitude (OMP_WAIT_POLICY=PASSIVE avoids that). Times are printed to 4 significant
+digits (``--tiny`` ones are milliseconds).
 """
 
 from __future__ import annotations
@@ -44,17 +46,26 @@ def make_data(n_train: int = 50_000, n_test: int = 10_000, dim: int = 512, class
     return train_x, train_y, test_x, test_y
 
 
+def secs(t: float) -> str:
+    """Seconds to 4 significant digits, right-aligned (full-size times are seconds, tiny ones milliseconds)."""
+    return f"{t:>8.4g}"
+
+
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--skip-grid", action="store_true", help="time only the single linear-probe fit")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="5,000 x 128 train, 500 queries, 2 epochs, 1 thread: seconds, to check the script runs")
+    args = parser.parse_args(argv)
+    sizes = {"n_train": 50_000, "n_test": 10_000, "dim": 512}
+    if args.tiny:
+        sizes, args.epochs = {"n_train": 5_000, "n_test": 500, "dim": 128}, 2
 
     import torch
     from sklearn.neighbors import KNeighborsClassifier
@@ -62,33 +73,40 @@ def main() -> None:
     from evaluations.knn import knn_classify
     from evaluations.linear import linear_probe
 
+    if args.tiny:  # torch, faiss and BLAS alike: a busy machine's spinning OpenMP threads slow tiny work many-fold
+        import faiss
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # scikit-learn's dependency
+
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+        threadpool_limits(1)  # for the rest of the process (the libraries loaded by now: BLAS, scikit-learn's OpenMP)
     print(
         f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
         f"loadavg={' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
-    train_x, train_y, test_x, test_y = make_data()
+    train_x, train_y, test_x, test_y = make_data(**sizes)
     print(f"data: train {train_x.shape}, test {test_x.shape}, 10 classes")
 
     knn_classify(train_x[:1000], train_y[:1000], test_x[:10], k=20, temperature=0.07)  # warm-up
     ours, t_ours = timed(lambda: knn_classify(train_x, train_y, test_x, k=20, temperature=0.07))
     sk = KNeighborsClassifier(n_neighbors=20, algorithm="brute", metric="cosine")
     theirs, t_sk = timed(lambda: sk.fit(train_x, train_y).predict(test_x))
-    print(f"knn   faiss knn_classify (k=20, T=0.07): {t_ours:7.2f} s   top1 {np.mean(ours == test_y):.4f}")
-    print(f"knn   sklearn brute cosine (k=20):       {t_sk:7.2f} s   top1 {np.mean(theirs == test_y):.4f}")
-    print(f"knn   speed-up {t_sk / t_ours:.1f}x (goal >= 3x); predictions agree on {np.mean(ours == theirs):.1%}")
+    print(f"knn   faiss knn_classify (k=20, T=0.07): {secs(t_ours)} s   top1 {np.mean(ours == test_y):.4f}")
+    print(f"knn   sklearn brute cosine (k=20):       {secs(t_sk)} s   top1 {np.mean(theirs == test_y):.4f}")
+    print(f"knn   speed-up {t_sk / t_ours:.2f}x (goal >= 3x); predictions agree on {np.mean(ours == theirs):.1%}")
 
     one, t_one = timed(
         lambda: linear_probe(train_x, train_y, test_x, test_y, epochs=args.epochs, weight_decays=(1e-4,))
     )
     print(
-        f"linear one fit, {args.epochs} epochs, batch 256, wd 1e-4: {t_one:7.2f} s (goal <= 30 s)   "
+        f"linear one fit, {args.epochs} epochs, batch 256, wd 1e-4: {secs(t_one)} s (goal <= 30 s)   "
         f"top1 {one['top1']:.4f} top5 {one['top5']:.4f}"
     )
     if not args.skip_grid:
         grid, t_grid = timed(lambda: linear_probe(train_x, train_y, test_x, test_y, epochs=args.epochs))
         print(
-            f"linear default grid (4 wd: selection fit of 4 heads + retrain): {t_grid:7.2f} s   "
+            f"linear default grid (4 wd: selection fit of 4 heads + retrain): {secs(t_grid)} s   "
             f"chosen wd {grid['weight_decay']} val_top1 {grid['val_top1']:.4f} top1 {grid['top1']:.4f}"
         )
 

@@ -7,11 +7,13 @@ log K (the loss then sits at log K). On shapes at 24 px, batch 64:
 
     python benchmarks/swav_probe.py "method={name: swav, proj_dim: 32, num_prototypes: 100, num_small_crops: 0}"
     python benchmarks/swav_probe.py "method={name: swav, num_prototypes: 30, temperature: 0.5, num_small_crops: 0}"
+    python benchmarks/swav_probe.py --tiny        # seconds; the test suite runs it
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,19 @@ from harness.prepare import prepare
 from methods.base import StepInfo
 from methods.swav import SwAV, sinkhorn
 
+REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = [
     "data.image_size=24", "data.num_train=1024", "data.num_test=256", "pretrain.batch_size=64", "pretrain.base_lr=0.3",
     "eval.semi.enabled=false", "method={name: swav, proj_hidden_dim: 512, proj_dim: 32, num_prototypes: 100, num_small_crops: 0, "
     "global_crop_scale: [0.6, 1.0], freeze_prototypes_steps: 16}",
 ]  # fmt: skip
+
+
+TINY = [
+    "data.image_size=16", "data.num_train=128", "data.num_test=64", "pretrain.batch_size=32", "backbone.name=test_resnet",
+    "method.proj_hidden_dim=64", "method.freeze_prototypes_steps=2",
+]  # fmt: skip
+"""``--tiny``'s overrides, after the defaults and before the command line's: 2 epochs of 4 steps at 16 px, printed every 2 steps."""
 
 
 def entropy(p: torch.Tensor) -> float:
@@ -38,15 +48,18 @@ def off_diagonal_mean(x: torch.Tensor) -> float:
     return float(gram[~torch.eye(len(x), dtype=torch.bool)].mean())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="run-config overrides on top of the probe's defaults")
-    parser.add_argument("--config", default="configs/simclr_shapes.yaml")
+    parser.add_argument("--config", default=str(REPO / "configs" / "simclr_shapes.yaml"), help="the run config under the defaults (default: the repository's configs/simclr_shapes.yaml)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--every", type=int, default=8, help="print every this many steps")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="128 images at 16 px, batch 32, 2 epochs, every 2 steps: seconds, to check the script runs")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.epochs, args.every = 2, 2
     torch.set_num_threads(1)
-    cfg = build_config(read_yaml(args.config), [*DEFAULTS, *args.overrides])
+    cfg = build_config(read_yaml(args.config), [*DEFAULTS, *(TINY if args.tiny else []), *args.overrides])
     trial = prepare(cfg)
     method, images, bs = trial.method, trial.data.train.images, cfg.pretrain.batch_size
     if not isinstance(method, SwAV) or method.backbone is None:

@@ -7,6 +7,7 @@ Two levels, each as wall time per trial:
           the MLflow parent/child bookkeeping, excludes writing the tables
 
     python benchmarks/sweep_overhead.py [--trials 8]
+    python benchmarks/sweep_overhead.py --tiny    # 2 trials, 1 torch thread; the test suite runs it (Ray starts twice)
 
 Goal: overhead <= 3 s per trial on a 2-core machine.
 """
@@ -45,14 +46,14 @@ def tune_level(n: int, storage: Path) -> tuple[float, float]:
     return outcome.wall_s / n, loop / n
 
 
-def harness_level(n: int, work: Path) -> tuple[float, float]:
+def harness_level(n: int, work: Path, backbone: str = "resnet10t") -> tuple[float, float]:
     from harness.config import load_config
     from harness.run import run
     from harness.sweep import load_sweep, run_sweep
 
     run_cfg = {
         "data": {"num_train": 64, "num_test": 32, "image_size": 16},
-        "backbone": {"name": "resnet10t"},
+        "backbone": {"name": backbone},
         "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
         "pretrain": {"epochs": 0, "batch_size": 32, "warmup_epochs": 0, "progress": False},
         "eval": {"baselines": False, "knn": {"k": 5}, **{e: {"enabled": False} for e in ("linear", "semi", "retrieval", "collapse")}},
@@ -73,15 +74,22 @@ def harness_level(n: int, work: Path) -> tuple[float, float]:
     return wall / n, loop / n
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="2 trials, test_resnet, 1 torch thread in the loop: to check the script runs (Ray's start-ups dominate)")
+    args = parser.parse_args(argv)
+    backbone = "resnet10t"
+    if args.tiny:
+        import torch
+
+        args.trials, backbone = 2, "test_resnet"
+        torch.set_num_threads(1)  # as a Tune trial of resources.cpus=1; a busy machine's spinning OpenMP threads slow tiny work many-fold
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sweep_s, loop_s = tune_level(args.trials, work / "tune")
         print(f"tune     {args.trials} trials: {sweep_s:.2f} s/trial in Tune, {loop_s * 1e3:.3f} ms/trial in a loop -> overhead {sweep_s - loop_s:.2f} s/trial")
-        sweep_s, loop_s = harness_level(args.trials, work)
+        sweep_s, loop_s = harness_level(args.trials, work, backbone)
         print(f"harness  {args.trials} trials: {sweep_s:.2f} s/trial as a sweep, {loop_s:.2f} s/trial with `run` in a loop -> overhead {sweep_s - loop_s:.2f} s/trial (goal <= 3 s)")
 
 

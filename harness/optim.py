@@ -1,6 +1,12 @@
-"""Optimisers: SGD, LARS and AdamW over two parameter groups (weights with decay; biases and norms without).
+"""Optimisers: SGD, LARS and AdamW over two parameter groups (weights with decay; biases and norms without), and
+what the loop does to the gradients and groups between ``backward`` and ``optimizer.step()``.
 
-The learning-rate schedule is :func:`harness.schedules.cosine_lr`.
+    optimizer = build_optimizer(method, cfg.pretrain)          # groups by method.no_weight_decay(name, param)
+    set_schedule(optimizer, lr, weight_decay)                  # each step: lr everywhere, decay on the decaying group
+    drop_gradients(method, method.frozen_modules(info))        # frozen modules: .grad = None, the optimiser skips them
+    clip_gradients(method.parameters(), cfg.pretrain.clip_grad)  # global norm, after averaging over workers
+
+The schedules are :func:`harness.schedules.cosine_lr` and :func:`harness.schedules.cosine_weight_decay`.
 """
 
 from __future__ import annotations
@@ -11,23 +17,74 @@ import torch
 from torch import nn
 
 from harness.config import PretrainConfig
+from methods.base import Method, is_bias_or_norm
+
+NoDecayRule = Callable[[str, nn.Parameter], bool]
+"""``rule(name, param)`` -> True when the parameter gets no weight decay (see :meth:`Method.no_weight_decay`)."""
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay, and biases / norm parameters (1-D tensors) without.
+def param_groups(model: nn.Module, weight_decay: float, no_decay: NoDecayRule | None = None) -> list[dict]:
+    """Two groups of the trainable parameters: those with decay, and those ``no_decay(name, param)`` leaves out.
 
-    The no-decay group is also excluded from LARS adaptation (SimCLR, BYOL).
+    ``no_decay`` defaults to the model's own rule when it is a :class:`Method`, else to biases and norm parameters
+    (1-D tensors, :func:`methods.base.is_bias_or_norm`). The no-decay group is also excluded from LARS adaptation
+    (SimCLR, BYOL). Each group carries ``decay`` (True for the first), the flag :func:`set_schedule` reads.
     """
+    if no_decay is None:
+        no_decay = model.no_weight_decay if isinstance(model, Method) else is_bias_or_norm
     decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for _, p in model.named_parameters():
+    excluded: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        (excluded if no_decay(name, p) else decay).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay, "lars": True},
-        {"params": no_decay, "weight_decay": 0.0, "lars": False},
+        {"params": decay, "weight_decay": weight_decay, "lars": True, "decay": True},
+        {"params": excluded, "weight_decay": 0.0, "lars": False, "decay": False},
     ]
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """This step's values: ``lr`` on every group, ``weight_decay`` on the groups with ``decay`` (the others keep 0)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("decay"):
+            group["weight_decay"] = weight_decay
+
+
+def _parameters_of(module: nn.Module, name: str) -> list[nn.Parameter]:
+    try:
+        return list(module.get_submodule(name).parameters())
+    except AttributeError:
+        pass
+    try:
+        return [module.get_parameter(name)]
+    except AttributeError:
+        raise ValueError(f"{type(module).__name__}.frozen_modules names {name!r}, which is neither a submodule nor a parameter") from None
+
+
+def drop_gradients(module: nn.Module, names: Iterable[str]) -> None:
+    """Set the gradient of every parameter of the submodules (or parameters) ``names`` of ``module`` to None.
+
+    SGD, AdamW and LARS skip a parameter without a gradient entirely: no update, no momentum, no weight decay.
+    """
+    for name in names:
+        for p in _parameters_of(module, name):
+            p.grad = None
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global L2 norm (all tensors as one vector) is at most ``max_norm``;
+    smaller gradients are left unchanged. Returns the norm before clipping (a 0-d tensor, no host sync).
+
+    ``torch.nn.utils.clip_grad_norm_`` over the parameters that have a gradient. DINO's reference code clips each
+    tensor to ``max_norm`` separately (``utils.clip_gradients``); the global norm bounds the whole update instead,
+    and is the stricter of the two at the same value.
+    """
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm)
 
 
 class LARS(torch.optim.Optimizer):
@@ -68,7 +125,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    """The configured optimiser over ``model``'s trainable parameters, at the effective lr."""
+    """The configured optimiser over ``model``'s trainable parameters, at the effective lr (:func:`param_groups`)."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         for g in groups:

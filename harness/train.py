@@ -13,6 +13,12 @@ image gets the views it would get in one process. Gradients are averaged over th
 workers after ``backward`` (:func:`methods.distributed.average_gradients`), the methods
 gather what their losses couple, and the logged loss is the workers' mean. Rank 0 alone
 runs ``epoch_metrics``, logs and writes the checkpoint; every rank calls ``on_epoch_end``.
+
+Each step, between ``backward`` and ``optimizer.step()``: the gradients of the modules the method
+freezes at this step are dropped (:meth:`methods.base.Method.frozen_modules`), the rest averaged
+over the workers, then clipped to ``pretrain.clip_grad`` (global norm). The lr and the weight decay
+of the decaying group are pure functions of the step (:mod:`harness.schedules`), logged per epoch
+(``train/lr``, ``train/weight_decay``: their values at the epoch's last step).
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from harness import distributed
 from harness.augment import Augmenter, Draws
 from harness.config import RunConfig, flatten
 from harness.errors import BadInput, Diverged
-from harness.optim import build_optimizer
-from harness.schedules import cosine_lr
+from harness.optim import build_optimizer, clip_gradients, drop_gradients, set_schedule
+from harness.schedules import cosine_lr, cosine_weight_decay
 from harness.splits import Images
 from harness.streaming import StreamedImages, TrainLoader
 from methods.base import Method, StepInfo, ViewSpec
@@ -183,6 +189,7 @@ def _train_epochs(
     show_bar = p.progress and sys.stderr.isatty() and world.is_main
     step = start_epoch * steps_per_epoch
     lr = cosine_lr(step, total_steps, warmup_steps, p.lr, p.final_lr)
+    wd = cosine_weight_decay(step, total_steps, p.weight_decay, p.weight_decay_end)
     t0 = time.perf_counter()
     seen, hook_s = 0, 0.0
     for epoch in range(start_epoch, p.epochs):
@@ -191,12 +198,13 @@ def _train_epochs(
         generator = torch.Generator().manual_seed(key)
         torch.manual_seed(key + world.rank)  # dropout, masks and other in-model randomness: a stream per worker
         epoch_loss, epoch_t0 = 0.0, time.perf_counter()
+        grad_norm = torch.zeros((), device=device)  # summed over the epoch's steps, read once at its end
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", disable=not show_bar, leave=False)
         steps = [distributed.shard(rows, world) for rows in batch_indices(n, p.batch_size, generator)]
         for i, (idx, raw) in enumerate(batches.epoch(key, steps)):
             lr = cosine_lr(step, total_steps, warmup_steps, p.lr, p.final_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            wd = cosine_weight_decay(step, total_steps, p.weight_decay, p.weight_decay_end)
+            set_schedule(optimizer, lr, wd)
             draws = Draws(key, idx, i)
             xs = [augmenter(x, spec, draws.view(v), cropped=batches.cropped) for v, (x, spec) in enumerate(zip(raw, views, strict=True))]
             if cuda and p.channels_last:
@@ -209,7 +217,10 @@ def _train_epochs(
                 raise Diverged(f"loss diverged at epoch {epoch + 1} step {i + 1} (loss={loss})")
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            drop_gradients(method, method.frozen_modules(info))  # the same on every worker: a function of the step
             average_gradients(method)
+            if p.clip_grad:
+                grad_norm += clip_gradients(method.parameters(), p.clip_grad).to(device)
             optimizer.step()
             method.after_step(info)
             epoch_loss += loss
@@ -222,7 +233,9 @@ def _train_epochs(
         mean_loss = epoch_loss / steps_per_epoch
         result.losses.append(mean_loss)
         epoch_time = time.perf_counter() - epoch_t0
-        metrics = {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": steps_per_epoch * p.batch_size / epoch_time}
+        metrics = {"train/loss": mean_loss, "train/lr": lr, "train/weight_decay": wd, "train/images_per_s": steps_per_epoch * p.batch_size / epoch_time}
+        if p.clip_grad:
+            metrics["train/grad_norm"] = grad_norm.item() / steps_per_epoch
         metrics.update({f"train/{k}": float(v) for k, v in out.logs.items()})
         if epoch_metrics is not None:
             hook_t0 = time.perf_counter()

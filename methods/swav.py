@@ -19,9 +19,9 @@ Following the reference code (facebookresearch/swav, ``main_swav.py``):
 * the prototypes are an ``nn.Linear(proj_dim, K, bias=False)`` whose weight rows are
   re-normalised to unit length before every step;
 * the prototypes get no update for the first ``freeze_prototypes_steps`` steps (the
-  reference code drops their gradient for its first 313 iterations); here their
-  scores are computed from the detached weight, which leaves the weight without a
-  gradient, so the optimiser skips it exactly as in the reference code;
+  reference code drops their gradient for its first 313 iterations); here
+  :meth:`SwAV.frozen_modules` names them for those steps and the training loop sets
+  their gradient to None, so the optimiser skips them exactly as in the reference code;
 * codes are computed under ``no_grad`` in float32, from the global crops only
   (``crops_for_assign = [0, 1]``);
 * an optional queue of past global-crop projections (``queue_length > 0``) is
@@ -221,11 +221,8 @@ class SwAV(Method):
         zs = self._encode(views)
         if p.gather:
             zs = [gather(z) for z in zs]
-        frozen = step.step < p.freeze_prototypes_steps
         with torch.autocast(device_type=zs[0].device.type, enabled=False):
             weight = self.prototypes.weight.float()
-            if frozen:
-                weight = weight.detach()  # no gradient: the optimiser leaves the prototypes as they are
             scores = [z @ weight.T for z in zs]
             use_queue = p.queue_length > 0 and step.step >= p.queue_start_step and int(self.queue_filled) >= p.queue_length
             codes = []
@@ -237,7 +234,11 @@ class SwAV(Method):
                     codes.append(sinkhorn(s, p.epsilon, p.sinkhorn_iterations)[-zs[i].shape[0] :])
             loss = swapped_prediction_loss(scores, codes, p.temperature)
         self._pending = torch.stack([zs[0].detach(), zs[1].detach()]) if p.queue_length > 0 and step.step >= p.queue_start_step else None
-        return StepOutput(loss, {"prototypes_frozen": float(frozen), "queue_used": float(use_queue)})
+        return StepOutput(loss, {"prototypes_frozen": float(bool(self.frozen_modules(step))), "queue_used": float(use_queue)})
+
+    def frozen_modules(self, step: StepInfo) -> list[str]:
+        """The prototypes for the first ``freeze_prototypes_steps`` steps (the loop drops their gradient)."""
+        return ["prototypes"] if step.step < self.params.freeze_prototypes_steps else []
 
     @torch.no_grad()
     def after_step(self, step: StepInfo) -> None:

@@ -27,12 +27,13 @@ WORLD = 2
 BATCH = 8
 """The global batch; each of the WORLD workers takes BATCH // WORLD consecutive rows."""
 
-GATHERING = ["simclr", "simclr_v2", "moco_v2", "moco_v3", "barlow_twins", "nnclr", "swav"]
+GATHERING = ["simclr", "simclr_v2", "moco_v2", "moco_v3", "barlow_twins", "nnclr", "swav", "vicreg", "dino"]
 """The image methods that gather across workers (``gather``); each is built with its small ``test_params``."""
 QUEUES = {"moco_v2": "queue.queue", "nnclr": "support.queue"}
 """The buffer holding each queue method's queue."""
-PER_SAMPLE = {"moco_v2"}
-"""Losses that are a mean over samples and gather nothing: each worker's loss is its rows' mean."""
+PER_SAMPLE = {"moco_v2", "dino"}
+"""Losses that are a mean over samples and gather nothing: each worker's loss is its rows' mean (MoCo v2 gathers its
+keys for the queue, DINO the teacher's batch mean for the centre, after the step: test_dino.py checks it over two steps)."""
 SWAV_QUEUE = {"queue_length": BATCH, "queue_start_step": 0}
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 """Losses, in float32. Gradients: rtol 1e-4 and atol 1e-4 of the largest gradient entry of the method

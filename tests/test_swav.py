@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from harness.backbones import create_backbone
 from harness.config import build_config
 from harness.errors import ConfigError
+from harness.optim import drop_gradients
 from methods import create_method, swav
 from methods.base import StepInfo, ViewSpec
 from methods.swav import sinkhorn, swapped_prediction_loss
@@ -196,19 +197,28 @@ def _views(method: swav.SwAV, batch: int = 8, seed: int = 0) -> list[torch.Tenso
 
 
 def test_prototypes_are_normalised_and_frozen_for_the_first_steps() -> None:
+    """The freeze goes through the loop's hook (Method.frozen_modules): their gradient is dropped, and SGD with
+    momentum and weight decay leaves them as they are for the frozen steps only."""
     method = _method(freeze_prototypes_steps=2)
     with torch.no_grad():
         method.prototypes.weight.mul_(3.0)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
     views = _views(method)
     for step in range(3):
-        method.zero_grad(set_to_none=True)
-        out = method.training_step(views, StepInfo(0, step, 3))
+        info = StepInfo(0, step, 3)
+        optimizer.zero_grad(set_to_none=True)
+        out = method.training_step(views, info)
         torch.testing.assert_close(method.prototypes.weight.norm(dim=1), torch.ones(10))
+        before = method.prototypes.weight.detach().clone()
         out.loss.backward()
         frozen = step < 2
+        assert method.frozen_modules(info) == (["prototypes"] if frozen else []), step
+        drop_gradients(method, method.frozen_modules(info))
         assert (method.prototypes.weight.grad is None) == frozen, step
         assert out.logs["prototypes_frozen"] == float(frozen)
         assert method.projector[0].weight.grad is not None  # the rest trains throughout
+        optimizer.step()
+        assert torch.equal(method.prototypes.weight, before) == frozen, step
 
 
 def test_codes_come_from_the_global_crops_only(monkeypatch) -> None:
