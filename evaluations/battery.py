@@ -70,7 +70,8 @@ def evaluate_embeddings(
             timed("retrieval", lambda: _retrieval(ev.retrieval, test_x, test_y, prefix))
     if ev.collapse.enabled:
         spectra: dict[str, np.ndarray] = {}
-        timed("rank", lambda: _collapse(train_x, test_x, views, projections, prefix, spectra))
+        on_gpu = torch.device(device) if torch.device(device).type == "cuda" else None  # the CPU keeps numpy's LAPACK
+        timed("rank", lambda: _collapse(train_x, test_x, views, projections, prefix, spectra, on_gpu))
         figures["spectrum.png"] = collapse.spectrum_figure(spectra)
     return metrics, figures
 
@@ -107,15 +108,17 @@ def _collapse(
     projections: np.ndarray | None,
     prefix: str,
     spectra: dict[str, np.ndarray],
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, z in (("rank", train_x), ("rank_projector", projections)):
         if z is None:
             continue
-        out[f"{prefix}/{name}/rankme"] = float(collapse.rankme(z))
-        out[f"{prefix}/{name}/effective_rank"] = float(collapse.effective_rank(z))
+        rankme, effective_rank, s = collapse.ranks(z, device)  # one decomposition for the three
+        out[f"{prefix}/{name}/rankme"] = rankme
+        out[f"{prefix}/{name}/effective_rank"] = effective_rank
         out[f"{prefix}/{name}/std_of_normalized"] = float(collapse.std_of_normalized(z))
-        spectra["embedding" if name == "rank" else "projector"] = collapse.singular_values(z)
+        spectra["embedding" if name == "rank" else "projector"] = s
     out[f"{prefix}/rank/uniformity"] = float(collapse.uniformity(test_x))
     if views is not None:
         out[f"{prefix}/rank/alignment"] = float(collapse.alignment(*views))

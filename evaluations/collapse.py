@@ -36,6 +36,7 @@ __all__ = [
     "alignment",
     "effective_rank",
     "rankme",
+    "ranks",
     "singular_values",
     "spectrum_figure",
     "std_of_normalized",
@@ -60,9 +61,25 @@ def _normalize(z: np.ndarray) -> np.ndarray:
     return z / np.maximum(norms, 1e-12)
 
 
-def singular_values(z: Any) -> np.ndarray:
-    """Singular values (descending, float64, min(N, D) of them) of the raw, uncentred (N, D) matrix."""
-    return np.linalg.svd(_float64(z, "singular values"), compute_uv=False)
+def singular_values(z: Any, device: Any = None) -> np.ndarray:
+    """Singular values (descending, float64, min(N, D) of them) of the raw, uncentred (N, D) matrix.
+
+    ``device``: None computes them with numpy (LAPACK); a torch device, with ``torch.linalg.svdvals`` in float64
+    there (on a GPU, the cost of a 50k x 2048 spectrum moves off the CPU; the same values to float64 precision).
+    """
+    z = _float64(z, "singular values")
+    if device is None:
+        return np.linalg.svd(z, compute_uv=False)
+    import torch  # only for the device path: numpy callers do not pay for it
+
+    return torch.linalg.svdvals(torch.from_numpy(z).to(device)).cpu().numpy()
+
+
+def ranks(z: Any, device: Any = None, eps: float = 1e-7) -> tuple[float, float, np.ndarray]:
+    """``(rankme(z, eps), effective_rank(z), singular_values(z))`` from one decomposition, on ``device`` (see
+    :func:`singular_values`)."""
+    s = singular_values(z, device)
+    return _spectral_entropy_rank(s, float(eps)), _spectral_entropy_rank(s, 0.0), s
 
 
 def _spectral_entropy_rank(s: np.ndarray, eps: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -10,6 +11,14 @@ import torch
 from torch import nn
 
 from harness.splits import Images
+
+
+def on_accelerator(device: torch.device | str) -> tuple[contextlib.AbstractContextManager[object], Callable[[torch.Tensor], torch.Tensor]]:
+    """``(precision, layout)`` for work on ``device``: on CUDA, bf16 autocast and channels_last images (the precision
+    and layout pretraining uses); elsewhere, float32 and the images as they are."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext(), lambda x: x
+    return torch.autocast("cuda", dtype=torch.bfloat16), lambda x: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 @contextmanager
@@ -42,12 +51,14 @@ def extract_embeddings(
     (normalisation, no augmentation). ``module`` (default: ``encoder`` itself if
     it is a module) is put in eval mode for the extraction, so BatchNorm uses its
     running statistics and dropout is off, and restored to its mode afterwards.
+    On CUDA the encoder runs in bf16 autocast on channels_last images (:func:`on_accelerator`).
     """
     module = module if module is not None else (encoder if isinstance(encoder, nn.Module) else None)
-    with eval_mode(module):
+    precision, layout = on_accelerator(device)
+    with eval_mode(module), precision:
         chunks = []
         for start in range(0, images.shape[0], batch_size):
-            x = preprocess(images[start : start + batch_size].to(device))
+            x = layout(preprocess(images[start : start + batch_size].to(device)))
             chunks.append(encoder(x).float().cpu())
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
 

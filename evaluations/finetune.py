@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from evaluations.features import on_accelerator
 from harness.schedules import cosine_lr
 from harness.splits import Images
 
@@ -87,6 +88,8 @@ def finetune_subset(
     device = torch.device(device)
     num_classes = int(max(labels.max(), test_labels.max())) + 1
     model = classifier(trunk, dim, num_classes).to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     rows = torch.as_tensor(np.asarray(subset), dtype=torch.long)
     train_on_batches(
         model, images, rows, augment, lambda x, idx: F.cross_entropy(model(x), labels[idx].to(device)),
@@ -118,6 +121,7 @@ def train_on_batches(
     sizes = [min(batch_size, len(rows) - start) for start in range(0, len(rows), batch_size)]
     total = sum(size >= 2 for size in sizes) * epochs
     generator = torch.Generator().manual_seed(seed)
+    precision, layout = on_accelerator(device)  # bf16 + channels_last on CUDA
     step = 0
     model.train()
     for _ in range(epochs):
@@ -128,8 +132,8 @@ def train_on_batches(
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total, 0, base_lr, 0.0)
-            x = augment(images, idx, generator)
-            value = loss(x, idx)
+            with precision:
+                value = loss(layout(augment(images, idx, generator)), idx)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -143,12 +147,14 @@ def classification_accuracy(
     """Top-1 and top-5 (of min(5, C) classes) of a classifier on un-augmented, normalised images; leaves it in eval mode."""
     device = torch.device(device)
     model.eval()
-    hits1 = hits5 = 0
+    precision, layout = on_accelerator(device)
+    hits1 = hits5 = torch.zeros((), dtype=torch.long, device=device)  # read once, at the end
     for start in range(0, images.shape[0], batch_size):
-        logits = model(normalize(images[start : start + batch_size].to(device))).float()
+        with precision:
+            logits = model(layout(normalize(images[start : start + batch_size].to(device)))).float()
         y = labels[start : start + batch_size].to(device)
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits1 += int((ranked[:, 0] == y).sum())
-        hits5 += int((ranked == y[:, None]).any(dim=1).sum())
+        hits1 = hits1 + (ranked[:, 0] == y).sum()
+        hits5 = hits5 + (ranked == y[:, None]).any(dim=1).sum()
     n = images.shape[0]
-    return {"top1": hits1 / n, "top5": hits5 / n}
+    return {"top1": int(hits1) / n, "top5": int(hits5) / n}

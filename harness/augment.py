@@ -73,7 +73,6 @@ NUM_DRAWS = _NUM_DRAWS
 """Uniforms per image and view (:meth:`Draws.uniforms` takes this many)."""
 
 
-
 Drawn = tuple[list[int], torch.Tensor]
 """A call's randomness drawn already: the jitter ops' order and the uniforms (B, NUM_DRAWS) float64."""
 
@@ -87,9 +86,7 @@ def draw(batch: int, generator: torch.Generator) -> Drawn:
     return order, torch.rand(batch, _NUM_DRAWS, generator=generator, dtype=torch.float64)
 
 
-def crop_boxes(
-    u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], height: float | torch.Tensor, width: float | torch.Tensor
-) -> torch.Tensor:
+def crop_boxes(u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], height: float | torch.Tensor, width: float | torch.Tensor) -> torch.Tensor:
     """The random resized crops of the per-image uniforms ``u`` (B, 13): (B, 4) float64 ``[w, h, cx, cy]``.
 
     ``w``, ``h``: the crop's width and height as fractions of the image's width and height
@@ -188,7 +185,8 @@ class Augmenter:
         gray = (u[:, _GRAY] < cfg.grayscale_p) & (channels == 3)
         blur = (u[:, _BLUR] < cfg.blur_p) & (view.size >= 2)
         radius = max(1, view.size // 20)  # blur kernel ~10% of the side, odd (SimCLR: side // 10, made odd)
-        params = self._params(u, scale, height, width, jitter, gray, blur, radius, cropped).to(images.device, non_blocking=True)
+        params = self._params(u, scale, height, width, jitter, gray, blur, radius, cropped)
+        params = params.pin_memory().to(images.device, non_blocking=True) if images.is_cuda else params.to(images.device)
 
         x = _to_float(images)
         x = _resized_crop(x, params[:, 0:4], params[:, 4], view.size)

@@ -13,6 +13,7 @@ paper's defaults written next to the method (see :mod:`methods`).
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +103,9 @@ class PretrainConfig(Section):
     """bf16 autocast on CUDA; ignored on the CPU."""
     channels_last: bool = True
     """channels_last memory format on CUDA; ignored on the CPU."""
+    compile: bool = False
+    """``torch.compile`` the method's modules (backbone, heads, momentum copies) in place before training; the first
+    step, which compiles them, is timed apart (``time/compile_s``) and left out of the throughput."""
     checkpoint_dir: Path | None = None
     """Where the per-epoch checkpoint goes; default ``outputs/<experiment>/<run id>``."""
     resume: Path | None = None
@@ -282,6 +286,10 @@ class EvalConfig(Section):
     online: OnlineConfig = Field(default_factory=OnlineConfig)
     baselines: bool = True
     """Also score raw pixels and the random-init backbone with the same kNN protocol."""
+    baselines_cache: Path | None = None
+    """A folder where the baselines' numbers are kept, keyed by everything they depend on (data, kNN protocol, the
+    random-init weights, the method's evaluation inputs), so runs that share them compute them once; a sweep's trials
+    share ``<storage>/<sweep name>/baselines`` unless this is given. None: computed by every run."""
     batch_size: int = Field(512, ge=1)
     """Batch size of feature extraction."""
 
@@ -353,7 +361,7 @@ class RunConfig(Section):
         except ValidationError as err:
             message = _first_error(err, method_cls.Params, prefix="method")
             if err.errors()[0]["type"] == "extra_forbidden":
-                message += f"; {name} takes: {', '.join(['name', *method_cls.Params.model_fields]) }"
+                message += f"; {name} takes: {', '.join(['name', *method_cls.Params.model_fields])}"
             raise ConfigError(message) from None
         return {"name": name, **validated.model_dump()}
 
@@ -373,9 +381,33 @@ class RunConfig(Section):
             raise ConfigError(f"pretrain.batch_size: the global batch {batch} does not split over distributed.workers={workers}; give a multiple of {workers} (e.g. {lower or upper} or {upper})")
         return self
 
+    @model_validator(mode="after")
+    def _compiler_available(self) -> RunConfig:
+        if self.pretrain.compile and (why := compile_unavailable(self.device)):
+            raise ConfigError(f"pretrain.compile: true, but {why}; set pretrain.compile=false")
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe nested dict (paths as strings)."""
         return self.model_dump(mode="json")
+
+
+def compile_unavailable(device: str) -> str | None:
+    """Why ``torch.compile`` cannot run here (None when it can), without importing torch: its default backend
+    (Inductor) generates Triton kernels on CUDA and C++ on the CPU, so it needs the ``triton`` package or a C++
+    compiler (``$CXX``, ``g++``, ``c++`` or ``clang++`` on the PATH)."""
+    import importlib.util
+    import shutil
+
+    has_cxx = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    has_triton = importlib.util.find_spec("triton") is not None
+    if device.startswith("cuda") and not has_triton:
+        return "torch.compile needs the triton package on CUDA and it is not installed"
+    if device == "cpu" and not has_cxx:
+        return "torch.compile needs a C++ compiler on the CPU (g++, c++ or clang++ on the PATH, or $CXX) and none was found"
+    if device == "auto" and not (has_cxx or has_triton):
+        return "torch.compile needs a C++ compiler (CPU) or the triton package (CUDA) and neither was found"
+    return None
 
 
 # ----------------------------------------------------------------------------- loading

@@ -9,10 +9,17 @@ trunk follow. Nothing here depends on which method runs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import hashlib
+import json
+import logging
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +38,8 @@ from harness.splits import Images
 from harness.streaming import StreamedImages
 from harness.tracking import Run
 from methods.base import EvalContext, EvalInputs, Method, ViewSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["baselines", "embed_splits", "evaluate", "knn_top1", "semi_supervised"]
 
@@ -160,7 +169,57 @@ def knn_top1(cfg: RunConfig, train_x: np.ndarray, train_y: np.ndarray, test_x: n
 
 def baselines(trial: Trial) -> dict[str, float]:
     """kNN of the method's input baseline (raw pixels; for a text method, bag of words of the captions) and of
-    the random-init backbone, with the same protocol as the trained model."""
+    the random-init backbone, with the same protocol as the trained model; read from ``eval.baselines_cache``
+    when a run with the same inputs computed them already (:func:`baseline_key`)."""
+    folder = trial.cfg.eval.baselines_cache
+    if folder is None:
+        return _baselines(trial)
+    return cached_json(Path(folder) / f"{baseline_key(trial)}.json", lambda: _baselines(trial))
+
+
+def baseline_key(trial: Trial) -> str:
+    """A digest of everything the baselines depend on: the data and kNN protocol configs, the device type, the
+    random-init backbone's weights (so a method that draws its initial weights differently gets its own), and,
+    when the method has its own evaluation or input-baseline inputs, its name and parameters."""
+    cfg, method = trial.cfg, trial.method
+    own_inputs = type(method).eval_inputs is not Method.eval_inputs or type(method).input_baseline is not Method.input_baseline
+    described = {
+        "data": cfg.data.model_dump(mode="json"),
+        "knn": cfg.eval.knn.model_dump(mode="json"),
+        "device": trial.device.type,
+        "inputs": cfg.method if own_inputs else None,
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    for name, tensor in method.backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_json(path: Path, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``compute()``, kept as JSON at ``path`` for the next caller with the same key. Concurrent callers (a sweep's
+    trials) take a lock on ``path.lock`` so one computes and the others read; the file is written atomically (tmp +
+    rename), so a reader never sees half of it. Where the file system has no locks, each computes and the last
+    write wins (the same numbers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            try:
+                values = {k: float(v) for k, v in json.loads(path.read_text()).items()}
+                log.info("baselines read from %s", path)
+                return values
+            except (OSError, ValueError, AttributeError):
+                pass  # unreadable: computed again
+        values = compute()
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        tmp.write_text(json.dumps(values, sort_keys=True))
+        os.replace(tmp, path)
+        return values
+
+
+def _baselines(trial: Trial) -> dict[str, float]:
     cfg, data, method = trial.cfg, trial.data, trial.method
     ytr, yte = data.train.labels.numpy(), data.test.labels.numpy()
     (name, train), (_, test) = (method.input_baseline(split, trial.augmenter.normalize) for split in (data.train, data.test))

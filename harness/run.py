@@ -44,9 +44,7 @@ def run(cfg: RunConfig, *, on_epoch_end: EpochCallback | None = None, parent_run
     KILLED on a stop signal (:class:`Interrupted`). Resuming from a checkpoint (``pretrain.resume``) continues the
     MLflow run that wrote it, when it is in this store."""
     trial = prepare(cfg)
-    with start_run(
-        cfg.tracking.experiment, run_name=default_run_name(cfg), tags=run_tags(cfg), uri=cfg.tracking.uri, parent_run_id=parent_run_id, resume=run_to_resume(cfg)
-    ) as mlrun:
+    with start_run(cfg.tracking.experiment, run_name=default_run_name(cfg), tags=run_tags(cfg), uri=cfg.tracking.uri, parent_run_id=parent_run_id, resume=run_to_resume(cfg)) as mlrun:
         return execute(trial, mlrun, on_epoch_end=on_epoch_end)
 
 
@@ -102,6 +100,8 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
             log_metrics=log_epoch, on_epoch_end=on_epoch_end, epoch_metrics=monitor,
         )  # fmt: skip
         metrics["time/pretrain_s"] = result.time_s
+        if cfg.pretrain.compile:
+            metrics["time/compile_s"] = result.compile_s
         if monitor is not None and monitor.seconds:
             metrics["time/online_s"] = sum(monitor.seconds)
         metrics["train/images_per_s_mean"] = result.images_per_s

@@ -265,6 +265,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     run_raw = _merge(read_yaml(_relative(cfg.base, path)) if cfg.base else {}, cfg.run)
     run_raw = set_values(run_raw, {"tracking.experiment": cfg.name}, RunConfig)
     run_raw = _workers_from_resources(run_raw, cfg.resources)
+    if (run_raw.get("eval") or {}).get("baselines_cache") is None:  # trials sharing data, seed and backbone share them
+        run_raw = set_values(run_raw, {"eval.baselines_cache": str(cfg.storage.resolve() / cfg.name / "baselines")}, RunConfig)
     sweep = Sweep(cfg, path, path.read_text(), expand(cfg))
     for key, domain in cfg.space.items():  # every value (or both ends of a range) must make a valid run config
         for value in domain.bounds():

@@ -51,7 +51,10 @@ from methods.distributed import average_gradients
 log = logging.getLogger(__name__)
 
 #: Keys that may differ between a checkpoint's config and the config resuming from it.
-RESUMABLE_DIFFERENCES = ("pretrain.resume", "pretrain.checkpoint_dir", "pretrain.progress", "tracking.", "eval.", "device", "distributed.")
+RESUMABLE_DIFFERENCES = ("pretrain.resume", "pretrain.compile", "pretrain.checkpoint_dir", "pretrain.progress", "tracking.", "eval.", "device", "distributed.")
+
+LOSS_CHECK_EVERY = 50
+"""Steps between reads of the loss on an accelerator (:func:`loss_check_every`)."""
 
 EpochCallback = Callable[[int, dict[str, float], Path | None], None]
 EpochMetrics = Callable[[int], dict[str, float]]
@@ -69,6 +72,8 @@ class TrainResult:
     steps: int = 0
     time_s: float = 0.0
     images_per_s: float = 0.0
+    compile_s: float = 0.0
+    """Time of the first step, which compiled the modules (``pretrain.compile``); not in ``images_per_s``."""
     skipped: list[str] = field(default_factory=list)
     """Streamed images that could not be read (``data.skip_corrupt``), each once."""
 
@@ -147,6 +152,8 @@ def pretrain(
     if sync_bn:
         distributed.to_sync_batchnorm(method, device)
     optimizer = build_optimizer(method, p)
+    if p.compile:
+        compile_modules(method)
     result = TrainResult()
     start_epoch = 0
     if p.resume is not None:
@@ -187,6 +194,7 @@ def _train_epochs(
     batches = _batches(images, views, cfg, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and p.amp else nullcontext()
     show_bar = p.progress and sys.stderr.isatty() and world.is_main
+    check_every = loss_check_every(device)
     step = start_epoch * steps_per_epoch
     lr = cosine_lr(step, total_steps, warmup_steps, p.lr, p.final_lr)
     wd = cosine_weight_decay(step, total_steps, p.weight_decay, p.weight_decay_end)
@@ -199,6 +207,7 @@ def _train_epochs(
         torch.manual_seed(key + world.rank)  # dropout, masks and other in-model randomness: a stream per worker
         epoch_loss, epoch_t0 = 0.0, time.perf_counter()
         grad_norm = torch.zeros((), device=device)  # summed over the epoch's steps, read once at its end
+        pending, checked = torch.zeros(steps_per_epoch, device=device), 0  # the epoch's step losses; those read so far
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", disable=not show_bar, leave=False)
         steps = [distributed.shard(rows, world) for rows in batch_indices(n, p.batch_size, generator)]
         for i, (idx, raw) in enumerate(batches.epoch(key, steps)):
@@ -212,9 +221,13 @@ def _train_epochs(
             info = StepInfo(epoch=epoch, step=step, total_steps=total_steps, indices=idx)
             with autocast:
                 out = method.training_step(xs, info)
-            loss = distributed.mean_over_workers(out.loss.detach()).item()
-            if not math.isfinite(loss):
-                raise Diverged(f"loss diverged at epoch {epoch + 1} step {i + 1} (loss={loss})")
+            pending[i] = out.loss.detach()
+            if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:  # the only reads of the loss: no sync in between
+                losses = _finite_losses(pending[checked : i + 1], epoch, checked)
+                epoch_loss += sum(losses)
+                result.step_losses.extend(losses)
+                checked = i + 1
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{(seen + p.batch_size) / (time.perf_counter() - t0):.0f}")
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             drop_gradients(method, method.frozen_modules(info))  # the same on every worker: a function of the step
@@ -223,12 +236,14 @@ def _train_epochs(
                 grad_norm += clip_gradients(method.parameters(), p.clip_grad).to(device)
             optimizer.step()
             method.after_step(info)
-            epoch_loss += loss
-            result.step_losses.append(loss)
+            if p.compile and seen == 0:  # the first step compiled the modules: timed apart
+                if cuda:
+                    torch.cuda.synchronize(device)
+                result.compile_s = time.perf_counter() - t0
+                hook_s += result.compile_s
             step += 1
             seen += p.batch_size
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.close()
         mean_loss = epoch_loss / steps_per_epoch
         result.losses.append(mean_loss)
@@ -257,6 +272,41 @@ def _train_epochs(
     result.images_per_s = seen / train_s if train_s > 0 else 0.0
 
 
+def compile_modules(method: Method) -> None:
+    """``torch.compile`` each of the method's top-level modules in place (``nn.Module.compile``: parameter names,
+    checkpoints and the method's own code are unchanged); compilation happens on the first call."""
+    if not torch._dynamo.is_dynamo_supported():  # noqa: SLF001 (no public equivalent)
+        raise BadInput(f"pretrain.compile: true, but torch.compile does not support this Python ({sys.version.split()[0]}) with torch {torch.__version__}; set pretrain.compile=false")
+    for module in method.children():
+        module.compile()
+
+
+def loss_check_every(device: torch.device) -> int:
+    """Steps between reads of the loss (each read waits for the device): every step on the CPU, where reading costs
+    nothing; every :data:`LOSS_CHECK_EVERY` steps (and each epoch's last) on an accelerator, so the host queues steps
+    ahead of the GPU. The first non-finite loss is still reported with its own epoch and step; the steps run after it
+    until the read change nothing that is kept (no checkpoint is written from a diverged epoch)."""
+    return 1 if device.type == "cpu" else LOSS_CHECK_EVERY
+
+
+def _finite_losses(losses: torch.Tensor, epoch: int, first_step: int) -> list[float]:
+    """The workers' mean of each step loss in ``losses`` (steps ``first_step + 1 ...`` of ``epoch``, 0-based), read
+    to the host; :class:`Diverged` naming the first non-finite one."""
+    values = distributed.mean_over_workers(losses).tolist()
+    for j, loss in enumerate(values):
+        if not math.isfinite(loss):
+            raise Diverged(f"loss diverged at epoch {epoch + 1} step {first_step + j + 1} (loss={loss})")
+    return values
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; to CUDA from pinned memory without blocking (a copy from pageable memory waits for the
+    stream, a hidden synchronisation per step)."""
+    if device.type != "cuda" or x.is_cuda:
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class _InMemory:
     """Every step's images from the tensor held on the device: each view is cropped from the same batch."""
 
@@ -267,7 +317,7 @@ class _InMemory:
 
     def epoch(self, key: int, steps: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
         for idx in steps:
-            yield idx, [self.images[idx.to(self.device)]] * self.views
+            yield idx, [self.images[to_device(idx, self.device)]] * self.views
 
 
 class _Streamed:
@@ -277,9 +327,7 @@ class _Streamed:
 
     def __init__(self, images: StreamedImages, views: list[ViewSpec], cfg: RunConfig, device: torch.device) -> None:
         cuda = device.type == "cuda"
-        self.loader = TrainLoader(
-            images.source, views, cfg.augment, num_workers=data_workers(cfg), prefetch=cfg.data.prefetch, pin_memory=cuda, skip_corrupt=cfg.data.skip_corrupt
-        )
+        self.loader = TrainLoader(images.source, views, cfg.augment, num_workers=data_workers(cfg), prefetch=cfg.data.prefetch, pin_memory=cuda, skip_corrupt=cfg.data.skip_corrupt)
         self.device = device
 
     def epoch(self, key: int, steps: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:

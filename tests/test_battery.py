@@ -110,3 +110,26 @@ def test_subset_indices_are_logged(tmp_path, tiny_overrides, tracking_uri) -> No
     saved = json.loads(open(path).read())
     assert saved["fraction"] == 0.25 and len(saved["indices"]) == 32 and saved["num_train"] == 128
     assert "eval/semi_25pct/top1" in run["metrics"]
+
+
+def test_baselines_are_computed_once_for_runs_that_share_them(tmp_path, tiny_overrides, monkeypatch) -> None:
+    # The cache may only return what the run would compute, and only to a run whose baselines are the same: same
+    # data and seed (same random-init weights) but another method shares them; another seed does not.
+    from harness import evaluate as evaluate_module
+    from harness.config import build_config
+    from harness.prepare import prepare
+
+    cache = tmp_path / "baselines"
+    computed = []
+    real = evaluate_module._baselines
+    monkeypatch.setattr(evaluate_module, "_baselines", lambda trial: computed.append(trial.cfg.seed) or real(trial))
+
+    def trial(*overrides: str):
+        return prepare(build_config({}, [*tiny_overrides, f"eval.baselines_cache={cache}", *overrides]))
+
+    first = evaluate_module.baselines(trial())
+    assert first == real(trial()) and computed == [0]
+    assert evaluate_module.baselines(trial("method.temperature=0.1")) == first and computed == [0]
+    evaluate_module.baselines(trial("seed=1"))  # other random-init weights
+    assert computed == [0, 1]
+    assert len(list(cache.glob("*.json"))) == 2

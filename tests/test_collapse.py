@@ -178,3 +178,12 @@ def test_closed_form_collapse_losses_equal_the_losses_of_constant_embeddings() -
     # the verdict: loss within 2% of the collapse value, or normalised std far below 1/sqrt(d)
     assert collapsed(6.86, math.log(1025), 0.05, 128) and not collapsed(6.70, math.log(1025), 0.05, 128)
     assert collapsed(None, None, 0.001, 100) and not collapsed(None, None, 0.05, 100)
+
+
+def test_one_decomposition_on_a_torch_device_gives_numpys_ranks():
+    from evaluations.collapse import effective_rank, rankme, ranks, singular_values
+
+    z = np.random.default_rng(3).normal(size=(300, 24)) @ np.diag(np.linspace(0.1, 3, 24))
+    me, eff, s = ranks(z, "cpu")  # the torch path (the battery's on a GPU)
+    np.testing.assert_allclose(s, singular_values(z), rtol=1e-10)
+    assert me == pytest.approx(rankme(z), rel=1e-12) and eff == pytest.approx(effective_rank(z), rel=1e-12)

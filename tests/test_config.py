@@ -91,3 +91,12 @@ def test_missing_file_and_non_mapping(tmp_path):
 
 def test_method_may_be_given_as_a_bare_name():
     assert RunConfig(method="simclr").method["temperature"] == 0.5
+
+
+def test_compile_without_a_compiler_is_one_line_naming_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"^pretrain.compile: true, but torch.compile needs a C\+\+ compiler on the CPU .*set pretrain.compile=false$") as info:
+        build_config({"device": "cpu", "pretrain": {"compile": True}})
+    assert "\n" not in str(info.value)
+    build_config({"device": "cpu", "pretrain": {"compile": False}})  # off: nothing is checked

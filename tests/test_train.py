@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import build_config
+from harness import train as train_module
+from harness.config import build_config, compile_unavailable
 from harness.errors import BadInput, Diverged
 from harness.prepare import prepare
 from harness.train import batch_indices, load_checkpoint, pretrain
@@ -84,7 +85,11 @@ def test_resume_with_a_different_config_is_refused(tiny_overrides, tmp_path):
         train([*tiny_overrides, f"pretrain.resume={tmp_path / 'absent.pt'}"])
 
 
-def test_non_finite_loss_stops_with_epoch_and_step(tiny_overrides, monkeypatch):
+@pytest.mark.parametrize("check_every", [1, 3, 1000], ids=["every step", "every 3 steps", "epoch ends"])
+def test_non_finite_loss_stops_with_epoch_and_step(tiny_overrides, monkeypatch, check_every):
+    # On an accelerator the loss is read every few steps only (no sync per step): the step named is still the first
+    # non-finite one, whenever it is read.
+    monkeypatch.setattr(train_module, "loss_check_every", lambda device: check_every)
     cfg = build_config({}, tiny_overrides)
     trial = prepare(cfg)
     calls = {"n": 0}
@@ -99,6 +104,17 @@ def test_non_finite_loss_stops_with_epoch_and_step(tiny_overrides, monkeypatch):
     # 128 images / batch 32 = 4 steps per epoch: the 6th step is epoch 2, step 2.
     with pytest.raises(Diverged, match=r"^loss diverged at epoch 2 step 2 "):
         pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device)
+
+
+def test_reading_the_loss_less_often_changes_no_number(tiny_overrides, monkeypatch):
+    cfg = build_config({}, tiny_overrides)
+    results = []
+    for every in (1, 3):
+        monkeypatch.setattr(train_module, "loss_check_every", lambda device, every=every: every)
+        trial = prepare(cfg)
+        results.append(pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device))
+    assert results[0].step_losses == results[1].step_losses and len(results[0].step_losses) == results[0].steps
+    assert results[0].losses == results[1].losses
 
 
 def test_batches_are_a_permutation_without_the_partial_tail():
@@ -128,3 +144,19 @@ def test_epoch_metrics_join_the_epoch_before_it_is_logged_and_reported(tiny_over
     assert calls == [1, 2]
     assert logged == reported
     assert "online/x" not in logged[1] and logged[2]["online/x"] == 2.0 and "train/loss" in logged[2]
+
+
+@pytest.mark.skipif(compile_unavailable("cpu") is not None, reason="torch.compile needs a C++ compiler on the CPU")
+def test_compiled_modules_train_to_the_same_losses(tiny_overrides):
+    # torch.compile changes how the step runs, not what it computes: the same losses to float tolerance, the same
+    # parameter names (checkpoints load either way), and the compile time kept out of the throughput.
+    overrides = [*tiny_overrides, "pretrain.epochs=1", "backbone.name=test_resnet"]
+    runs = {}
+    for compiled in (False, True):
+        cfg = build_config({}, [*overrides, f"pretrain.compile={str(compiled).lower()}"])
+        trial = prepare(cfg)
+        runs[compiled] = (pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device), trial.method)
+    (plain, plain_method), (compiled, compiled_method) = runs[False], runs[True]
+    assert compiled.step_losses == pytest.approx(plain.step_losses, rel=1e-4, abs=1e-5)
+    assert list(compiled_method.state_dict()) == list(plain_method.state_dict())
+    assert compiled.compile_s > 0 and plain.compile_s == 0
