@@ -164,7 +164,7 @@ def peer_images_per_s(trial: Trial, train_folder: Path, side: int, workers: int,
         info = StepInfo(epoch=0, step=step, total_steps=total)
         with autocast:
             out = method.training_step(xs, info)
-        out.loss.detach().item()  # the loss a peer logs (and the harness checks): a device sync, as there
+        out.loss.detach().item()  # the loss a peer logs every step: a device sync per step, as in its loop
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
