@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,7 @@ def test_online_monitor_cost_prints_both_times_and_their_ratio(tmp_path) -> None
     assert "monitor: 64 train / 32 test items" in out and "1 thread(s)" in out
 
 
+@pytest.mark.slow  # a local Ray and a Ray Train job
 def test_data_parallel_prints_both_layouts_their_ratio_and_the_start_up_cost(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_parallel.py"), "--tiny"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)

@@ -56,13 +56,14 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
 # ----------------------------------------------------------------------------- concurrent writers
 
 
+@pytest.mark.slow  # eight training processes
 def test_eight_runs_started_together_on_a_new_store_all_finish(tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'new.db'}"
     procs = [
         subprocess.Popen(
             harness_cmd("-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "tracking.experiment=concurrent", f"seed={i}", f"pretrain.checkpoint_dir={tmp_path / str(i)}"),
-            cwd=tmp_path, env=env_for(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+            cwd=tmp_path, env={**env_for(uri), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # one thread each: 8 processes share 2 cores
         for i in range(8)
     ]
     results = [p.communicate(timeout=600) for p in procs]
@@ -88,6 +89,7 @@ def test_a_store_that_cannot_be_opened_is_one_line_exit_2_and_no_run(tmp_path, t
 # ----------------------------------------------------------------------------- SIGTERM to run, then --resume
 
 
+@pytest.mark.slow  # two training processes, one after the other
 def test_sigterm_to_run_marks_it_killed_and_resume_continues_the_same_run(tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ckpt_dir = tmp_path / "ckpt"
@@ -185,6 +187,7 @@ def answers(base: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # MLflow's UI server
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_ui_leaves_no_process_and_frees_the_port(tmp_path, sig) -> None:
     port = free_port()

@@ -24,6 +24,8 @@ from tests.test_sweep import tiny_run, write_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # every test starts a local Ray (or two) and runs real trials
+
 
 @pytest.fixture(scope="module")
 def ray_instance():

@@ -146,6 +146,7 @@ def test_epoch_metrics_join_the_epoch_before_it_is_logged_and_reported(tiny_over
     assert "online/x" not in logged[1] and logged[2]["online/x"] == 2.0 and "train/loss" in logged[2]
 
 
+@pytest.mark.slow  # torch.compile's C++ build
 @pytest.mark.skipif(compile_unavailable("cpu") is not None, reason="torch.compile needs a C++ compiler on the CPU")
 def test_compiled_modules_train_to_the_same_losses(tiny_overrides):
     # torch.compile changes how the step runs, not what it computes: the same losses to float tolerance, the same

@@ -33,22 +33,6 @@ def _env(uri: str) -> dict[str, str]:
     return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_a_sweep_of_two_worker_trials(tmp_path, tracking_uri) -> None:
-    path = write_sweep(tmp_path, space={"method.temperature": [0.1, 0.5]}, seeds=[0], resources={"workers": 2, "cpus": 1})
-    assert main(["-q", "sweep", str(path), "--results", str(tmp_path / "results")]) == 0
-    parent = latest_parent("unit", tracking_uri)
-    assert parent is not None and parent["status"] == "FINISHED"
-    runs = child_runs("unit", parent["run_id"], tracking_uri)
-    assert len(runs) == 2 and len(search_runs("unit", tracking_uri)) == 3  # one parent, one child per trial
-    for run in runs:
-        assert run["status"] == "FINISHED", run["tags"].get("harness.error")
-        assert [s for s, _ in metric_history(run["run_id"], "train/loss", tracking_uri)] == [1, 2]
-        assert 0.0 <= run["metrics"]["eval/knn/top1"] <= 1.0
-        assert run["params"]["distributed.workers"] == "2"
-        assert re.fullmatch(r"rank 0: pid \d+ on .+, rank 1: pid \d+ on .+", run["tags"]["harness.workers"])
-    assert (tmp_path / "results" / "unit" / "table.md").is_file()
-
-
 def _start_run(tmp_path: Path, uri: str, *overrides: str) -> subprocess.Popen:
     search_runs("workers", uri)  # create the store before the workers
     cmd = [sys.executable, "-m", "harness", "-q", "run", CONFIG, *TWO, "distributed.workers=2", "pretrain.epochs=6", "data.num_train=256", *overrides]
@@ -69,6 +53,7 @@ def _kill_rank_after_an_epoch(proc: subprocess.Popen, uri: str, rank: int) -> di
     raise AssertionError(f"the run logged no epoch in time:\n{out}")
 
 
+@pytest.mark.slow  # Ray Train jobs of 2 worker processes
 def test_a_killed_worker_is_restarted_from_the_checkpoint(tmp_path, tracking_uri) -> None:
     proc = _start_run(tmp_path, tracking_uri, "distributed.max_failures=1")
     try:
@@ -85,6 +70,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint(tmp_path, tracking_uri
     assert "eval/knn/top1" in after[0]["metrics"]
 
 
+@pytest.mark.slow  # Ray Train jobs of 2 worker processes
 def test_a_killed_worker_fails_the_run_naming_its_rank(tmp_path, tracking_uri) -> None:
     proc = _start_run(tmp_path, tracking_uri)
     try:
@@ -101,6 +87,7 @@ def test_a_killed_worker_fails_the_run_naming_its_rank(tmp_path, tracking_uri) -
     assert out.strip().splitlines()[-1].startswith("error: run failed: WorkerFailed: rank 1: "), out
 
 
+@pytest.mark.slow  # Ray Train jobs of 2 worker processes
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
 def test_torchrun_two_workers_log_one_run(tmp_path, tracking_uri) -> None:
     torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -137,22 +124,36 @@ def test_a_sweep_batch_that_does_not_split_over_its_workers_is_bad_input(tmp_pat
     assert "the global batch 32 does not split over distributed.workers=3" in err and len(err.splitlines()) == 1, err
 
 
-def test_asha_stops_multi_worker_trials_and_the_sweep_goes_on(tmp_path, tracking_uri) -> None:
-    """A trial ASHA stops ends its Ray Train job (workers and placement group): the next trials still get the CPUs."""
+@pytest.mark.slow  # Ray Train jobs of 2 worker processes
+def test_a_sweep_of_two_worker_trials_asha_stops_some_and_the_sweep_goes_on(tmp_path, tracking_uri) -> None:
+    """A sweep whose trials are Ray Train jobs of 2 workers: one MLflow run per trial (none per worker), each with its
+    whole history. A trial ASHA stops ends its Ray Train job (workers and placement group): the next trials still
+    get the CPUs."""
     space = {"pretrain.base_lr": [0.4, 0.2, 0.1]}
     scheduler = {"name": "asha", "metric": "train/lr", "mode": "max", "grace_period": 1, "reduction_factor": 2}
     path = write_sweep(tmp_path, space=space, seeds=[0], max_concurrent=1, scheduler=scheduler, resources={"workers": 2, "cpus": 1})
     assert main(["-q", "sweep", str(path), "pretrain.epochs=3", "--results", str(tmp_path / "results")]) == 0
     parent = latest_parent("unit", tracking_uri)
+    assert parent is not None and parent["status"] == "FINISHED"
     runs = {r["run_name"]: r for r in child_runs("unit", parent["run_id"], tracking_uri)}
+    assert len(runs) == 3 and len(search_runs("unit", tracking_uri)) == 4  # one parent, one child per trial
     assert {r["status"] for r in runs.values()} <= {"FINISHED", "KILLED"}
-    assert runs["pretrain.base_lr=0.4 seed=0"]["status"] == "FINISHED"
+    first = runs["pretrain.base_lr=0.4 seed=0"]
+    assert first["status"] == "FINISHED", first["tags"].get("harness.error")
+    assert [s for s, _ in metric_history(first["run_id"], "train/loss", tracking_uri)] == [1, 2, 3]
+    assert 0.0 <= first["metrics"]["eval/knn/top1"] <= 1.0
+    for run in runs.values():
+        assert run["params"]["distributed.workers"] == "2"
+        assert re.fullmatch(r"rank 0: pid \d+ on .+, rank 1: pid \d+ on .+", run["tags"]["harness.workers"])
     stopped = [r for r in runs.values() if r["status"] == "KILLED"]
     assert stopped, "ASHA stopped no trial"
     for r in stopped:
         assert r["tags"]["harness.stopped"].startswith("stopped early by the scheduler after epoch")
+        assert "eval/knn/top1" not in r["metrics"]
+    assert (tmp_path / "results" / "unit" / "table.md").is_file()
 
 
+@pytest.mark.slow  # Ray Train jobs of 2 worker processes
 def test_sigterm_to_a_multi_worker_run_leaves_it_killed_and_resumable(tmp_path, tracking_uri) -> None:
     proc = _start_run(tmp_path, tracking_uri, "pretrain.epochs=40")
     try:
