@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -377,7 +378,9 @@ def read_checkpoint(path: Path, cfg: RunConfig | None = None, key: str = "pretra
     if not path.is_file():
         raise BadInput(f"{key}: checkpoint {path} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle warns of its protocol on stderr before being refused
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same bad input
         raise BadInput(f"{key}: {path} is not a readable checkpoint ({type(err).__name__})") from None
     if cfg is not None:

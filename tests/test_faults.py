@@ -123,7 +123,7 @@ def test_sigterm_to_run_marks_it_killed_and_resume_continues_the_same_run(tmp_pa
 
 
 @pytest.mark.parametrize("make_bad", ["missing", "code"])
-def test_a_bad_resume_checkpoint_is_exit_2_and_opens_no_run(tmp_path, tiny_overrides, tracking_uri, capsys, make_bad) -> None:
+def test_a_bad_resume_checkpoint_is_exit_2_and_opens_no_run(tmp_path, tiny_overrides, tracking_uri, capsys, recwarn, make_bad) -> None:
     path = tmp_path / "bad.pt"
     if make_bad == "code":
 
@@ -137,6 +137,7 @@ def test_a_bad_resume_checkpoint_is_exit_2_and_opens_no_run(tmp_path, tiny_overr
     assert code == 2 and len(err) == 1 and err[0].startswith("error: pretrain.resume: ") and str(path) in err[0], err
     assert search_runs("badresume", tracking_uri) == []
     assert not (tmp_path / "executed").exists()
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]  # outside pytest a warning is more lines on stderr
 
 
 def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, tiny_overrides, monkeypatch) -> None:
