@@ -379,7 +379,7 @@ def read_checkpoint(path: Path, cfg: RunConfig | None = None, key: str = "pretra
         raise BadInput(f"{key}: checkpoint {path} not found")
     try:
         with warnings.catch_warnings():  # a plain pickle warns of its protocol on stderr before being refused
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same bad input
         raise BadInput(f"{key}: {path} is not a readable checkpoint ({type(err).__name__})") from None

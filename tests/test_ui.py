@@ -25,11 +25,11 @@ from harness.cli import main
 from tests.test_sweep import write_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.slow  # a sweep, MLflow's UI server and Chromium
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.slow  # a sweep, MLflow's UI server and Chromium
 
 if CHROMIUM is None and not os.environ.get("CI"):
     pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
