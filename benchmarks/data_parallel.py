@@ -1,7 +1,7 @@
 """Data-parallel pretraining on this machine: 1 worker x T threads against T workers x 1 thread, and what a
 multi-worker trial costs to start on Ray Train.
 
-Both layouts train the same global batch with the real loop (``harness.train.pretrain``: the
+Both layouts train the same global batch with the real loop (``harness.train.loop.pretrain``: the
 workers join a gloo group and each takes its slice of every step, gathering, synchronised
 BatchNorm and gradient averaging included); images/s counts the global batch per step, timed
 after the warm-up steps. The start-up cost is the wall time of fitting a Ray Train job of 2
@@ -59,7 +59,7 @@ def _empty_worker(config: dict[str, Any]) -> None:
 
 def ray_train_startup_s(workers: int) -> tuple[float, float]:
     """(local Ray start, fitting an empty ``workers``-worker Ray Train job on it), in seconds."""
-    from harness import raytrain, raytune
+    from harness.launch import raytrain, raytune
 
     t0 = time.perf_counter()
     started = raytune.init(None, min_cpus=workers)

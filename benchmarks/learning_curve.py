@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness.config import load_config
-from harness.evaluate import baselines, embed_splits, knn_top1
-from harness.prepare import prepare
-from harness.train import pretrain
+from harness.config.loading import load_config
+from harness.train.loop import pretrain
+from harness.trial.evaluate import baselines, embed_splits, knn_top1
+from harness.trial.prepare import prepare
 
 TINY = [
     "data.num_train=128", "data.num_test=64", "data.image_size=16", "backbone.name=test_resnet", "pretrain.epochs=2", "pretrain.batch_size=32",

@@ -23,8 +23,9 @@ import argparse
 import statistics
 from pathlib import Path
 
-from harness.config import RunConfig, build_config
-from harness.sweep_config import load_sweep
+from harness.config.loading import build_config
+from harness.config.schema import RunConfig
+from harness.sweep.config import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -42,9 +43,9 @@ def default_config(overrides: list[str]) -> tuple[RunConfig, int]:
 
 def measure(cfg: RunConfig, epochs: int) -> dict[str, float]:
     """Train ``epochs`` epochs of ``cfg`` with the monitor after each; median seconds per epoch and per evaluation."""
-    from harness.monitor import OnlineMonitor
-    from harness.prepare import prepare
-    from harness.train import pretrain
+    from harness.train.loop import pretrain
+    from harness.trial.monitor import OnlineMonitor
+    from harness.trial.prepare import prepare
 
     run = build_config(cfg.as_dict(), [f"pretrain.epochs={epochs}", "eval.online.every=1", "pretrain.warmup_epochs=0", "pretrain.progress=false", "eval.semi.enabled=false", "device=cpu"])
     trial = prepare(run)

@@ -1,6 +1,6 @@
 """Pretraining throughput: the harness's full step against a raw timm forward + backward.
 
-The full step is what ``harness.train.pretrain`` does per batch: index the uint8
+The full step is what ``harness.train.loop.pretrain`` does per batch: index the uint8
 images, draw two augmented views on the device, forward both through backbone +
 projector, NT-Xent, backward, optimiser step, lr schedule, NaN guard. The raw
 reference runs ``timm`` forward + backward + SGD step on pre-made float tensors of
@@ -43,12 +43,14 @@ from typing import Any
 
 import torch
 
-from harness.augment import Augmenter, Drawn, Draws
-from harness.config import AugmentConfig, build_config
-from harness.optim import build_optimizer
-from harness.prepare import Trial, prepare
-from harness.train import pretrain
-from methods.base import StepInfo, StepOutput, ViewSpec
+from core.contract import StepInfo, StepOutput
+from core.views import View
+from harness.config.loading import build_config
+from harness.config.schema import AugmentConfig
+from harness.data.augment import Augmenter, KeyedDraws, ViewDraw
+from harness.train.loop import pretrain
+from harness.train.optim import build_optimizer
+from harness.trial.prepare import Trial, prepare
 
 
 def raw_images_per_s(model: torch.nn.Module, batch: int, size: int, channels: int, steps: int, warmup: int, device: torch.device, *, bf16_channels_last: bool = False) -> float:
@@ -190,7 +192,7 @@ PARTS = ("augmentation", "forward", "loss", "backward", "optimiser", "other")
 class LabelledAugmenter(Augmenter):
     """The trial's augmenter, each call inside a ``bench::augmentation`` profiler range."""
 
-    def __call__(self, images: torch.Tensor, view: ViewSpec, draws: torch.Generator | Draws | Drawn, *, cropped: bool = False) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, view: View, draws: torch.Generator | KeyedDraws | ViewDraw, *, cropped: bool = False) -> torch.Tensor:
         with torch.profiler.record_function("bench::augmentation"):
             return super().__call__(images, view, draws, cropped=cropped)
 

@@ -4,7 +4,7 @@ Both pipelines run the same full training step on the same cores (``--workers`` 
 processes plus the training process), with the same backbone, SimCLR projection head,
 NT-Xent loss and SGD optimiser (the harness's, built from the same config):
 
-* harness: ``harness.train.pretrain`` on ``data.name=imagefolder`` with ``data.in_memory=false``
+* harness: ``harness.train.loop.pretrain`` on ``data.name=imagefolder`` with ``data.in_memory=false``
   (what ``python -m harness`` runs): loader workers decode each JPEG (draft decoding) and take
   each view's random resized crop from the original; flip, colour jitter, grayscale, blur and
   normalisation run batched on the training device (``Augmenter(cropped=True)``).
@@ -18,7 +18,7 @@ the same batch, the same loader workers and prefetch (2 steps per worker). Each 
 ``--warmup`` steps (worker start-up, first-call costs), then ``--steps`` timed steps; images/s
 is source images (each giving 2 views) per second over the timed steps, from the end of the
 last warm-up step to the end of the last step. Also measured: decode images/s per core, in
-one process with one thread, of the harness's worker work (``harness.streaming.crop_views``:
+one process with one thread, of the harness's worker work (``harness.data.streaming.crop_views``:
 read + draft decode + the two crops), a plain PIL full decode (``Image.open(...).convert("RGB")``)
 and the peer's per-image work (ImageFolder's loader + the recipe twice).
 
@@ -48,12 +48,14 @@ import torch
 from PIL import Image
 from pretrain_throughput import harness_images_per_s  # the same timed loop (a hook on the method's after_step)
 
-from harness.augment import NUM_DRAWS, Draws
-from harness.config import AugmentConfig, RunConfig, build_config
-from harness.optim import build_optimizer
-from harness.prepare import Trial, prepare
-from harness.streaming import crop_views, folder_source
-from methods.base import StepInfo, ViewSpec
+from core.contract import StepInfo
+from core.views import NUM_DRAWS, View
+from harness.config.loading import build_config
+from harness.config.schema import AugmentConfig, RunConfig
+from harness.data.augment import KeyedDraws
+from harness.data.streaming import crop_views, folder_source
+from harness.train.optim import build_optimizer
+from harness.trial.prepare import Trial, prepare
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,8 +189,8 @@ def decode_per_core(train_folder: Path, side: int, count: int) -> dict[str, floa
     source = folder_source(train_folder)
     rows = np.linspace(0, len(source) - 1, min(count, len(source))).round().astype(int).tolist()  # every class
     augment = AugmentConfig(crop_scale=(0.08, 1.0), blur_p=0.5)
-    views = [ViewSpec(side), ViewSpec(side)]
-    draws = Draws(0, torch.tensor(rows), 0)
+    views = [View(side), View(side)]
+    draws = KeyedDraws(0, torch.tensor(rows), 0)
     uniforms = [draws.view(v).uniforms(NUM_DRAWS) for v in range(len(views))]
     two_views = TwoViews(simclr_transform(side))
     paths = [source.locations[r] for r in rows]

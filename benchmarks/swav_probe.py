@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness.config import build_config, read_yaml
-from harness.optim import build_optimizer
-from harness.prepare import prepare
-from methods.base import StepInfo
+from core.contract import StepInfo
+from harness.config.loading import build_config, read_yaml
+from harness.train.optim import build_optimizer
+from harness.trial.prepare import prepare
 from methods.swav import SwAV, sinkhorn
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 Two levels, each as wall time per trial:
   tune    Ray Tune alone: a trainable that reports one number (Ray started once, outside the timing)
   harness the harness's sweep of N trivial run configs (no pretraining epoch, kNN only),
-          against ``harness.run.run`` on the same configs in a loop; includes Ray's start and
+          against ``harness.trial.run.run`` on the same configs in a loop; includes Ray's start and
           the MLflow parent/child bookkeeping, excludes writing the tables
 
     python benchmarks/sweep_overhead.py [--trials 8]
@@ -24,13 +24,13 @@ import yaml
 
 
 def trivial(config: dict) -> None:
-    from harness import raytune
+    from harness.launch import raytune
 
     raytune.report({"value": float(len(raytune.trial_key(config)))})
 
 
 def tune_level(n: int, storage: Path) -> tuple[float, float]:
-    from harness import raytune
+    from harness.launch import raytune
 
     keys = [f"trial {i}" for i in range(n)]
     t0 = time.perf_counter()
@@ -47,9 +47,9 @@ def tune_level(n: int, storage: Path) -> tuple[float, float]:
 
 
 def harness_level(n: int, work: Path, backbone: str = "resnet10t") -> tuple[float, float]:
-    from harness.config import load_config
-    from harness.run import run
-    from harness.sweep import load_sweep, run_sweep
+    from harness.config.loading import load_config
+    from harness.sweep.driver import load_sweep, run_sweep
+    from harness.trial.run import run
 
     run_cfg = {
         "data": {"num_train": 64, "num_test": 32, "image_size": 16},

@@ -7,7 +7,7 @@ parameters, come from the run config's ``eval`` section and are logged next to e
 Metric names are ``<prefix>/<evaluation>/<metric>``; each evaluation's wall time is
 ``time/<prefix>/<evaluation>_s``. Semi-supervised fine-tuning needs the model and
 the images, not only embeddings: it is :func:`evaluations.finetune.finetune_subset`,
-driven by :mod:`harness.run`.
+driven by :mod:`harness.trial.run`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def evaluate_embeddings(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Run the enabled evaluations of ``ev`` (an :class:`harness.config.EvalConfig`).
+    """Run the enabled evaluations of ``ev`` (an :class:`harness.config.schema.EvalConfig`).
 
     ``device``: where the linear probe trains and the kNN and retrieval searches run (the trial's device: on a
     GPU, faiss's GPU index or an exact torch matmul; see :mod:`evaluations.search`).

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from core.splits import Images
 from evaluations.finetune import Augment, train_on_batches
-from harness.splits import Images
 
 __all__ = ["distillation_loss", "self_distill"]
 

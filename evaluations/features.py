@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.splits import Images
+from core.splits import Images
 
 
 def on_accelerator(device: torch.device | str) -> tuple[contextlib.AbstractContextManager[object], Callable[[torch.Tensor], torch.Tensor]]:

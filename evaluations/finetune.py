@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from core.schedules import cosine_lr
+from core.splits import Images
 from evaluations.features import on_accelerator
-from harness.schedules import cosine_lr
-from harness.splits import Images
 
 __all__ = ["Augment", "Finetuned", "Normalize", "classification_accuracy", "classifier", "finetune_subset", "train_on_batches"]
 

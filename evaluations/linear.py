@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.schedules import cosine_lr
 from evaluations.checks import check_features, remap_labels
-from harness.schedules import cosine_lr
 
 __all__ = ["linear_probe"]
 

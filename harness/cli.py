@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from core.errors import BadInput, HarnessError, Interrupted
 from harness import signals
-from harness.errors import BadInput, HarnessError, Interrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 T = TypeVar("T")
@@ -118,8 +118,8 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from harness.config import load_config
-    from harness.launch import check_launch, torchrun_world
+    from harness.config.loading import load_config
+    from harness.launch.torchrun import check_launch, torchrun_world
 
     world = torchrun_world()  # torchrun's variables, all or none
     overrides = list(args.overrides) + ([f"pretrain.resume={args.resume}"] if args.resume else [])
@@ -127,17 +127,17 @@ def _run(args: argparse.Namespace) -> int:
     check_launch(cfg, world)
     try:
         if world is not None:  # torchrun: every rank runs this; rank 0 logs, checkpoints, evaluates
-            from harness.data_parallel import run_torchrun
+            from harness.launch.workers import run_torchrun
 
             metrics = _failure_is_one_line("run", lambda: run_torchrun(cfg, world))
             if world.rank != 0:
                 return EXIT_OK if metrics is not None else EXIT_FAILED
         elif cfg.distributed.workers > 1:  # W workers through Ray Train
-            from harness.data_parallel import run_workers
+            from harness.launch.workers import run_workers
 
             metrics = _failure_is_one_line("run", lambda: run_workers(cfg))
         else:
-            from harness.run import run
+            from harness.trial.run import run
 
             metrics = _failure_is_one_line("run", lambda: run(cfg))
     except Interrupted as stop:
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from harness.reevaluate import reevaluate
+    from harness.trial.reevaluate import reevaluate
 
     result = _failure_is_one_line("eval", lambda: reevaluate(args.target, args.overrides))
     if result is None:
@@ -186,11 +186,11 @@ def _print_metrics(metrics: dict[str, float], prefixes: tuple[str, ...]) -> None
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness.sweep_config import load_sweep
+    from harness.sweep.config import load_sweep
 
     sweep = load_sweep(args.sweep, args.overrides)  # bad input is reported before the heavy imports
     from harness import tables
-    from harness.sweep import run_sweep
+    from harness.sweep.driver import run_sweep
 
     print(f"sweep {sweep.cfg.name!r}: {len(sweep.trials)} trials ({len(sweep.trials) // len(sweep.cfg.seeds)} points x {len(sweep.cfg.seeds)} seeds)", flush=True)
     outcome = run_sweep(sweep, resume=args.resume, verbose=0 if args.quiet else 1)
@@ -198,7 +198,7 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"FAILED  {key}: {error}", file=sys.stderr)
     if outcome.interrupted:
         print(f"interrupted: {len(outcome.interrupted)} trial(s) unfinished; continue with: python -m harness sweep {args.sweep} --resume", file=sys.stderr)
-    from harness.tracking import absolute_uri, experiment_ids, runs_url, tracking_uri
+    from harness.track.mlflow import absolute_uri, experiment_ids, runs_url, tracking_uri
 
     uri = absolute_uri(tracking_uri(sweep.configs[sweep.keys[0]].tracking.uri))
     out = Path(args.results) / sweep.cfg.name
@@ -219,11 +219,11 @@ def _table(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from harness import tables
-    from harness.tracking import absolute_uri, tracking_uri
+    from harness.track.mlflow import absolute_uri, tracking_uri
 
     name, uri, table = args.sweep, args.uri, None
     if name.endswith((".yaml", ".yml")) or Path(name).is_file():
-        from harness.sweep_config import load_sweep
+        from harness.sweep.config import load_sweep
 
         sweep = load_sweep(name)
         name, uri, table = sweep.cfg.name, uri or sweep.configs[sweep.keys[0]].tracking.uri, sweep.cfg.table
@@ -235,7 +235,7 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from harness.tracking import ensure_store, experiment_ids, runs_url, serve_ui, tracking_uri
+    from harness.track.mlflow import ensure_store, experiment_ids, runs_url, serve_ui, tracking_uri
 
     uri = tracking_uri(args.uri)
     base = f"http://127.0.0.1:{args.port}"
@@ -249,7 +249,7 @@ def _ui(args: argparse.Namespace) -> int:
 def _server(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness.tracking import absolute_uri, ensure_store, serve, server_command
+    from harness.track.mlflow import absolute_uri, ensure_store, serve, server_command
 
     store, artifacts = absolute_uri(args.store), Path(args.artifacts).resolve()
     ensure_store(store)
@@ -261,7 +261,7 @@ def _server(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
-    from harness.config import load_config
+    from harness.config.loading import load_config
 
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.as_dict(), sort_keys=False), end="")
@@ -270,19 +270,19 @@ def _config(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     if args.what == "methods":
-        from methods import REGISTRY, list_methods
+        from methods import list_methods, taxonomy
 
         names = list_methods(args.pattern)
         width = max((len(n) for n in names), default=0)
         for name in names:
-            t = REGISTRY[name].taxonomy()
+            t = taxonomy(name)
             print(f"{name:{width}s}  negatives={t['uses_negatives']!s:5s} networks={t['networks']}  loss={t['loss']}")
     elif args.what == "datasets":
-        from harness.datasets import list_datasets
+        from harness.data.datasets import list_datasets
 
         print("\n".join(n for n in list_datasets() if args.pattern is None or fnmatch.fnmatch(n, args.pattern)))
     else:
-        from harness.backbones import list_backbones
+        from core.backbones import list_backbones
 
         print("\n".join(list_backbones(args.pattern)))
     return EXIT_OK

@@ -5,7 +5,8 @@
     method = create_method("cmc", backbone, backbone_factory=partial(create_backbone, "resnet18"))
 
 A new method is a new file in this package with a ``@register`` class
-(see :class:`methods.base.Method` for the interface); it is discovered on import.
+(see :class:`methods.base.Method` for the interface); it is discovered the first time the registry is read, so
+importing this package (or :mod:`methods.base`) imports no method module.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 from torch import nn
 
-from harness.errors import ConfigError, suggest
-from methods.base import Method, StepInfo, StepOutput
+from core.errors import ConfigError, suggest
+from methods.base import Method
 
-REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY: dict[str, type[Method]] = {}
+_discovered = False
 
 DEFAULT_METHOD = "simclr"
 """The method of a run config that names none."""
@@ -29,10 +31,19 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: add a Method subclass to the registry under ``cls.name``."""
     if not cls.name:
         raise TypeError(f"{cls.__qualname__} needs a class attribute 'name'")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise TypeError(f"method name {cls.name!r} registered twice ({REGISTRY[cls.name].__qualname__}, {cls.__qualname__})")
-    REGISTRY[cls.name] = cls
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"method name {cls.name!r} registered twice ({_REGISTRY[cls.name].__qualname__}, {cls.__qualname__})")
+    _REGISTRY[cls.name] = cls
     return cls
+
+
+def registry() -> dict[str, type[Method]]:
+    """Every registered method by name (the package's modules are imported on the first call)."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        _discover()
+    return _REGISTRY
 
 
 def _discover() -> None:
@@ -48,15 +59,22 @@ def list_methods(pattern: str | None = None) -> list[str]:
     """Registered method names, sorted; ``pattern`` is a shell-style filter (``moco*``)."""
     import fnmatch
 
-    names = sorted(REGISTRY)
+    names = sorted(registry())
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
 def get_method_class(name: str) -> type[Method]:
     """The registered class for ``name``; an unknown name is a ConfigError listing the known ones."""
-    if name not in REGISTRY:
-        raise ConfigError(f"method.name: unknown method {name!r}{suggest(str(name), REGISTRY)}; known: {', '.join(list_methods())}")
-    return REGISTRY[name]
+    known = registry()
+    if name not in known:
+        raise ConfigError(f"method.name: unknown method {name!r}{suggest(str(name), known)}; known: {', '.join(list_methods())}")
+    return known[name]
+
+
+def taxonomy(name: str) -> dict[str, object]:
+    """The row method ``name`` contributes to the methods table: negatives?, networks, loss."""
+    cls = get_method_class(name)
+    return {"method": cls.name, "uses_negatives": cls.uses_negatives, "networks": cls.networks, "loss": cls.loss_name}
 
 
 def create_method(name: str, backbone: nn.Module | None = None, *, backbone_factory: Callable[..., nn.Module] | None = None, **params: Any) -> Method:
@@ -78,6 +96,4 @@ def create_method(name: str, backbone: nn.Module | None = None, *, backbone_fact
     return method
 
 
-_discover()
-
-__all__ = ["DEFAULT_METHOD", "REGISTRY", "Method", "StepInfo", "StepOutput", "create_method", "get_method_class", "list_methods", "register"]
+__all__ = ["DEFAULT_METHOD", "Method", "create_method", "get_method_class", "list_methods", "register", "registry", "taxonomy"]

@@ -1,5 +1,4 @@
-"""Autoencoder and denoising autoencoder (Vincent et al., ICML 2008, "Extracting and Composing Robust Features
-with Denoising Autoencoders").
+"""Autoencoder and denoising autoencoder (Vincent et al., ICML 2008, "Extracting and Composing Robust Featureswith Denoising Autoencoders").
 
 The encoder is the backbone; a light convolutional decoder maps its last feature map (convolutional nets) or,
 for models whose features are tokens (ViTs), its pooled vector through a linear layer onto a 4x4 grid, back to
@@ -12,20 +11,19 @@ evaluation is the pooled encoder output, ``backbone(x)``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
+from core.backbones import spatial_features
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.splits import DataSplits
+from core.views import View
 from evaluations.features import eval_mode
-from harness.backbones import spatial_features
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, feature_dim
-
-if TYPE_CHECKING:
-    from harness.splits import DataSplits
+from methods.base import Method
 
 TOKEN_GRID = 4
 """Side of the grid a token model's pooled vector is mapped onto before upsampling."""
@@ -101,7 +99,6 @@ class Autoencoder(Method):
     networks = 1
     loss_name = "MSE reconstruction"
     paper = "Hinton and Salakhutdinov, Science 2006; Vincent et al., ICML 2008"
-    test_params: ClassVar[dict[str, Any]] = {"decoder_width": 32}
 
     params: AutoencoderParams
 
@@ -127,8 +124,8 @@ class Autoencoder(Method):
             self.lift = lift.to(device)
             self.decoder = ConvDecoder(width, grid, channels, size, width).to(device)
 
-    def views(self, image_size: int) -> list[ViewSpec]:
-        return [ViewSpec(image_size)]
+    def views(self, image_size: int) -> list[View]:
+        return [View(image_size)]
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W): encoder then decoder."""
@@ -151,7 +148,6 @@ class DenoisingAutoencoder(Autoencoder):
     name = "denoising_autoencoder"
     Params = DenoisingAutoencoderParams
     paper = "Vincent et al., ICML 2008, Extracting and Composing Robust Features with Denoising Autoencoders"
-    test_params: ClassVar[dict[str, Any]] = {"decoder_width": 32, "noise_std": 0.1}
 
     params: DenoisingAutoencoderParams
 

@@ -9,14 +9,14 @@ cross-correlation use the statistics of the global batch, as the paper requires.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 from pydantic import Field
 from torch import nn
 
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
+from methods.base import Method
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -53,13 +53,17 @@ class BarlowTwins(Method):
     networks = 1
     loss_name = "cross-correlation"
     paper = "Zbontar et al., ICML 2021"
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 32}
 
     params: BarlowTwinsParams
+    projector: nn.Sequential
 
     def __init__(self, backbone: nn.Module, params: BarlowTwinsParams) -> None:
         super().__init__(backbone, params)
         self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, 3)
+
+    def views(self, image_size: int) -> list[View]:
+        """Two full-size views of the run's recipe."""
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z1, z2 = self.projector(self.backbone(torch.cat([views[0], views[1]]))).chunk(2)

@@ -9,15 +9,15 @@ so several workers gather nothing (see :mod:`methods.distributed`).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
+from methods.base import Method
 from methods.heads import mlp
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 
@@ -42,15 +42,19 @@ class BYOL(Method):
     networks = 2
     loss_name = "cosine (EMA target)"
     paper = "Grill et al., NeurIPS 2020"
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}
 
     params: BYOLParams
+    projector: nn.Sequential
 
     def __init__(self, backbone: nn.Module, params: BYOLParams) -> None:
         super().__init__(backbone, params)
         self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim)
         self.target = frozen_copy(nn.Sequential(backbone, self.projector))
+
+    def views(self, image_size: int) -> list[View]:
+        """Two full-size views of the run's recipe."""
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         x1, x2 = views[0], views[1]

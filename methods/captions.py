@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from harness.errors import ConfigError
-
-if TYPE_CHECKING:
-    from harness.splits import Split
+from core.errors import ConfigError
+from core.splits import Split
 
 SHAPE_TEMPLATES: tuple[str, ...] = (
     "a {size} {colour} {shape} {where}",
@@ -55,7 +52,7 @@ WHERE: dict[str, str] = {
     "bottom centre": "at the bottom",
     "bottom right": "in the bottom right",
 }
-"""The 3x3 grid cells of :data:`harness.shapes.POSITIONS`, as a caption says them."""
+"""The 3x3 grid cells of :data:`harness.data.shapes.POSITIONS`, as a caption says them."""
 
 
 def _fix_articles(text: str) -> str:

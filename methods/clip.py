@@ -13,24 +13,21 @@ retrieval through ``encode_text`` (:meth:`CLIP.image_text_evaluations`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from core.contract import EvalContext, EvalInputs, Evaluation, StepInfo, StepOutput, feature_dim, unchanged
+from core.splits import DataSplits
+from core.views import View
 from evaluations.features import eval_mode
 from methods import register
-from methods.base import EvalContext, EvalInputs, StepInfo, StepOutput, ViewSpec, feature_dim, unchanged
 from methods.captions import item_captions, zero_shot_prompts
 from methods.distributed import gather
 from methods.losses import info_nce
 from methods.text_tower import CaptionedMethod, TextTower, TextTowerParams
-
-if TYPE_CHECKING:
-    from harness.splits import DataSplits
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -65,9 +62,9 @@ class CLIP(CaptionedMethod):
     networks = 2
     loss_name = "symmetric InfoNCE (image-text)"
     paper = "Radford et al. 2021, Learning Transferable Visual Models From Natural Language Supervision"
-    test_params: ClassVar[dict[str, Any]] = {"embed_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16}
 
     params: CLIPParams
+    projector: torch.nn.Linear
     text: TextTower
     text_projection: torch.nn.Linear
 
@@ -83,9 +80,9 @@ class CLIP(CaptionedMethod):
         self.text = TextTower(len(self.tokenizer), p.context_length, p.text_width, p.text_layers, p.text_heads, p.text_dropout, p.pooling)
         self.text_projection = torch.nn.Linear(p.text_width, p.embed_dim, bias=False)
 
-    def views(self, image_size: int) -> list[ViewSpec]:
+    def views(self, image_size: int) -> list[View]:
         """One view of each image: its caption is the other side of the pair."""
-        return [ViewSpec(image_size)]
+        return [View(image_size)]
 
     def scale(self) -> torch.Tensor:
         """The effective logit scale exp(t), t clamped at log(max_logit_scale)."""
@@ -106,9 +103,10 @@ class CLIP(CaptionedMethod):
         scale = self.scale()
         return StepOutput(clip_loss(image, text, scale), {"logit_scale": scale.detach()})
 
-    def extra_evaluations(self) -> dict[str, Callable[[EvalContext], dict[str, float]]]:
-        """Zero-shot classification and image<->text retrieval, timed together as ``time/eval/cross_modal_s``."""
-        return {"cross_modal": self.image_text_evaluations}
+    def evaluation(self) -> Evaluation:
+        """Images, plus zero-shot classification and image<->text retrieval, timed together as
+        ``time/eval/cross_modal_s``."""
+        return Evaluation(extra={"cross_modal": self.image_text_evaluations})
 
     def image_text_evaluations(self, ctx: EvalContext) -> dict[str, float]:
         """Image-text evaluations on the test split: zero-shot top-1 with the class prompts (their embeddings averaged

@@ -26,21 +26,20 @@ Differences from the paper, named:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from harness.errors import ConfigError
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.errors import ConfigError
+from core.splits import DataSplits
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, feature_dim
+from methods.base import Method
 from methods.distributed import gather
 from methods.heads import mlp
 from methods.losses import info_nce
-
-if TYPE_CHECKING:
-    from harness.splits import DataSplits
 
 _SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 """Linear sRGB -> CIE XYZ (D65), the matrix of scikit-image's ``rgb2lab`` (which CMC's reference code calls)."""
@@ -140,7 +139,6 @@ class CMC(Method):
     builds_backbone = True
     loss_name = "cross-view InfoNCE"
     paper = "Tian, Krishnan & Isola, ECCV 2020, Contrastive Multiview Coding"
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16}
 
     params: CMCParams
     backbone: SplitEncoder
@@ -156,9 +154,9 @@ class CMC(Method):
         self.projector_l = mlp(feature_dim(self.backbone.l_encoder), p.proj_hidden_dim, p.proj_dim, p.proj_layers)
         self.projector_ab = mlp(feature_dim(self.backbone.ab_encoder), p.proj_hidden_dim, p.proj_dim, p.proj_layers)
 
-    def views(self, image_size: int) -> list[ViewSpec]:
+    def views(self, image_size: int) -> list[View]:
         """One augmented view per step: its L and ab are the two views (the paper's single crop)."""
-        return [ViewSpec(image_size)]
+        return [View(image_size)]
 
     def check(self, batch_size: int) -> None:
         if batch_size < 2:

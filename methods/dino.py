@@ -58,20 +58,21 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from harness.errors import ConfigError
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.errors import ConfigError
+from core.views import View, check_area_range
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, check_area_range, feature_dim
+from methods.base import Method
 from methods.distributed import gather_no_grad, world_size
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
+from methods.multicrop import multi_crop_views, per_view
 
-MIN_CROP_SIZE = 8
 """The smallest local crop side (pixels): a ResNet on fewer pixels is all padding."""
 
 
@@ -192,13 +193,6 @@ class DINO(Method):
     networks = 2
     loss_name = "cross entropy to a centred, sharpened EMA teacher"
     paper = "Caron et al., ICCV 2021, Emerging Properties in Self-Supervised Vision Transformers"
-    test_params: ClassVar[dict[str, Any]] = {
-        "out_dim": 16,
-        "hidden_dim": 32,
-        "bottleneck_dim": 8,
-        "num_local_crops": 2,
-        "local_crop_size_ratio": 0.5,  # 16 px test images: 8 px local crops
-    }
 
     params: DINOParams
     center: torch.Tensor
@@ -213,29 +207,19 @@ class DINO(Method):
 
     # ------------------------------------------------------------------ configuration
 
-    def local_crop_size(self, image_size: int) -> int:
-        return round(image_size * self.params.local_crop_size_ratio)
-
-    def views(self, image_size: int) -> list[ViewSpec]:
+    def views(self, image_size: int) -> list[View]:
         """Two global crops of ``image_size`` px, then ``num_local_crops`` local crops; ConfigError for local crops
         larger than the global ones (in pixels or in area range) or too small for a network."""
         p = self.params
-        views = [ViewSpec(image_size, p.global_crop_scale)] * 2
-        if not p.num_local_crops:
-            return views
         (local_low, local_high), (global_low, global_high) = p.local_crop_scale, p.global_crop_scale
-        if local_low > global_low or local_high > global_high:
+        if p.num_local_crops and (local_low > global_low or local_high > global_high):
             raise ConfigError(
                 f"method.local_crop_scale: {list(p.local_crop_scale)} lies above method.global_crop_scale {list(p.global_crop_scale)}; "
                 "local crops are the smaller ones (paper: [0.05, 0.4] and [0.4, 1.0])"
             )
-        size = self.local_crop_size(image_size)
-        if not MIN_CROP_SIZE <= size <= image_size:
-            raise ConfigError(
-                f"method.local_crop_size_ratio: {p.local_crop_size_ratio:g} of {image_size} px images gives {size} px local crops; "
-                f"they must be {MIN_CROP_SIZE} to {image_size} px (raise the ratio, or set method.num_local_crops=0)"
-            )
-        return views + [ViewSpec(size, p.local_crop_scale)] * p.num_local_crops
+        return multi_crop_views(
+            image_size, p.global_crop_scale, p.num_local_crops, p.local_crop_size_ratio, p.local_crop_scale, "method.local_crop_size_ratio", "local"
+        )
 
     def check(self, batch_size: int) -> None:
         if self.params.num_local_crops and getattr(self.backbone, "dynamic_img_size", None) is False:
@@ -251,17 +235,8 @@ class DINO(Method):
     # ------------------------------------------------------------------ training
 
     def _student(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Head outputs of every crop: one backbone call per run of equal-sized crops, one head call for all
-        (the reference code's ``MultiCropWrapper``)."""
-        features: list[torch.Tensor] = []
-        start = 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
-                end += 1
-            features.append(self.backbone(torch.cat(views[start:end])))
-            start = end
-        return list(self.head(torch.cat(features)).chunk(len(views)))
+        """Head outputs of every crop: one backbone call per run of equal-sized crops, one head call for all."""
+        return list(self.head(torch.cat(per_view(self.backbone, views))).chunk(len(views)))
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         if len(views) < 2:

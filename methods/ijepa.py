@@ -20,7 +20,7 @@ Multi-block masking on the g x g patch grid (the reference's ``MaskCollator``):
   across the batch by keeping each image's first ``min`` ones in raster order, as the reference does. Should no
   position leave more than :data:`MIN_KEEP` (rare: 4 targets covering most of the context), the targets are redrawn
   too (:data:`ROUNDS`); an image left with no context patch at all is a RunFailed, never a silent overlap.
-* Every draw is keyed (:func:`harness.augment.keyed_uniforms`): the sizes by the step alone, an image's positions by
+* Every draw is keyed (:func:`harness.data.augment.keyed_uniforms`): the sizes by the step alone, an image's positions by
   (step, its row in the training split). The masks are then reproducible, the same on any device, and an image's
   blocks the same whichever batch or data-parallel worker it lands in (only the truncation depends on the batch).
   The run's seed enters through which rows each step gets.
@@ -57,23 +57,23 @@ import copy
 import math
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from harness.backbones import ViTParts, vit_parts
-from harness.errors import ConfigError, RunFailed
-from harness.keyed import keyed_uniforms
+from core.backbones import ViTParts, vit_parts
+from core.contract import MethodParams, StepInfo, StepOutput
+from core.errors import ConfigError, RunFailed
+from core.keyed import keyed_uniforms
+from core.splits import DataSplits
+from core.views import View, check_area_range
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, check_area_range
-from methods.mae import PooledViT, encode_all, sincos_2d
+from methods.base import Method
 from methods.momentum import ema_update, frozen_copy
-
-if TYPE_CHECKING:
-    from harness.splits import DataSplits
+from methods.vit import PooledViT, encode_all, sincos_2d
 
 CONTEXT_TRIES = 20
 """Context block positions drawn per image and round (the reference's timeout of 20 tries)."""
@@ -365,12 +365,6 @@ class IJEPA(Method):
     networks = 2
     loss_name = "latent L2 (EMA target)"
     paper = "Assran et al., CVPR 2023, Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture"
-    test_params: ClassVar[dict[str, Any]] = {
-        "pred_dim": 16,
-        "pred_depth": 1,
-        "pred_heads": 2,
-        "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},  # a ViT: I-JEPA masks patches
-    }
 
     params: IJEPAParams
 
@@ -388,8 +382,8 @@ class IJEPA(Method):
         if data.image_size != side:
             raise ConfigError(f"backbone.kwargs.img_size: the ViT is built for {side} px images, the data has {data.image_size} px (data.image_size)")
 
-    def views(self, image_size: int) -> list[ViewSpec]:
-        return [ViewSpec(image_size)]
+    def views(self, image_size: int) -> list[View]:
+        return [View(image_size)]
 
     def sample_masks(self, batch: int, step: StepInfo) -> BlockMasks:
         """This step's masks for its batch (rows ``step.indices``, else 0..batch-1), on the CPU."""
@@ -436,4 +430,4 @@ class IJEPA(Method):
     def trunk(self, projector_layers: int = 0) -> tuple[nn.Module, int]:
         super().trunk(projector_layers)  # refuses fine-tuning from a projection head: I-JEPA has none
         encoder = copy.deepcopy(self.target).requires_grad_(True)  # the evaluated encoder, trainable
-        return PooledViT(encoder, "mean"), self.parts.embed_dim
+        return PooledViT(encoder, "mean", "method ijepa"), self.parts.embed_dim

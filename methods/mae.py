@@ -1,7 +1,7 @@
 """MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022).
 
 Each image is cut into patches; a random subset (``mask_ratio``, 0.75) is removed per sample, by argsort of
-uniform noise. The encoder (a timm ViT, taken apart by :func:`harness.backbones.vit_parts`) sees only the
+uniform noise. The encoder (a timm ViT, taken apart by :func:`core.backbones.vit_parts`) sees only the
 visible patches plus its class/register tokens; a light transformer decoder gets the encoded tokens, a shared
 learned mask token at every removed position and fixed 2-D sin-cos position embeddings, and predicts the pixels
 of every patch. The loss is the per-patch MSE averaged over the masked patches only, against the normalised
@@ -18,19 +18,20 @@ Augmentation is the run's ``augment`` config; MAE's recipe is crop (0.2, 1) + fl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from harness.backbones import ViTParts, vit_parts
-from harness.errors import ConfigError
+from core.backbones import vit_parts
+from core.contract import MethodParams, StepInfo, StepOutput
+from core.errors import ConfigError
+from core.splits import DataSplits
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec
-
-if TYPE_CHECKING:
-    from harness.splits import DataSplits
+from methods.base import Method
+from methods.vit import PooledViT, encode_all, sincos_2d
 
 NORM_PIX_EPS = 1e-6
 """Added to each target patch's variance with ``norm_pix_loss`` (MAE ``models_mae.py``)."""
@@ -88,22 +89,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum()
 
 
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """(grid*grid, dim) fixed 2-D sin-cos position embedding, row-major: the first half encodes the column, the
-    second the row, each ``[sin(pos * w), cos(pos * w)]`` with ``w_k = 10000^(-k / (dim / 4))`` (MAE ``pos_embed.py``)."""
-    if dim % 4:
-        raise ValueError(f"dim must be a multiple of 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-
-    def one(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([one(cols), one(rows)], dim=1).float()
-
-
 class MAEParams(MethodParams):
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of patches masked per image (He et al. 2022: 0.75)")
     decoder_dim: int = Field(512, ge=4, description="decoder width (paper: 512)")
@@ -128,24 +113,6 @@ class MAEParams(MethodParams):
         return v
 
 
-def encode_all(parts: ViTParts, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """The encoder on all patches, pooled: (B, C, H, W) -> (B, D), the class token or the mean of the patch tokens."""
-    x = parts.encode(torch.cat([parts.prefix_tokens(images.shape[0]), parts.patch_tokens(images)], dim=1))
-    return x[:, 0] if pool == "cls" else x[:, parts.num_prefix_tokens :].mean(dim=1)
-
-
-class PooledViT(nn.Module):
-    """A ViT's encoder on all patches with MAE's pooling: what semi-supervised fine-tuning trains."""
-
-    def __init__(self, vit: nn.Module, pool: str) -> None:
-        super().__init__()
-        self.vit = vit
-        self.pool = pool
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_all(vit_parts(self.vit, "method mae"), images, self.pool)
-
-
 @register
 class MAE(Method):
     name = "mae"
@@ -154,12 +121,6 @@ class MAE(Method):
     networks = 1
     loss_name = "masked MSE"
     paper = "He et al., CVPR 2022, Masked Autoencoders Are Scalable Vision Learners"
-    test_params: ClassVar[dict[str, Any]] = {
-        "decoder_dim": 32,
-        "decoder_depth": 1,
-        "decoder_heads": 2,
-        "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},  # a ViT: MAE masks patches
-    }
 
     params: MAEParams
     decoder_pos_embed: torch.Tensor
@@ -208,8 +169,8 @@ class MAE(Method):
         if data.image_size != side:
             raise ConfigError(f"backbone.kwargs.img_size: the ViT is built for {side} px images, the data has {data.image_size} px (data.image_size)")
 
-    def views(self, image_size: int) -> list[ViewSpec]:
-        return [ViewSpec(image_size)]
+    def views(self, image_size: int) -> list[View]:
+        return [View(image_size)]
 
     def encode_visible(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, C, H, W) -> encoded prefix + visible tokens (B, P + L_keep, D), mask (B, L), ids_restore (B, L)."""
@@ -245,4 +206,4 @@ class MAE(Method):
 
     def trunk(self, projector_layers: int = 0) -> tuple[nn.Module, int]:
         super().trunk(projector_layers)  # refuses fine-tuning from a projection head: MAE has none
-        return PooledViT(self.backbone, self.params.pool), self.parts.embed_dim
+        return PooledViT(self.backbone, self.params.pool, "method mae"), self.parts.embed_dim

@@ -13,15 +13,16 @@ single-process queue.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
+from methods.base import Method
 from methods.distributed import gather_no_grad
 from methods.heads import mlp
 from methods.momentum import ema_update, frozen_copy
@@ -58,9 +59,9 @@ class MoCoV2(Method):
     networks = 2
     loss_name = "InfoNCE (queue)"
     paper = "Chen et al. 2020, arXiv:2003.04297"
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64}
 
     params: MoCoV2Params
+    projector: nn.Sequential
 
     def __init__(self, backbone: nn.Module, params: MoCoV2Params) -> None:
         super().__init__(backbone, params)
@@ -74,6 +75,10 @@ class MoCoV2(Method):
 
     def collapse_loss(self, batch_size: int) -> float | None:
         return math.log(self.params.queue_size + 1)  # the positive and the K queued keys equally similar
+
+    def views(self, image_size: int) -> list[View]:
+        """Two full-size views of the run's recipe."""
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         x_q, x_k = views[0], views[1]

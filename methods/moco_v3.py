@@ -9,14 +9,14 @@ workers the queries and keys are gathered (``gather``): the loss is that of the 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 from pydantic import Field
 from torch import nn
 
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
+from methods.base import Method
 from methods.distributed import gather, gather_no_grad
 from methods.heads import mlp
 from methods.losses import info_nce
@@ -45,15 +45,19 @@ class MoCoV3(Method):
     networks = 2
     loss_name = "InfoNCE (in-batch, 2T)"
     paper = "Chen, Xie & He, ICCV 2021"
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}
 
     params: MoCoV3Params
+    projector: nn.Sequential
 
     def __init__(self, backbone: nn.Module, params: MoCoV3Params) -> None:
         super().__init__(backbone, params)
         self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, 3, last_bn=True)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim, 2, last_bn=True)
         self.momentum_encoder = frozen_copy(nn.Sequential(backbone, self.projector))
+
+    def views(self, image_size: int) -> list[View]:
+        """Two full-size views of the run's recipe."""
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         x = torch.cat([views[0], views[1]])

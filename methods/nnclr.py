@@ -10,15 +10,15 @@ global batch, and every worker enqueues the global batch into the same support q
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
+from methods.base import Method
 from methods.distributed import gather, gather_no_grad
 from methods.heads import mlp
 from methods.losses import info_nce
@@ -56,9 +56,9 @@ class NNCLR(Method):
     networks = 1
     loss_name = "InfoNCE (nearest-neighbour positive)"
     paper = "Dwibedi et al., ICCV 2021"
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64}
 
     params: NNCLRParams
+    projector: nn.Sequential
 
     def __init__(self, backbone: nn.Module, params: NNCLRParams) -> None:
         super().__init__(backbone, params)
@@ -68,6 +68,10 @@ class NNCLR(Method):
 
     def check(self, batch_size: int) -> None:
         self.support.check_holds_batch(batch_size)
+
+    def views(self, image_size: int) -> list[View]:
+        """Two full-size views of the run's recipe."""
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z = self.projector(self.backbone(torch.cat([views[0], views[1]])))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["FeatureQueue"]
 

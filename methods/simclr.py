@@ -9,14 +9,15 @@ gathered first (``gather``), so the negatives are those of the global batch.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
+from methods.base import Method
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -59,13 +60,17 @@ class SimCLR(Method):
     networks = 1
     loss_name = "NT-Xent"
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations"
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16}
 
     params: SimCLRParams
+    projector: torch.nn.Sequential
 
     def __init__(self, backbone: torch.nn.Module, params: SimCLRParams) -> None:
         super().__init__(backbone, params)
         self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, params.proj_layers)
+
+    def views(self, image_size: int) -> list[View]:
+        """Two full-size views of the run's recipe."""
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         x1, x2 = views

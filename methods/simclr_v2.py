@@ -10,14 +10,12 @@ semi-supervised evaluation (``eval.semi.distill_epochs``, :mod:`evaluations.dist
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 from pydantic import Field
 from torch import nn
 
-from harness.errors import BadInput
+from core.contract import feature_dim
+from core.errors import BadInput
 from methods import register
-from methods.base import feature_dim
 from methods.simclr import SimCLR, SimCLRParams
 
 
@@ -31,7 +29,6 @@ class SimCLRV2(SimCLR):
     name = "simclr_v2"
     Params = SimCLRV2Params
     paper = "Chen et al., NeurIPS 2020, Big Self-Supervised Models are Strong Semi-Supervised Learners"
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 16}
 
     params: SimCLRV2Params
 

@@ -5,7 +5,7 @@ masks are its only augmentation; the other captions of the batch are the negativ
 captions are the data's own (:mod:`methods.captions`), one per item per step, a random
 template each. The method builds its own network (``builds_backbone``): ``setup`` makes the
 text tower ``self.backbone``, so ``embed`` takes token ids. The battery embeds each split's
-first captions, labelled by the item's class (:meth:`SimCSE.eval_inputs`); the alignment
+first captions, labelled by the item's class (:meth:`SimCSE.evaluation`); the alignment
 diagnostic compares two templates of the same item, and the baseline without a network is a
 bag of words. Semi-supervised fine-tuning of an image backbone does not apply and is refused
 before training.
@@ -13,22 +13,18 @@ before training.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
-
 import torch
 from pydantic import Field
 
-from harness.errors import ConfigError
+from core.contract import Augment, EvalInputs, Evaluation, Prepare, StepInfo, StepOutput, unchanged
+from core.errors import ConfigError
+from core.splits import DataSplits, Split
+from core.views import View
 from methods import register
-from methods.base import EvalInputs, Prepare, StepInfo, StepOutput, ViewSpec, unchanged
 from methods.distributed import gather
 from methods.losses import info_nce
 from methods.text_tower import CaptionedMethod, TextTower, TextTowerParams
 from methods.tokenizer import word_counts
-
-if TYPE_CHECKING:
-    from harness.splits import DataSplits, Split
 
 
 def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
@@ -57,7 +53,6 @@ class SimCSE(CaptionedMethod):
     networks = 1
     loss_name = "InfoNCE (dropout positives)"
     paper = "Gao, Yao & Chen 2021, SimCSE: Simple Contrastive Learning of Sentence Embeddings"
-    test_params: ClassVar[dict[str, Any]] = {"text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16}
 
     params: SimCSEParams
 
@@ -67,7 +62,7 @@ class SimCSE(CaptionedMethod):
         self.setup_captions(data, p.context_length)
         self.backbone = TextTower(len(self.tokenizer), p.context_length, p.text_width, p.text_layers, p.text_heads, p.dropout, p.pooling)
 
-    def views(self, image_size: int) -> list[ViewSpec]:
+    def views(self, image_size: int) -> list[View]:
         """No image views: the positives come from dropout."""
         return []
 
@@ -84,19 +79,24 @@ class SimCSE(CaptionedMethod):
             z1, z2 = gather(z1), gather(z2)
         return StepOutput(simcse_loss(z1, z2, self.params.temperature))
 
-    def eval_inputs(self, split: Split, normalize: Prepare) -> EvalInputs:
+    def evaluation(self) -> Evaluation:
+        """Text throughout: each item's first caption is embedded, two different captions are its two views for
+        the alignment diagnostic, and the input baseline is their word counts."""
+        return Evaluation(inputs=self.caption_inputs, alignment=self.caption_views, baseline=("bag_of_words", self.word_counts))
+
+    def caption_inputs(self, split: Split, normalize: Prepare) -> EvalInputs:
         """The token ids of each item's first caption: ``embed`` takes text."""
         return EvalInputs(self.item_tokens(split), unchanged)
 
-    def alignment_inputs(self, split: Split, augment: Callable[[torch.Tensor, ViewSpec], torch.Tensor]) -> tuple[EvalInputs, EvalInputs]:
+    def caption_views(self, split: Split, augment: Augment) -> tuple[EvalInputs, EvalInputs]:
         """Two different captions of each item (its first two templates): the text's two views."""
         first, second = (EvalInputs(self.item_tokens(split, template), unchanged) for template in (0, 1))
         return first, second
 
-    def input_baseline(self, split: Split, normalize: Prepare) -> tuple[str, EvalInputs]:
+    def word_counts(self, split: Split, normalize: Prepare) -> EvalInputs:
         """Word counts of each item's first caption."""
         vocab = len(self.tokenizer)
-        return "bag_of_words", EvalInputs(self.item_tokens(split), lambda ids: word_counts(ids, vocab))
+        return EvalInputs(self.item_tokens(split), lambda ids: word_counts(ids, vocab))
 
     def trunk(self, projector_layers: int = 0) -> tuple[torch.nn.Module, int]:
         raise ConfigError(f"eval.semi.enabled: method {self.name!r} learns text embeddings; semi-supervised fine-tuning of an image backbone does not apply: set eval.semi.enabled=false")

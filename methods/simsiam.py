@@ -8,15 +8,15 @@ negatives, no momentum encoder. The loss is per sample, so several workers gathe
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
+from methods.base import Method
 from methods.heads import mlp
 
 
@@ -38,14 +38,18 @@ class SimSiam(Method):
     networks = 1
     loss_name = "cosine (stop-grad)"
     paper = "Chen & He, CVPR 2021"
-    test_params: ClassVar[dict[str, Any]] = {"proj_dim": 32, "pred_hidden_dim": 8}
 
     params: SimSiamParams
+    projector: nn.Sequential
 
     def __init__(self, backbone: nn.Module, params: SimSiamParams) -> None:
         super().__init__(backbone, params)
         self.projector = mlp(feature_dim(backbone), params.proj_dim, params.proj_dim, 3, last_bn=True)
         self.predictor = mlp(params.proj_dim, params.pred_hidden_dim, params.proj_dim)
+
+    def views(self, image_size: int) -> list[View]:
+        """Two full-size views of the run's recipe."""
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z1, z2 = self.projector(self.backbone(torch.cat([views[0], views[1]]))).chunk(2)

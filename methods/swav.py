@@ -45,20 +45,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from harness.errors import ConfigError
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.errors import ConfigError
+from core.views import View, check_area_range
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, ViewSpec, check_area_range, feature_dim
+from methods.base import Method
 from methods.distributed import gather
 from methods.heads import mlp
+from methods.multicrop import multi_crop_views, per_view
 
-MIN_CROP_SIZE = 8
 """The smallest crop side (pixels) multi-crop accepts: a ResNet on fewer pixels is all padding."""
 
 
@@ -143,16 +144,9 @@ class SwAV(Method):
     networks = 1
     loss_name = "swapped prediction (Sinkhorn codes)"
     paper = "Caron et al., NeurIPS 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"
-    test_params: ClassVar[dict[str, Any]] = {
-        "proj_hidden_dim": 32,
-        "proj_dim": 16,
-        "num_prototypes": 10,
-        "num_small_crops": 2,
-        "small_crop_size_ratio": 0.5,  # 16 px test images: 8 px small crops
-        "freeze_prototypes_steps": 0,
-    }
 
     params: SwAVParams
+    projector: nn.Sequential
     queue: torch.Tensor
     """Buffer (2, queue_length, proj_dim): past global-crop projections, newest first."""
     queue_filled: torch.Tensor
@@ -171,24 +165,14 @@ class SwAV(Method):
 
     # ------------------------------------------------------------------ configuration
 
-    def small_crop_size(self, image_size: int) -> int:
-        return round(image_size * self.params.small_crop_size_ratio)
-
-    def views(self, image_size: int) -> list[ViewSpec]:
+    def views(self, image_size: int) -> list[View]:
         """Two global crops of ``image_size`` px, then ``num_small_crops`` small crops."""
         p = self.params
-        views = [ViewSpec(image_size, p.global_crop_scale), ViewSpec(image_size, p.global_crop_scale)]
         if p.num_small_crops < 0:
             raise ConfigError(f"method.num_small_crops: must be >= 0, got {p.num_small_crops}")
-        if p.num_small_crops:
-            small = self.small_crop_size(image_size)
-            if not MIN_CROP_SIZE <= small <= image_size:
-                raise ConfigError(
-                    f"method.small_crop_size_ratio: {p.small_crop_size_ratio:g} of {image_size} px images gives {small} px small crops; "
-                    f"they must be {MIN_CROP_SIZE} to {image_size} px (raise the ratio, or set method.num_small_crops=0)"
-                )
-            views += [ViewSpec(small, p.small_crop_scale)] * p.num_small_crops
-        return views
+        return multi_crop_views(
+            image_size, p.global_crop_scale, p.num_small_crops, p.small_crop_size_ratio, p.small_crop_scale, "method.small_crop_size_ratio", "small"
+        )
 
     def check(self, batch_size: int) -> None:
         p = self.params
@@ -201,16 +185,7 @@ class SwAV(Method):
 
     def _encode(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """L2-normalised projections of every crop, one backbone call per run of equal-sized crops."""
-        outputs: list[torch.Tensor] = []
-        start = 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
-                end += 1
-            z = self.projector(self.backbone(torch.cat(views[start:end])))
-            outputs += list(z.chunk(end - start))
-            start = end
-        return [F.normalize(z.float(), dim=1) for z in outputs]
+        return [F.normalize(z.float(), dim=1) for z in per_view(lambda x: self.projector(self.backbone(x)), views)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         if len(views) < 2:

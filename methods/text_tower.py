@@ -9,18 +9,17 @@ and :class:`CaptionedMethod`, the base of methods that read the data's captions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from methods.base import Method, MethodParams
+from core.contract import MethodParams
+from core.splits import DataSplits, Split
+from methods.base import Method
 from methods.captions import captions_for, item_captions, zero_shot_prompts
 from methods.tokenizer import EOS_ID, PAD_ID, Tokenizer
-
-if TYPE_CHECKING:
-    from harness.splits import DataSplits, Split
 
 Pooling = Literal["eos", "mean"]
 

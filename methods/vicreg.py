@@ -20,15 +20,17 @@ shards, averaged over the workers, is the global mean).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
+from core.views import View
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput, feature_dim
+from methods.base import Method
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -115,9 +117,9 @@ class VICReg(Method):
     paper = "Bardes, Ponce & LeCun, ICLR 2022"
     # std_coeff 1 in the tests: with the paper's 25 the variance hinge (about 0.99 on the tiny embeddings of the
     # distributed tests' untrained network, whatever the batch) hides the batch-dependent parts of the loss.
-    test_params: ClassVar[dict[str, Any]] = {"proj_hidden_dim": 32, "proj_dim": 32, "std_coeff": 1.0}
 
     params: VICRegParams
+    projector: nn.Sequential
 
     def __init__(self, backbone: nn.Module, params: VICRegParams) -> None:
         super().__init__(backbone, params)
@@ -125,6 +127,10 @@ class VICReg(Method):
         # The expander's last layer has no bias, as the authors' (every term is blind to a shift shared by both views,
         # so a bias would get no gradient).
         self.projector[-1] = nn.Linear(params.proj_hidden_dim, params.proj_dim, bias=False)
+
+    def views(self, image_size: int) -> list[View]:
+        """Two full-size views of the run's recipe."""
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z1, z2 = self.projector(self.backbone(torch.cat([views[0], views[1]]))).chunk(2)

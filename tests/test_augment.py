@@ -6,10 +6,10 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from harness import augment as A
-from harness.augment import Augmenter
-from harness.config import AugmentConfig
-from methods.base import ViewSpec
+from core.views import BRIGHT, CONTRAST, GRAY, JITTER, NUM_DRAWS, View
+from harness.config.schema import AugmentConfig
+from harness.data import augment as A
+from harness.data.augment import Augmenter
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.3)
@@ -42,7 +42,7 @@ def _unnormalise(y: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
 def test_all_randomness_off_is_normalize():
     x = _images()
     aug = Augmenter(_cfg(), MEAN, STD)
-    out = aug(x, ViewSpec(16), _gen())
+    out = aug(x, View(16), _gen())
     assert out.dtype == torch.float32 and out.shape == (4, 3, 16, 16)
     ref = aug.normalize(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -63,7 +63,7 @@ def test_normalize_resizes_like_torchvision():
 def test_flip_with_full_crop():
     x = _images()
     aug = Augmenter(_cfg(hflip_p=1.0), MEAN, STD)
-    out = aug(x, ViewSpec(16), _gen())
+    out = aug(x, View(16), _gen())
     torch.testing.assert_close(out, aug.normalize(torch.flip(x, dims=[-1])), atol=1e-5, rtol=0)
 
 
@@ -108,12 +108,12 @@ def test_drawn_contrast_factors_match_torchvision():
     cfg = _cfg(jitter_p=1.0, contrast=0.5)
     aug = Augmenter(cfg, MEAN, STD)
     g = _gen(3)
-    out = _unnormalise(aug(x, ViewSpec(16), g))
+    out = _unnormalise(aug(x, View(16), g))
     # replay the draw: randperm(4), then (B, 13) uniforms
     g = _gen(3)
     torch.randperm(4, generator=g)
-    u = torch.rand(4, A._NUM_DRAWS, generator=g, dtype=torch.float64)
-    factors = 0.5 + 1.0 * u[:, A._CONTRAST]
+    u = torch.rand(4, NUM_DRAWS, generator=g, dtype=torch.float64)
+    factors = 0.5 + 1.0 * u[:, CONTRAST]
     ref = torch.stack([TF.adjust_contrast(img.float() / 255, float(f)) for img, f in zip(x, factors)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
@@ -121,7 +121,7 @@ def test_drawn_contrast_factors_match_torchvision():
 def test_grayscale_all():
     x = _images()
     aug = Augmenter(_cfg(grayscale_p=1.0), MEAN, STD)
-    out = _unnormalise(aug(x, ViewSpec(16), _gen()))
+    out = _unnormalise(aug(x, View(16), _gen()))
     torch.testing.assert_close(out[:, 0], out[:, 1], atol=1e-6, rtol=0)
     torch.testing.assert_close(out[:, 0], out[:, 2], atol=1e-6, rtol=0)
     ref = TF.rgb_to_grayscale(x.float() / 255, num_output_channels=3)
@@ -131,7 +131,7 @@ def test_grayscale_all():
 def test_grayscale_is_per_image():
     x = _images(batch=64)
     aug = Augmenter(_cfg(grayscale_p=0.5), MEAN, STD)
-    out = _unnormalise(aug(x, ViewSpec(16), _gen()))
+    out = _unnormalise(aug(x, View(16), _gen()))
     gray = (out[:, 0] - out[:, 1]).abs().amax(dim=(1, 2)) < 1e-5
     assert 10 < int(gray.sum()) < 54
     torch.testing.assert_close(out[~gray], x[~gray].float() / 255, atol=1e-5, rtol=0)  # the others untouched
@@ -141,7 +141,7 @@ def test_views_are_independent_per_image_and_per_call():
     x = _images(batch=1).expand(8, -1, -1, -1).contiguous()  # eight copies of one image
     aug = Augmenter(AugmentConfig(), MEAN, STD)
     g = _gen()
-    v1, v2 = aug(x, ViewSpec(16), g), aug(x, ViewSpec(16), g)
+    v1, v2 = aug(x, View(16), g), aug(x, View(16), g)
     for v in (v1, v2):
         rows = v.flatten(1)
         distances = torch.cdist(rows, rows)
@@ -152,9 +152,9 @@ def test_views_are_independent_per_image_and_per_call():
 def test_determinism():
     x = _images()
     aug = Augmenter(AugmentConfig(blur_p=0.5), MEAN, STD)
-    a = aug(x, ViewSpec(16), _gen(7))
-    b = aug(x, ViewSpec(16), _gen(7))
-    c = aug(x, ViewSpec(16), _gen(8))
+    a = aug(x, View(16), _gen(7))
+    b = aug(x, View(16), _gen(7))
+    c = aug(x, View(16), _gen(8))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -164,7 +164,7 @@ def test_crop_geometry_from_coordinate_ramp():
     ramp = torch.linspace(0, 255, side).round().to(torch.uint8)
     x = ramp.view(1, 1, 1, side).expand(32, 3, side, side).contiguous()  # value encodes x
     aug = Augmenter(_cfg(crop_scale=(0.25, 0.25), hflip_p=0.5), MEAN, STD)
-    out = _unnormalise(aug(x, ViewSpec(side), _gen()))[:, 0]  # (B, side, side), in [0, 1]
+    out = _unnormalise(aug(x, View(side), _gen()))[:, 0]  # (B, side, side), in [0, 1]
     spans = out.amax(dim=(1, 2)) - out.amin(dim=(1, 2))
     # a crop half the side wide spans half the ramp (less one input pixel at the ends)
     torch.testing.assert_close(spans, torch.full_like(spans, 0.5), atol=2 / side, rtol=0)
@@ -181,7 +181,7 @@ def test_crop_aspect_ratio_from_vertical_ramp():
     ramp = torch.linspace(0, 255, side).round().to(torch.uint8)
     x = ramp.view(1, 1, side, 1).expand(8, 3, side, side).contiguous()  # value encodes y
     aug = Augmenter(_cfg(crop_scale=(0.25, 0.25), crop_ratio=(4.0, 4.0)), MEAN, STD)  # w = 1, h = 1/4
-    out = _unnormalise(aug(x, ViewSpec(side), _gen()))[:, 0]
+    out = _unnormalise(aug(x, View(side), _gen()))[:, 0]
     spans = out.amax(dim=(1, 2)) - out.amin(dim=(1, 2))
     torch.testing.assert_close(spans, torch.full_like(spans, 0.25), atol=2 / side, rtol=0)
 
@@ -191,7 +191,7 @@ def test_crop_of_a_wide_image_is_square_in_pixels():
     ramp = torch.linspace(0, 255, width).round().to(torch.uint8)
     x = ramp.view(1, 1, 1, width).expand(8, 3, height, width).contiguous()
     aug = Augmenter(_cfg(crop_scale=(0.25, 0.25)), MEAN, STD)  # a quarter of 32 x 64: 22.6 px square
-    out = _unnormalise(aug(x, ViewSpec(16), _gen()))[:, 0]
+    out = _unnormalise(aug(x, View(16), _gen()))[:, 0]
     spans = out.amax(dim=(1, 2)) - out.amin(dim=(1, 2))
     expected = (0.25 * height * width) ** 0.5 / width  # 0.354 of the width
     torch.testing.assert_close(spans, torch.full_like(spans, expected), atol=2 / width, rtol=0)
@@ -204,7 +204,7 @@ def test_crop_that_overflows_is_clamped_to_the_side():
     x = (ramp.view(1, 1, 1, side).expand(8, 1, side, side), ramp.view(1, 1, side, 1).expand(8, 1, side, side))
     x = torch.cat((*x, torch.zeros(8, 1, side, side, dtype=torch.uint8)), dim=1)  # R encodes x, G encodes y
     aug = Augmenter(_cfg(crop_scale=(1.0, 1.0), crop_ratio=(4.0, 4.0)), MEAN, STD)
-    out = _unnormalise(aug(x, ViewSpec(side), _gen()))
+    out = _unnormalise(aug(x, View(side), _gen()))
     torch.testing.assert_close(out[:, 0], x[:, 0].float() / 255, atol=1e-5, rtol=0)  # the full width, unscaled
     spans = out[:, 1].amax(dim=(1, 2)) - out[:, 1].amin(dim=(1, 2))
     torch.testing.assert_close(spans, torch.full_like(spans, 0.5), atol=2 / side, rtol=0)  # half the height
@@ -215,7 +215,7 @@ def test_view_scale_overrides_config():
     ramp = torch.linspace(0, 255, side).round().to(torch.uint8)
     x = ramp.view(1, 1, 1, side).expand(8, 3, side, side).contiguous()
     aug = Augmenter(_cfg(), MEAN, STD)
-    out = _unnormalise(aug(x, ViewSpec(24, scale=(0.0625, 0.0625)), _gen()))[:, 0]
+    out = _unnormalise(aug(x, View(24, scale=(0.0625, 0.0625)), _gen()))[:, 0]
     assert out.shape == (8, 24, 24)
     spans = out.amax(dim=(1, 2)) - out.amin(dim=(1, 2))
     torch.testing.assert_close(spans, torch.full_like(spans, 0.25), atol=2 / side, rtol=0)
@@ -225,10 +225,10 @@ def test_blur_constant_and_impulse():
     side = 32
     aug = Augmenter(_cfg(blur_p=1.0, blur_sigma=(0.5, 2.0)), (0.0,), (1.0,))
     const = torch.full((4, 3, side, side), 77, dtype=torch.uint8)
-    torch.testing.assert_close(aug(const, ViewSpec(side), _gen()), torch.full((4, 3, side, side), 77 / 255), atol=1e-6, rtol=0)
+    torch.testing.assert_close(aug(const, View(side), _gen()), torch.full((4, 3, side, side), 77 / 255), atol=1e-6, rtol=0)
     impulse = torch.zeros(4, 3, side, side, dtype=torch.uint8)
     impulse[:, :, side // 2, side // 2] = 255
-    out = aug(impulse, ViewSpec(side), _gen())
+    out = aug(impulse, View(side), _gen())
     torch.testing.assert_close(out.sum(dim=(2, 3)), torch.ones(4, 3), atol=1e-5, rtol=0)
     assert out.amax() < 0.9  # it did spread
 
@@ -244,22 +244,22 @@ def test_blur_kernels_match_torchvision():
 def test_single_channel():
     x = _images(channels=1)
     aug = Augmenter(AugmentConfig(jitter_p=1.0, grayscale_p=1.0, blur_p=1.0), (0.5,), (0.25,))
-    out = aug(x, ViewSpec(12), _gen())
+    out = aug(x, View(12), _gen())
     assert out.shape == (4, 1, 12, 12) and torch.isfinite(out).all()
     # brightness and contrast only: a full crop, no flip, equals torchvision's ops in the drawn order
     cfg = _cfg(jitter_p=1.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.2)
     aug = Augmenter(cfg, (0.5,), (0.25,))
-    out = _unnormalise(aug(x, ViewSpec(16), _gen(5)), (0.5,), (0.25,))
+    out = _unnormalise(aug(x, View(16), _gen(5)), (0.5,), (0.25,))
     g = _gen(5)
     order = torch.randperm(4, generator=g).tolist()
-    u = torch.rand(4, A._NUM_DRAWS, generator=g, dtype=torch.float64)
+    u = torch.rand(4, NUM_DRAWS, generator=g, dtype=torch.float64)
     refs = []
     for img, row in zip(x.float() / 255, u):
         for i in order:
             if i == 0:
-                img = TF.adjust_brightness(img, 0.5 + float(row[A._BRIGHT]))
+                img = TF.adjust_brightness(img, 0.5 + float(row[BRIGHT]))
             elif i == 1:
-                img = TF.adjust_contrast(img, 0.5 + float(row[A._CONTRAST]))
+                img = TF.adjust_contrast(img, 0.5 + float(row[CONTRAST]))
         refs.append(img)
     torch.testing.assert_close(out, torch.stack(refs), atol=1e-5, rtol=0)
 
@@ -269,18 +269,18 @@ def test_full_recipe_matches_torchvision_per_image():
     x = _images(batch=6)
     cfg = _cfg(jitter_p=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.5)
     aug = Augmenter(cfg, MEAN, STD)
-    out = _unnormalise(aug(x, ViewSpec(16), _gen(11)))
+    out = _unnormalise(aug(x, View(16), _gen(11)))
     g = _gen(11)
     order = torch.randperm(4, generator=g).tolist()
-    u = torch.rand(6, A._NUM_DRAWS, generator=g, dtype=torch.float64)
+    u = torch.rand(6, NUM_DRAWS, generator=g, dtype=torch.float64)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     refs = []
     for img, row in zip(x.float() / 255, u):
-        if row[A._JITTER] < cfg.jitter_p:
+        if row[JITTER] < cfg.jitter_p:
             for i in order:
                 low, width = (-0.1, 0.2) if i == 3 else (0.6, 0.8)  # U(-hue, hue), U(1 - x, 1 + x)
-                img = ops[i](img, low + width * float(row[A._BRIGHT + i]))
-        if row[A._GRAY] < cfg.grayscale_p:
+                img = ops[i](img, low + width * float(row[BRIGHT + i]))
+        if row[GRAY] < cfg.grayscale_p:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         refs.append(img)
     torch.testing.assert_close(out, torch.stack(refs), atol=1e-4, rtol=0)
@@ -289,30 +289,29 @@ def test_full_recipe_matches_torchvision_per_image():
 def test_bad_inputs():
     aug = Augmenter(AugmentConfig(), MEAN, STD)
     with pytest.raises(ValueError, match="channels"):
-        aug(torch.zeros(2, 2, 8, 8, dtype=torch.uint8), ViewSpec(8), _gen())
+        aug(torch.zeros(2, 2, 8, 8, dtype=torch.uint8), View(8), _gen())
     with pytest.raises(ValueError, match="mean/std"):
-        aug(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), ViewSpec(8), _gen())
+        aug(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), View(8), _gen())
     with pytest.raises(ValueError, match="scale"):
-        aug(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ViewSpec(8, scale=(0.5, 2.0)), _gen())
+        aug(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), View(8, scale=(0.5, 2.0)), _gen())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     x = _images(batch=16, side=32)
     aug = Augmenter(AugmentConfig(blur_p=0.5), MEAN, STD)
-    cpu = aug(x, ViewSpec(24), _gen(4))
-    cuda = aug(x.cuda(), ViewSpec(24), _gen(4))
+    cpu = aug(x, View(24), _gen(4))
+    cuda = aug(x.cuda(), View(24), _gen(4))
     assert cuda.device.type == "cuda"
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=0)
 
 
-def test_the_streamed_crop_box_is_the_augmenters_crop_geometry() -> None:
-    """A loader worker computes an image's crop in Python floats; it must be :func:`crop_boxes`'s, for any sides."""
-    from harness.augment import crop_boxes
-    from harness.streaming import _crop_box
+def test_the_crop_geometry_gives_the_same_box_on_tensors_and_on_python_floats() -> None:
+    """A loader worker computes an image's crop in Python floats, the augmenter on (B,) tensors: one box, any sides."""
+    from core.views import CX, CY, RATIO, SCALE, crop_box
 
     u = torch.rand(64, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for height, width in ((100, 200), (256, 256), (375, 500)):
-        expected = crop_boxes(u, (0.08, 1.0), (3 / 4, 4 / 3), height, width)
-        got = torch.tensor([_crop_box(row, (0.08, 1.0), (3 / 4, 4 / 3), height, width) for row in u.tolist()], dtype=torch.float64)
+        expected = torch.stack(crop_box(u[:, SCALE], u[:, RATIO], u[:, CX], u[:, CY], (0.08, 1.0), (3 / 4, 4 / 3), height, width), dim=1)
+        got = torch.tensor([crop_box(r[SCALE], r[RATIO], r[CX], r[CY], (0.08, 1.0), (3 / 4, 4 / 3), height, width) for r in u.tolist()], dtype=torch.float64)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

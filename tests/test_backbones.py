@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from harness.backbones import create_backbone, list_backbones
-from harness.errors import ConfigError
+from core.backbones import create_backbone, list_backbones
+from core.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ from evaluations.collapse import alignment, rankme
 from evaluations.knn import knn_evaluate
 from evaluations.retrieval import map_at_r
 from harness.cli import main
-from harness.config import EvalConfig
-from harness.tracking import metric_history, search_runs
+from harness.config.schema import EvalConfig
+from harness.track.mlflow import metric_history, search_runs
 
 
 def clustered(n: int, d: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,9 +115,9 @@ def test_subset_indices_are_logged(tmp_path, tiny_overrides, tracking_uri) -> No
 def test_baselines_are_computed_once_for_runs_that_share_them(tmp_path, tiny_overrides, monkeypatch) -> None:
     # The cache may only return what the run would compute, and only to a run whose baselines are the same: same
     # data and seed (same random-init weights) but another method shares them; another seed does not.
-    from harness import evaluate as evaluate_module
-    from harness.config import build_config
-    from harness.prepare import prepare
+    from harness.config.loading import build_config
+    from harness.trial import evaluate as evaluate_module
+    from harness.trial.prepare import prepare
 
     cache = tmp_path / "baselines"
     computed = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.tracking import search_runs
+from harness.track.mlflow import search_runs
 from methods.simclr import SimCLR
 
 EXPERIMENT = "cli-test"

@@ -11,18 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.backbones import create_backbone
+from core.contract import StepInfo
+from core.errors import ConfigError
 from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1
-from harness.backbones import create_backbone
-from harness.config import build_config
-from harness.datasets import DataSplits, Split, load_dataset
-from harness.errors import ConfigError
+from harness.config.loading import build_config
+from harness.data.datasets import DataSplits, Split, load_dataset
 from methods import create_method
-from methods.base import StepInfo
 from methods.captions import SHAPE_TEMPLATES, captions_for, item_captions, zero_shot_prompts
 from methods.clip import clip_loss
 from methods.simcse import simcse_loss
 from methods.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, bag_of_words
-from tests.method_params import small_params
+from tests.helpers.method_params import small_params
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +188,8 @@ def test_labelled_datasets_use_class_templates_and_no_text_is_a_config_error() -
 
 
 def test_no_text_exits_2_from_the_cli(tmp_path, tracking_uri, capsys, monkeypatch) -> None:
-    from harness import datasets
     from harness.cli import main
+    from harness.data import datasets
 
     def bare(request):
         images, labels = torch.zeros(8, 3, 16, 16, dtype=torch.uint8), torch.arange(8) % 2
@@ -250,15 +250,15 @@ def _tiny_config(method: dict, **eval_overrides):
 
 
 def test_simcse_refuses_semi_supervised_fine_tuning_before_training() -> None:
-    from harness.prepare import prepare
+    from harness.trial.prepare import prepare
 
     with pytest.raises(ConfigError, match="eval.semi.enabled: method 'simcse' learns text"):
         prepare(_tiny_config({"name": "simcse", **small_params("simcse")}, semi={"enabled": True, "fractions": [0.25], "epochs": [1]}))
 
 
 def test_evaluate_runs_the_battery_on_captions_and_the_image_text_evaluations() -> None:
-    from harness.evaluate import baselines, evaluate
-    from harness.prepare import prepare
+    from harness.trial.evaluate import baselines, evaluate
+    from harness.trial.prepare import prepare
 
     trial = prepare(_tiny_config({"name": "simcse", **small_params("simcse")}))
     metrics = {**baselines(trial), **evaluate(trial)}

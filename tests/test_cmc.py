@@ -12,16 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.augment import Augmenter
-from harness.backbones import create_backbone
-from harness.config import AugmentConfig, build_config
-from harness.datasets import load_dataset
-from harness.errors import BadInput, ConfigError
-from harness.prepare import prepare
-from methods import create_method
-from methods.base import StepInfo
+from core.backbones import create_backbone
+from core.contract import StepInfo
+from core.errors import BadInput, ConfigError
+from harness.config.loading import build_config
+from harness.config.schema import AugmentConfig
+from harness.data.augment import Augmenter
+from harness.data.datasets import load_dataset
+from harness.trial.prepare import prepare
+from methods import create_method, taxonomy
 from methods.cmc import LAB_CENTER, LAB_HALF_RANGE, SplitEncoder, cmc_loss, rgb_to_lab
-from tests.method_params import small_params
+from tests.helpers.method_params import small_params
 
 SMALL = small_params("cmc")
 """CMC's small heads (its ``test_params``)."""
@@ -166,7 +167,7 @@ def test_prepare_builds_both_encoders_from_the_run_backbone() -> None:
     encoder = trial.method.backbone
     assert isinstance(encoder, SplitEncoder)
     assert _in_channels(encoder.l_encoder) == 1 and _in_channels(encoder.ab_encoder) == 2
-    assert type(trial.method).taxonomy() == {"method": "cmc", "uses_negatives": True, "networks": 2, "loss": "cross-view InfoNCE"}
+    assert taxonomy("cmc") == {"method": "cmc", "uses_negatives": True, "networks": 2, "loss": "cross-view InfoNCE"}
 
 
 def test_grey_images_are_refused_naming_the_dataset() -> None:

@@ -163,12 +163,12 @@ def test_bad_input():
 def test_closed_form_collapse_losses_equal_the_losses_of_constant_embeddings() -> None:
     import math
 
-    from harness.backbones import create_backbone
-    from harness.evaluate import collapsed
+    from core.backbones import create_backbone
+    from harness.trial.evaluate import collapsed
     from methods import create_method
     from methods.moco import moco_loss
     from methods.simclr import nt_xent
-    from tests.method_params import small_params
+    from tests.helpers.method_params import small_params
 
     z = torch.ones(8, 16)
     simclr = create_method("simclr", create_backbone("test_resnet"), **small_params("simclr"))

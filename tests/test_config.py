@@ -2,8 +2,9 @@
 
 import pytest
 
-from harness.config import RunConfig, build_config, flatten, load_config
-from harness.errors import ConfigError
+from core.errors import ConfigError
+from harness.config.loading import build_config, flatten, load_config
+from harness.config.schema import RunConfig
 
 
 def write(tmp_path, text):

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import distributed
-from harness.config import build_config
-from harness.errors import BadInput
-from harness.prepare import prepare
-from harness.train import pretrain
-from tests.ddp_helpers import run_distributed
+from core.errors import BadInput
+from harness.config.loading import build_config
+from harness.train import distributed
+from harness.train.loop import pretrain
+from harness.trial.prepare import prepare
+from tests.helpers.ddp import run_distributed
 
 VIT = {"name": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}}
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.datasets import DataSplits, list_datasets, load_dataset, stratified_subset
-from harness.errors import BadInput, DataNotFound
-from harness.shapes import COLOURS, POSITIONS, SHAPES, SIZES, generate_shapes
+from core.errors import BadInput, DataNotFound
+from harness.data.datasets import DataSplits, list_datasets, load_dataset, stratified_subset
+from harness.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, generate_shapes
 
 # ----------------------------------------------------------------------------- shapes
 

@@ -12,17 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.backbones import create_backbone
-from harness.config import build_config
-from harness.errors import ConfigError
-from harness.optim import drop_gradients
+from core.backbones import create_backbone
+from core.contract import StepInfo
+from core.errors import ConfigError
+from core.views import View
+from harness.config.loading import build_config
+from harness.train.optim import drop_gradients
+from harness.trial.prepare import check_method
 from methods import create_method
-from methods.base import StepInfo, ViewSpec
 from methods.dino import DINO, dino_loss, multi_crop_loss, teacher_temperature
 from methods.distributed import average_gradients, rank, world_size
 from methods.momentum import cosine_momentum
-from tests.ddp_helpers import run_distributed
-from tests.method_params import small_params
+from tests.helpers.ddp import run_distributed
+from tests.helpers.method_params import small_params
 
 
 def _method(backbone: nn.Module | None = None, **params: Any) -> DINO:
@@ -152,10 +154,10 @@ def test_the_teacher_is_the_ema_of_the_student() -> None:
 
 def test_views_are_two_global_then_the_local_crops() -> None:
     method = create_method("dino", create_backbone("test_resnet", in_chans=3, img_size=16), out_dim=16, hidden_dim=32, bottleneck_dim=8)
-    assert method.views(224) == [ViewSpec(224, (0.4, 1.0))] * 2 + [ViewSpec(96, (0.05, 0.4))] * 6
-    assert method.views(32) == [ViewSpec(32, (0.4, 1.0))] * 2 + [ViewSpec(14, (0.05, 0.4))] * 6
-    assert _method(num_local_crops=0).views(16) == [ViewSpec(16, (0.4, 1.0))] * 2
-    assert _method(num_local_crops=3).views(16)[2:] == [ViewSpec(8, (0.05, 0.4))] * 3
+    assert method.views(224) == [View(224, (0.4, 1.0))] * 2 + [View(96, (0.05, 0.4))] * 6
+    assert method.views(32) == [View(32, (0.4, 1.0))] * 2 + [View(14, (0.05, 0.4))] * 6
+    assert _method(num_local_crops=0).views(16) == [View(16, (0.4, 1.0))] * 2
+    assert _method(num_local_crops=3).views(16)[2:] == [View(8, (0.05, 0.4))] * 3
 
 
 def test_the_teacher_sees_only_the_global_crops() -> None:
@@ -220,14 +222,14 @@ def _vit(**kwargs: Any) -> nn.Module:
 
 def test_a_vit_takes_the_local_crops_with_dynamic_image_size() -> None:
     method = _method(_vit(dynamic_img_size=True))
-    method.check_run(8, 16, None)
+    check_method(method, 8, 16, None)
     out = method.training_step(_views(method, batch=4), StepInfo(0, 0, 10))
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert method.backbone.pos_embed.grad is not None
     with pytest.raises(ConfigError, match=r"^backbone.kwargs.dynamic_img_size: .*method.num_local_crops=0"):
-        _method(_vit()).check_run(8, 16, None)
-    _method(_vit(), num_local_crops=0).check_run(8, 16, None)  # global crops only: the ViT's own size
+        check_method(_method(_vit()), 8, 16, None)
+    check_method(_method(_vit(), num_local_crops=0), 8, 16, None)  # global crops only: the ViT's own size
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -258,7 +260,7 @@ def test_bad_parameters_are_config_errors(params: dict[str, Any], message: str) 
 )
 def test_local_crops_larger_than_the_global_ones_are_refused_before_training(params: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=f"^{message}"):
-        _method(**params).check_run(8, 16, None)
+        check_method(_method(**params), 8, 16, None)
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, tracking_uri, capsys) -> None:

@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import ConfigError
+from core.views import View
 from evaluations.distill import distillation_loss, self_distill
-from harness.augment import Augmenter
-from harness.config import AugmentConfig, build_config
-from harness.errors import ConfigError
-from harness.evaluate import semi_supervised
-from harness.prepare import prepare
-from methods.base import ViewSpec
+from harness.config.loading import build_config
+from harness.config.schema import AugmentConfig
+from harness.data.augment import Augmenter
+from harness.trial.evaluate import semi_supervised
+from harness.trial.prepare import prepare
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -75,7 +76,7 @@ def test_no_gradient_reaches_the_teacher_and_bad_arguments_are_refused() -> None
 def _crop_flip(mean: tuple[float, ...], std: tuple[float, ...], size: int = 8) -> tuple[Augmenter, Callable[[torch.Tensor, torch.Generator], torch.Tensor]]:
     """A crop + flip augmenter and the full-size training view it makes, as fine-tuning builds them."""
     augmenter = Augmenter(AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0), mean, std)
-    return augmenter, lambda images, rows, g: augmenter(images[rows], ViewSpec(size), g)
+    return augmenter, lambda images, rows, g: augmenter(images[rows], View(size), g)
 
 
 def _agreement(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:

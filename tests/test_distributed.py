@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from core.contract import StepInfo
 from methods import create_method
-from methods.base import Method, StepInfo
+from methods.base import Method
 from methods.distributed import average_gradients, gather, gather_no_grad, is_distributed, rank, world_size
-from tests.ddp_helpers import run_distributed
-from tests.method_params import small_params
+from tests.helpers.ddp import run_distributed
+from tests.helpers.method_params import small_params
 
 WORLD = 2
 BATCH = 8

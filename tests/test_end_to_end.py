@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.tracking import search_runs
+from harness.track.mlflow import search_runs
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import reaper
 from harness.cli import main
-from harness.tracking import metric_history, search_runs
+from harness.launch import reaper
+from harness.track.mlflow import metric_history, search_runs
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,9 +141,9 @@ def test_a_bad_resume_checkpoint_is_exit_2_and_opens_no_run(tmp_path, tiny_overr
 
 
 def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, tiny_overrides, monkeypatch) -> None:
-    from harness import train
-    from harness.config import load_config
-    from harness.prepare import prepare
+    from harness.config.loading import load_config
+    from harness.train import checkpoint as train
+    from harness.trial.prepare import prepare
 
     cfg = load_config(REPO / "configs/simclr_shapes.yaml", tiny_overrides)
     trial = prepare(cfg)
@@ -220,7 +220,7 @@ def test_the_reaper_ends_what_holds_the_session_after_kill_9(tmp_path) -> None:
     child_code = f"import time; f = open({str(session / 'log')!r}, 'w'); time.sleep(300)"
     driver_code = (
         "import subprocess, sys, time\n"
-        "from harness import reaper\n"
+        "from harness.launch import reaper\n"
         f"reaper.watch({str(session)!r})\n"
         f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}], start_new_session=True)\n"
         "print(child.pid, flush=True)\n"

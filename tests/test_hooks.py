@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-import harness.train as train_module
-from harness.config import build_config
-from harness.prepare import prepare
-from harness.train import pretrain
+import harness.train.loop as train_module
+from harness.config.loading import build_config
+from harness.train.loop import pretrain
+from harness.trial.prepare import prepare
 
 STEPS_PER_EPOCH = 4
 """TINY: 128 images, batch 32."""

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import methods.ijepa as ijepa
-from harness.backbones import create_backbone
+from core.backbones import create_backbone
+from core.contract import StepInfo
+from core.errors import ConfigError, RunFailed
 from harness.cli import main
-from harness.config import build_config
-from harness.datasets import load_dataset
-from harness.errors import ConfigError, RunFailed
+from harness.config.loading import build_config
+from harness.data.datasets import load_dataset
 from methods import create_method
-from methods.base import StepInfo
 from methods.ijepa import block_shape, block_shapes, ijepa_loss, linear_momentum, sample_masks
-from tests.method_params import small_backbone_spec, small_params
+from tests.helpers.method_params import small_backbone_spec, small_params
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = small_params("ijepa")

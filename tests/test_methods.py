@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 import methods
-from harness.augment import Augmenter
-from harness.backbones import create_backbone
-from harness.config import AugmentConfig
-from harness.datasets import load_dataset
-from harness.errors import ConfigError
-from methods import create_method, get_method_class, list_methods
+from core.backbones import create_backbone
+from core.contract import StepInfo
+from core.errors import ConfigError
+from harness.config.schema import AugmentConfig
+from harness.data.augment import Augmenter
+from harness.data.datasets import load_dataset
+from harness.trial.evaluate import eval_inputs
+from methods import create_method, list_methods
 from methods.barlow_twins import barlow_twins_loss
-from methods.base import StepInfo
 from methods.byol import byol_loss
 from methods.moco import moco_loss
 from methods.moco_v3 import mocov3_loss
@@ -29,7 +30,7 @@ from methods.momentum import cosine_momentum, ema_update, frozen_copy
 from methods.nnclr import nearest_neighbour, nnclr_loss
 from methods.queue import FeatureQueue
 from methods.simsiam import simsiam_loss
-from tests.method_params import small_backbone_spec, small_params
+from tests.helpers.method_params import SMALL, small_backbone_spec, small_params
 
 # ----------------------------------------------------------------------------- losses
 
@@ -127,7 +128,7 @@ def test_queue_is_fifo_and_the_loss_sees_it_before_the_enqueue() -> None:
 
 
 def test_bad_method_parameters_are_config_errors() -> None:
-    from harness.config import build_config
+    from harness.config.loading import build_config
 
     with pytest.raises(ConfigError, match="method.momentum"):
         build_config({"method": {"name": "moco_v2", "momentum": 1.0}})
@@ -161,8 +162,8 @@ def test_method_contract(name: str, tiny_shapes, tmp_path) -> None:
 
 def check_contract(name: str, tiny_shapes, tmp_path) -> None:
     """Three training steps with finite losses and a gradient for every trainable parameter, the representation's
-    shape, and a state round trip, with the method's small ``test_params``."""
-    assert get_method_class(name).test_params, f"set small parameters (test_params) on the class of {name!r}"
+    shape, and a state round trip, with the method's small parameters (``tests/helpers/method_params.py``)."""
+    assert name in SMALL, f"add small parameters for {name!r} to tests/helpers/method_params.py (SMALL)"
     torch.manual_seed(0)
     images = tiny_shapes.train.images
     augmenter = Augmenter(AugmentConfig(), tiny_shapes.mean, tiny_shapes.std)
@@ -184,7 +185,7 @@ def check_contract(name: str, tiny_shapes, tmp_path) -> None:
         optimizer.step()
         method.after_step(StepInfo(0, step, 3, indices=indices))
     method.eval()
-    inputs = method.eval_inputs(tiny_shapes.train, augmenter.normalize)  # images, or a text method's token ids
+    inputs = eval_inputs(method, tiny_shapes.train, augmenter.normalize)  # images, or a text method's token ids
     x = inputs.prepare(inputs.data[:4])
     rep = method.embed(x)
     assert rep.shape == (4, method.backbone.num_features)
@@ -202,14 +203,14 @@ TOY_METHOD = '''"""A throw-away method: in-batch InfoNCE on a linear projection.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 from pydantic import Field
 from torch import nn
 
 from methods import register
-from methods.base import Method, MethodParams, StepInfo, StepOutput
+from methods.base import Method
+from core.contract import MethodParams, StepInfo, StepOutput
+from core.views import View
 from methods.losses import info_nce
 
 
@@ -224,11 +225,13 @@ class Toy(Method):
     Params = ToyParams
     uses_negatives = True
     loss_name = "InfoNCE"
-    test_params: ClassVar[dict[str, Any]] = {"proj_dim": 8}
 
     def __init__(self, backbone: nn.Module, params: ToyParams) -> None:
         super().__init__(backbone, params)
         self.projector = nn.Linear(backbone.num_features, params.proj_dim)
+
+    def views(self, image_size: int) -> list[View]:
+        return [View(image_size), View(image_size)]
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
@@ -237,12 +240,13 @@ class Toy(Method):
 
 
 def test_a_new_method_is_one_new_file(tiny_shapes, tmp_path, monkeypatch) -> None:
-    """One new module with a @register class, found by the package's discovery, meets the contract with no other
-    edit: its small parameters come from its own test_params. The registry is restored afterwards."""
+    """One new module with a @register class, found by the package's discovery, meets the contract with its small
+    parameters next to the tests and no other edit. The registry is restored afterwards."""
     folder = tmp_path / "new_method"
     folder.mkdir()
     (folder / "toy_info_nce.py").write_text(TOY_METHOD)
-    before = dict(methods.REGISTRY)
+    before = dict(methods.registry())
+    monkeypatch.setitem(SMALL, "toy_info_nce", {"proj_dim": 8})
     monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(folder)])
     importlib.invalidate_caches()
     try:
@@ -252,8 +256,8 @@ def test_a_new_method_is_one_new_file(tiny_shapes, tmp_path, monkeypatch) -> Non
         assert small_params("toy_info_nce") == {"proj_dim": 8} and small_backbone_spec("toy_info_nce") == {"name": "test_resnet"}
         check_contract("toy_info_nce", tiny_shapes, tmp_path)
     finally:
-        methods.REGISTRY.clear()
-        methods.REGISTRY.update(before)
+        methods.registry().clear()
+        methods.registry().update(before)
         sys.modules.pop("methods.toy_info_nce", None)
         if hasattr(methods, "toy_info_nce"):
             delattr(methods, "toy_info_nce")

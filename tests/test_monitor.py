@@ -10,20 +10,23 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import ConfigError
+from core.metrics import ONLINE_METRICS
 from evaluations.collapse import rankme
 from evaluations.features import extract_embeddings
 from evaluations.knn import knn_evaluate
 from harness.cli import main
-from harness.config import ONLINE_METRICS, OnlineConfig, build_config
-from harness.errors import ConfigError
-from harness.monitor import OnlineMonitor
-from harness.prepare import prepare
-from harness.run import run
-from harness.sweep_config import EPOCH_METRICS, load_sweep
-from harness.tracking import metric_history, search_runs
-from harness.train import pretrain
+from harness.config.loading import build_config
+from harness.config.schema import OnlineConfig
+from harness.sweep.config import EPOCH_METRICS, load_sweep
+from harness.track.mlflow import metric_history, search_runs
+from harness.train.loop import pretrain
+from harness.trial.evaluate import eval_inputs
+from harness.trial.monitor import OnlineMonitor
+from harness.trial.prepare import prepare
+from harness.trial.run import run
 from methods import list_methods
-from tests.method_params import small_backbone_spec, small_params
+from tests.helpers.method_params import small_backbone_spec, small_params
 from tests.test_sweep import write_sweep
 
 # ----------------------------------------------------------------------------- schedule
@@ -58,9 +61,9 @@ def test_the_monitor_is_knn_and_rankme_of_fixed_subsets_computed_independently(t
     assert len(monitor.test_idx) == 40 and monitor.test_idx.max() < len(trial.data.test)
     got = monitor.evaluate()
 
-    # the same items embedded here, without harness.evaluate: the method's eval inputs, its embed, eval mode
+    # the same items embedded here, without harness.trial.evaluate: the method's eval inputs, its embed, eval mode
     def embed(split, idx):
-        inputs = trial.method.eval_inputs(split, trial.augmenter.normalize)
+        inputs = eval_inputs(trial.method, split, trial.augmenter.normalize)
         return extract_embeddings(trial.method.embed, inputs.data[torch.from_numpy(idx)], inputs.prepare, batch_size=cfg.eval.batch_size, module=trial.method)
 
     train_x, test_x = embed(trial.data.train, monitor.train_idx), embed(trial.data.test, monitor.test_idx)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from harness.config import PretrainConfig
-from harness.optim import LARS, build_optimizer, clip_gradients, drop_gradients, param_groups, set_schedule
-from harness.schedules import cosine_lr, cosine_weight_decay
+from core.schedules import cosine_lr, cosine_weight_decay
+from harness.config.schema import PretrainConfig
+from harness.train.optim import LARS, build_optimizer, clip_gradients, drop_gradients, param_groups, set_schedule
 
 
 def test_cosine_lr_known_values():
@@ -108,19 +108,11 @@ def test_biases_and_norm_parameters_get_no_decay_with_every_optimiser(name):
     assert decay["decay"] and not no_decay["decay"]
 
 
-def test_a_method_declares_its_own_no_decay_rule():
-    from methods.base import Method, MethodParams
-
-    class NoDecayOnHead(Method):
-        def no_weight_decay(self, name, param):
-            return name.startswith("head.") or super().no_weight_decay(name, param)
-
-    method = NoDecayOnHead(torch.nn.Linear(3, 4), MethodParams())
-    method.head = torch.nn.Linear(4, 2)
-    decay, no_decay = param_groups(method, 0.1)
-    assert {id(p) for p in decay["params"]} == {id(method.backbone.weight)}
-    assert {id(p) for p in no_decay["params"]} == {id(method.backbone.bias), id(method.head.weight), id(method.head.bias)}
-    # an explicit rule overrides the model's
+def test_an_explicit_no_decay_rule_overrides_the_default():
+    method = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    decay, no_decay = param_groups(method, 0.1, no_decay=lambda n, p: n.startswith("1.") or p.ndim <= 1)
+    assert {id(p) for p in decay["params"]} == {id(method[0].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(method[0].bias), id(method[1].weight), id(method[1].bias)}
     assert len(param_groups(method, 0.1, no_decay=lambda n, p: False)[0]["params"]) == 4
 
 

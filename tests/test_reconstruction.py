@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from harness.backbones import create_backbone, spatial_features, vit_parts
+from core.backbones import create_backbone, spatial_features, vit_parts
+from core.contract import StepInfo
+from core.errors import ConfigError
 from harness.cli import main
-from harness.config import build_config
-from harness.datasets import load_dataset
-from harness.errors import ConfigError
+from harness.config.loading import build_config
+from harness.data.datasets import load_dataset
 from methods import create_method
 from methods.autoencoder import corrupt, reconstruction_loss
-from methods.base import StepInfo
 from methods.mae import masked_mse, normalize_patches, patchify, random_masking
-from tests.method_params import small_backbone_spec, small_params
+from tests.helpers.method_params import small_backbone_spec, small_params
 
 SMALL_DECODER = small_params("mae")
 """MAE's small decoder (its ``test_params``)."""

@@ -1,4 +1,4 @@
-"""Streamed image folders and tar shards (:mod:`harness.streaming`): what streaming promises and what would break it.
+"""Streamed image folders and tar shards (:mod:`harness.data.streaming`): what streaming promises and what would break it.
 
 * memory: a streamed run's peak RSS does not grow with the dataset, an in-memory run's does;
 * crops are random resized crops of the *original* image, with the configured area and aspect ranges;
@@ -26,15 +26,15 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import streaming
-from harness.augment import NUM_DRAWS, Draws, crop_boxes
-from harness.config import AugmentConfig
-from harness.datasets import load_dataset
-from harness.distributed import World, shard
-from harness.tracking import search_runs
-from harness.train import batch_indices, epoch_seed
-from methods.base import ViewSpec
-from tests.image_files import image, write_folder, write_imagefolder, write_shards
+from core.views import CX, CY, NUM_DRAWS, RATIO, SCALE, View, crop_box
+from harness.config.schema import AugmentConfig
+from harness.data import streaming
+from harness.data.augment import KeyedDraws
+from harness.data.datasets import load_dataset
+from harness.track.mlflow import search_runs
+from harness.train.distributed import World, shard
+from harness.train.loop import batch_indices, epoch_seed
+from tests.helpers.image_files import image, write_folder, write_imagefolder, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "simclr_shapes.yaml"
@@ -79,6 +79,11 @@ def single_image_source(tmp_path: Path, pixels: np.ndarray, name: str = "image.p
     folder.mkdir(parents=True)
     Image.fromarray(pixels).save(folder / name, **save)
     return streaming.folder_source(folder.parent)
+
+
+def crop_boxes(u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], height: int, width: int) -> torch.Tensor:
+    """The crops of uniforms (B, NUM_DRAWS) as (B, 4) ``[w, h, cx, cy]`` (:func:`core.views.crop_box`)."""
+    return torch.stack(crop_box(u[:, SCALE], u[:, RATIO], u[:, CX], u[:, CY], scale, ratio, height, width), dim=1)
 
 
 def box_in_pixels(box: torch.Tensor, height: int, width: int) -> tuple[float, float, float, float]:
@@ -147,10 +152,10 @@ def test_crops_come_from_the_original_image_border_included(tmp_path: Path) -> N
     pixels = np.full((height, width, 3), 128, dtype=np.uint8)
     pixels[:border] = pixels[-border:] = pixels[:, :border] = pixels[:, -border:] = (255, 0, 0)
     source = single_image_source(tmp_path, pixels)
-    cfg, view = AugmentConfig(crop_scale=(0.08, 1.0)), ViewSpec(32)
+    cfg, view = AugmentConfig(crop_scale=(0.08, 1.0)), View(32)
     pure_red, clear, at_left, at_right = 0, 0, 0, 0
     for key in range(500):
-        u = Draws(key, torch.tensor([0]), 0).uniforms(NUM_DRAWS)[0]
+        u = KeyedDraws(key, torch.tensor([0]), 0).uniforms(NUM_DRAWS)[0]
         (crop,) = streaming.crop_views(source, 0, [u], [view], cfg)
         assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32)
         c = crop.int()
@@ -182,9 +187,9 @@ def test_crop_views_takes_the_crop_boxes_region_at_each_views_size(tmp_path: Pat
     save = {"quality": 98} if fmt == "jpeg" else {}
     source = single_image_source(tmp_path, pixels, f"gradient.{'jpg' if fmt == 'jpeg' else 'png'}", **save)
     cfg = AugmentConfig(crop_scale=(0.08, 1.0))
-    views = [ViewSpec(32), ViewSpec(12, scale=(0.05, 0.3))]
+    views = [View(32), View(12, scale=(0.05, 0.3))]
     for key in range(120):
-        draws = Draws(key, torch.tensor([7]), 0)
+        draws = KeyedDraws(key, torch.tensor([7]), 0)
         uniforms = [draws.view(v).uniforms(NUM_DRAWS)[0] for v in range(len(views))]
         crops = streaming.crop_views(source, 0, uniforms, views, cfg)
         for u, spec, crop in zip(uniforms, views, crops, strict=True):
@@ -209,7 +214,7 @@ def test_crop_area_is_uniform_in_the_scale_range_and_the_aspect_ratio_within_its
     in the range; a clamped one spans the full side, keeps an area at most the range's top, and all crops fit."""
     from scipy import stats
 
-    u = Draws(12345, torch.arange(5000), 0).view(1).uniforms(NUM_DRAWS)
+    u = KeyedDraws(12345, torch.arange(5000), 0).view(1).uniforms(NUM_DRAWS)
     for scale, height, width in (((0.08, 1.0), 100, 100), ((0.08, 0.5), 100, 200), ((0.2, 0.9), 64, 64)):
         w, h, _, _ = crop_boxes(u, scale, (1.0, 1.0), height, width).unbind(1)
         area = (w * h).numpy()
@@ -235,7 +240,7 @@ def test_crop_area_is_uniform_in_the_scale_range_and_the_aspect_ratio_within_its
 
 # ----------------------------------------------------------------------------- order and determinism
 
-ORDER_VIEWS = [ViewSpec(16), ViewSpec(8, scale=(0.05, 0.3))]
+ORDER_VIEWS = [View(16), View(8, scale=(0.05, 0.3))]
 ORDER_AUGMENT = AugmentConfig(crop_scale=(0.08, 1.0))
 N_IMAGES, BATCH = 48, 8
 
@@ -379,7 +384,7 @@ def test_folder_and_shards_with_the_same_bytes_stream_the_same_views(tmp_path: P
         assert torch.equal(a.images[:], b.images[:])
         assert a.images[:].float().std() > 10, "real pictures, not blank ones"
     key, rows = 99, [torch.arange(len(folder.train))]
-    views = [ViewSpec(16), ViewSpec(8)]
+    views = [View(16), View(8)]
     crops = [streaming.TrainLoader(d.train.images.source, views, AugmentConfig()).epoch(key, rows) for d in (folder, shards)]
     for (_, from_folder), (_, from_shards) in zip(*crops, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(from_folder, from_shards, strict=True))

@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import create_backbone
-from harness.config import build_config
-from harness.errors import ConfigError
-from harness.optim import drop_gradients
-from methods import create_method, swav
-from methods.base import StepInfo, ViewSpec
+from core.backbones import create_backbone
+from core.contract import StepInfo
+from core.errors import ConfigError
+from core.views import View
+from harness.config.loading import build_config
+from harness.train.optim import drop_gradients
+from methods import create_method, swav, taxonomy
 from methods.swav import sinkhorn, swapped_prediction_loss
-from tests.method_params import small_params
+from tests.helpers.method_params import small_params
 
 SMALL_SWAV = small_params("swav")
 """SwAV's small heads (its ``test_params``; 16 px images: 8 px small crops)."""
@@ -153,10 +154,10 @@ def test_swapped_prediction_loss_of_matching_one_hot_codes_is_small() -> None:
 def test_views_are_two_globals_then_the_small_crops() -> None:
     method = create_method("swav", create_backbone("test_resnet", in_chans=3, img_size=16))  # paper defaults
     views = method.views(32)
-    assert views == [ViewSpec(32, (0.14, 1.0))] * 2 + [ViewSpec(14, (0.05, 0.14))] * 6
+    assert views == [View(32, (0.14, 1.0))] * 2 + [View(14, (0.05, 0.14))] * 6
     assert [v.size for v in method.views(224)] == [224, 224] + [96] * 6  # the paper's 2 x 224 + 6 x 96
-    assert create_method("swav", method.backbone, num_small_crops=0).views(16) == [ViewSpec(16, (0.14, 1.0))] * 2
-    assert _method().views(16) == [ViewSpec(16, (0.14, 1.0))] * 2 + [ViewSpec(8, (0.05, 0.14))] * 2
+    assert create_method("swav", method.backbone, num_small_crops=0).views(16) == [View(16, (0.14, 1.0))] * 2
+    assert _method().views(16) == [View(16, (0.14, 1.0))] * 2 + [View(8, (0.05, 0.14))] * 2
 
 
 def test_bad_multi_crop_configs_are_config_errors() -> None:
@@ -185,7 +186,7 @@ def test_too_few_prototypes_and_a_short_queue_are_config_errors() -> None:
 
 
 def test_taxonomy() -> None:
-    assert swav.SwAV.taxonomy() == {"method": "swav", "uses_negatives": False, "networks": 1, "loss": "swapped prediction (Sinkhorn codes)"}
+    assert taxonomy("swav") == {"method": "swav", "uses_negatives": False, "networks": 1, "loss": "swapped prediction (Sinkhorn codes)"}
 
 
 # ----------------------------------------------------------------------------- training step

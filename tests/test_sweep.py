@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.errors import ConfigError
 from harness.cli import main
-from harness.errors import ConfigError
-from harness.sweep_config import SweepConfig, expand, load_sweep
+from harness.sweep.config import SweepConfig, expand, load_sweep
 from tests.conftest import TINY
 
 
@@ -176,9 +176,9 @@ def test_table_of_unknown_experiment(tmp_path, tracking_uri, capsys) -> None:
 
 def test_domain_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"space\.method\.temperature"):
-        from harness.config import _first_error
+        from harness.config.loading import first_error
 
         try:
             SweepConfig(name="s", space={"method.temperature": {"uniform": [0.5, 0.1]}})
         except Exception as err:
-            raise ConfigError(_first_error(err, SweepConfig)) from None
+            raise ConfigError(first_error(err, SweepConfig)) from None

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import raytune
 from harness.cli import main
-from harness.sweep import child_runs, latest_parent
-from harness.tracking import metric_history, search_runs
+from harness.launch import raytune
+from harness.sweep.driver import child_runs, latest_parent
+from harness.track.mlflow import metric_history, search_runs
 from tests.test_sweep import tiny_run, write_sweep
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import subprocess
 import numpy as np
 import pytest
 
+from core.errors import BadInput
 from harness import tables
 from harness.cli import main
-from harness.errors import BadInput
-from harness.sweep_config import SweepConfig, TableConfig
-from harness.tracking import create_run, search_runs
+from harness.sweep.config import SweepConfig, TableConfig
+from harness.track.mlflow import create_run, search_runs
 from tests.test_sweep import write_sweep
 
 # ----------------------------------------------------------------------------- a sweep in a real MLflow store
@@ -110,7 +110,7 @@ BYOL = {"uses_negatives": "False", "networks": "2", "loss": "cosine"}
 
 
 def fake_run(n: int, point: dict, status: str, metrics: dict, taxonomy: dict = SIMCLR, stopped: bool = False) -> dict:
-    """A run as :func:`harness.tracking.search_runs` returns it."""
+    """A run as :func:`harness.track.mlflow.search_runs` returns it."""
     tags = {"mlflow.parentRunId": "parent", **{f"swept.{k}": json.dumps(v) for k, v in point.items()}, **{f"taxonomy.{k}": v for k, v in taxonomy.items()}}
     if stopped:
         tags["harness.stopped"] = "asha"
@@ -154,7 +154,7 @@ EXPECTED_MD = """\
 
 
 def fake_sweep(monkeypatch, runs: list[dict], swept: list[str], columns: list[str] | None = None) -> tables.SweepRuns:
-    monkeypatch.setattr(tables, "search_runs", lambda experiment, uri=None: [fake_parent(swept, columns), *runs])
+    monkeypatch.setattr(tables.runs, "search_runs", lambda experiment, uri=None: [fake_parent(swept, columns), *runs])
     return tables.collect("fake")
 
 
@@ -302,7 +302,7 @@ def test_no_curve_when_no_run_logged_the_online_metric(monkeypatch, tmp_path) ->
     def no_history(*args, **kwargs):
         raise AssertionError("asked MLflow for a history no run has")
 
-    monkeypatch.setattr(tables, "metric_history", no_history)
+    monkeypatch.setattr(tables.plots, "metric_history", no_history)
     runs = fake_sweep(monkeypatch, TEMPERATURE_RUNS, ["method.temperature"])
     assert tables.curves(runs, tables.aggregate(runs), tmp_path) == []
     assert list(tmp_path.iterdir()) == []
@@ -313,7 +313,7 @@ def test_runs_outside_a_sweep_are_rows_by_method_backbone_and_dataset(monkeypatc
         {**fake_run(i, {}, "FINISHED", seed_metrics(knn, 0.6, 40.0, 80.0, 1100.0, 0.24)), "tags": {"method": "simclr", "backbone": "resnet18", "dataset": "shapes", "seed": str(i)}}
         for i, knn in enumerate([0.5, 0.7])
     ]
-    monkeypatch.setattr(tables, "search_runs", lambda experiment, uri=None: plain)
+    monkeypatch.setattr(tables.runs, "search_runs", lambda experiment, uri=None: plain)
     runs = tables.collect("plain")
     frame = tables.aggregate(runs)
     table = tables.headline_table(frame, runs.keys, tables.table_columns(runs, frame, ["eval/knn/top1"]))
@@ -352,7 +352,7 @@ def test_bad_table_section_exits_2_before_anything_runs(tmp_path, tracking_uri, 
 
 
 def test_table_columns_override(tmp_path) -> None:
-    from harness.sweep_config import load_sweep
+    from harness.sweep.config import load_sweep
 
     sweep = load_sweep(write_sweep(tmp_path), ["table.columns=[eval/linear/top1, time/pretrain_s]"])
     assert sweep.cfg.table.columns == ["eval/linear/top1", "time/pretrain_s"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import train as train_module
-from harness.config import build_config, compile_unavailable
-from harness.errors import BadInput, Diverged
-from harness.prepare import prepare
-from harness.train import batch_indices, load_checkpoint, pretrain
-from methods.base import StepOutput
+from core.contract import StepOutput
+from core.errors import BadInput, Diverged
+from harness.config.loading import build_config
+from harness.config.schema import compile_unavailable
+from harness.train import loop as train_module
+from harness.train.checkpoint import load_checkpoint
+from harness.train.loop import batch_indices, pretrain
+from harness.trial.prepare import prepare
 
 
 def train(overrides, checkpoint=None):

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.backbones import create_backbone
+from core.backbones import create_backbone
+from core.contract import StepInfo
+from core.errors import ConfigError
 from harness.cli import main
-from harness.config import build_config
-from harness.errors import ConfigError
+from harness.config.loading import build_config
 from methods import create_method
-from methods.base import StepInfo
 from methods.distributed import average_gradients, rank, world_size
 from methods.vicreg import VICRegParams, covariance_term, variance_term, vicreg_loss, vicreg_terms
-from tests.ddp_helpers import run_distributed
-from tests.method_params import small_params
+from tests.helpers.ddp import run_distributed
+from tests.helpers.method_params import small_params
 
 HADAMARD = torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]])
 """Its last three columns are zero-mean and mutually orthogonal: exactly decorrelated."""

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.sweep import child_runs, latest_parent
-from harness.tracking import metric_history, search_runs
+from harness.sweep.driver import child_runs, latest_parent
+from harness.track.mlflow import metric_history, search_runs
 from tests.conftest import TINY
 from tests.test_sweep import write_sweep
 

@@ -1,0 +1,12 @@
+"""Metric names that more than one layer reads (the loop and monitor log them; sweeps, ASHA and tables read them)."""
+
+from __future__ import annotations
+
+ONLINE_METRICS = ("online/knn_top1", "online/rankme")
+"""What the online monitor (:mod:`harness.trial.monitor`) logs at each epoch it evaluates."""
+
+COLLAPSED_METRIC = "eval/collapsed"
+"""1.0 for a run that collapsed (:func:`harness.trial.evaluate.collapsed`): tables and the sweep print no numbers."""
+
+HEADLINE_METRIC = "eval/knn/top1"
+"""A sweep's headline metric when its YAML names none."""

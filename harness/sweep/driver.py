@@ -1,0 +1,249 @@
+"""Running a sweep: the driver. One trial per point and seed, scheduled by Ray Tune, logged to MLflow parent and child runs.
+
+    sweep = load_sweep("sweeps/temperature.yaml")       # harness.sweep.config: schema and expansion
+    outcome = run_sweep(sweep, resume=False)             # then tables (harness.tables)
+
+The driver opens the parent run and one child run per trial (status SCHEDULED)
+before any trial starts (:mod:`harness.sweep.state`); each trial
+(:func:`harness.sweep.trial.train_trial`) logs into its child; the driver sets each
+child's final status (FINISHED, FAILED, or KILLED when stopped early or
+interrupted), so no run is left RUNNING and none is duplicated across retries or
+``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import BadInput, RunFailed
+from core.metrics import COLLAPSED_METRIC as COLLAPSED
+from harness import signals
+from harness.config.schema import RunConfig
+from harness.launch import raytrain, raytune
+from harness.sweep.config import Sweep, load_sweep
+from harness.sweep.state import STATE_FILE, child_runs, latest_parent, load_state, new_state, write_json
+from harness.sweep.trial import FINISHED_KEY, train_trial, worker_folder
+from harness.track.mlflow import absolute_uri, open_run, tracking_uri
+
+DRIVER_CPUS = 0.1
+"""What the Tune trial of a multi-worker trial holds itself: it only opens the run and fits the Ray Train job."""
+
+__all__ = ["SweepOutcome", "child_runs", "latest_parent", "load_sweep", "run_sweep"]
+
+
+@dataclass
+class SweepOutcome:
+    parent_run_id: str
+    finished: list[str]
+    failed: dict[str, str]
+    stopped: list[str]
+    interrupted: list[str]
+    wall_s: float
+    preempted: bool = False
+    """Some trial's worker was sent SIGTERM (the driver itself may have received no signal)."""
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 128 + signal.SIGTERM if self.preempted and signals.received() is None else signals.exit_code()
+        return 1 if self.failed else 0
+
+
+def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepOutcome:
+    """Run (or resume) a validated sweep to the end; returns what became of each trial.
+
+    MLflow's statuses are the truth on resumption: a trial whose child run is FINISHED is never run again (its
+    trial returns at once, :func:`harness.sweep.trial.train_trial`) and its run is not touched. A stop signal
+    (SIGINT, SIGTERM) stops Ray Tune gracefully; every unfinished run is then KILLED, tagged with the signal."""
+    cfg = sweep.cfg
+    uri = absolute_uri(tracking_uri(next(iter(sweep.configs.values())).tracking.uri))
+    root = cfg.storage.resolve() / cfg.name
+    state_path = root / STATE_FILE
+    if resume:
+        state = load_state(state_path, sweep, uri)
+    else:
+        _check_preparable(sweep)
+        address = raytune.cluster_address(cfg.address)
+        if address:
+            raytune.check_address(address)
+    r = cfg.resources
+    started = raytune.init(cfg.address, min_cpus=math.ceil(r.workers * r.cpus + (DRIVER_CPUS if r.workers > 1 else 0)))
+    try:
+        signals.install()  # ray.init replaced the SIGTERM handler
+        max_concurrent = _concurrency(cfg.max_concurrent, r.workers, r.cpus, r.gpus)
+        if not resume:
+            state = new_state(sweep, uri, root)
+        return _run(sweep, state, uri, root, state_path, resume, verbose, max_concurrent)
+    finally:
+        if started:
+            raytune.shutdown()
+
+
+def _concurrency(configured: int | None, workers: int, cpus: float, gpus: float) -> int | None:
+    """At most as many concurrent trials as the cluster holds, for multi-worker trials: their workers' placement
+    groups are not Tune's, so Tune alone would start trials whose workers then wait (or leave groups behind).
+    A trial that cannot fit at all is bad input naming both numbers."""
+    if workers == 1:
+        return configured
+    have_cpus, have_gpus = raytune.cluster_capacity()
+    if workers * gpus > have_gpus:
+        raise BadInput(f"resources: {workers} workers x {gpus:g} GPU need {workers * gpus:g} GPUs per trial, the Ray cluster has {have_gpus:g}")
+    per_trial = workers * cpus + DRIVER_CPUS
+    if per_trial > have_cpus:
+        raise BadInput(f"resources: {workers} workers x {cpus:g} CPU (+{DRIVER_CPUS:g} for the trial's driver) need {per_trial:g} CPUs per trial, the Ray cluster has {have_cpus:g}")
+    fits = int(have_cpus // per_trial)
+    if gpus:
+        fits = min(fits, int(have_gpus // (workers * gpus)))
+    return min(configured, fits) if configured else fits
+
+
+def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: Path, resume: bool, verbose: int, max_concurrent: int | None) -> SweepOutcome:
+    cfg = sweep.cfg
+    parent = open_run(state["parent_run_id"], uri)
+    children = {key: open_run(run_id, uri) for key, run_id in state["trials"].items()}
+    parent.set_status("RUNNING")
+    todo = [k for k in sweep.keys if children[k].info()["status"] != "FINISHED"]
+    for key in todo:
+        children[key].set_status("SCHEDULED")
+    specs = {
+        key: {
+            "run": _trial_run_dict(sweep.configs[key]), "run_id": children[key].run_id, "uri": uri, "cpus": cfg.resources.cpus,
+            "workers": {"gpus": cfg.resources.gpus, "max_failures": cfg.max_failures, "storage": str(root / "workers")},
+        }
+        for key in sweep.keys
+    }  # fmt: skip
+
+    stopped: list[str] = []
+    preempted: list[str] = []
+    pending = set(todo)  # trials whose end the driver has yet to record
+    done = [len(sweep.keys) - len(todo)]
+    t0 = time.perf_counter()
+
+    def say(key: str, what: str) -> None:
+        if verbose:
+            print(f"[{done[0]}/{len(sweep.keys)} {time.perf_counter() - t0:5.0f} s] {key}: {what}", flush=True)
+
+    def on_start(key: str) -> None:
+        if key in pending:
+            children[key].set_status("RUNNING")
+            say(key, "started")
+
+    def release_workers(key: str) -> None:
+        """A multi-worker trial that ended while its Ray Train job ran (stopped by ASHA) leaves the job's placement
+        group behind; remove it so that the next trials get the resources."""
+        if cfg.resources.workers > 1:
+            group = worker_folder(root / "workers", children[key].run_id) / raytrain.PLACEMENT_GROUP_FILE
+            if group.is_file():
+                raytrain.remove_placement_group(group.read_text().strip())
+
+    def on_complete(key: str, result: dict[str, Any]) -> None:
+        release_workers(key)
+        if key not in pending:  # finished before (a resumed sweep): its run stays as it is
+            return
+        pending.discard(key)
+        done[0] += 1
+        if result.get(FINISHED_KEY):
+            children[key].end("FINISHED")
+            if result.get(COLLAPSED, 0.0) >= 0.5:  # its numbers are not a result
+                say(key, "finished  COLLAPSED (final loss at the collapse value, or embeddings near constant)")
+            else:
+                say(key, "finished  " + "  ".join(f"{m} {result[m]:.4f}" for m in cfg.headline if m in result))
+        else:
+            stopped.append(key)
+            children[key].set_tags({"harness.stopped": f"stopped early by the scheduler after epoch {result.get('epoch', '?')}"})
+            children[key].end("KILLED")
+            say(key, f"stopped early by the scheduler after epoch {result.get('epoch', '?')}")
+
+    def on_error(key: str, error: str) -> None:
+        release_workers(key)
+        if key not in pending:
+            return
+        if raytune.stopped_by_sigterm(error):  # its worker was preempted: KILLED and resumable, not FAILED
+            preempted.append(key)
+            say(key, "stopped: its worker received SIGTERM; continue the sweep with --resume")
+            return
+        pending.discard(key)
+        done[0] += 1
+        children[key].set_tags({"harness.error": error[:5000]})
+        children[key].end("FAILED")
+        say(key, f"FAILED: {error}")
+
+    def on_recover(key: str, error: str) -> None:
+        children[key].set_tags({"harness.last_retry_error": error[:5000]})
+        children[key].set_status("SCHEDULED")
+        say(key, f"retrying after: {error}")
+
+    events = raytune.TrialEvents(on_start=on_start, on_recover=on_recover, on_complete=on_complete, on_error=on_error)
+    epochs = max(c.pretrain.epochs for c in sweep.configs.values())
+    scheduler = cfg.scheduler.model_dump() | {"max_t": epochs + 1}  # +1: the evaluation's report after the last epoch
+    r = cfg.resources
+    # A multi-worker trial is a Tune "driver" holding DRIVER_CPUS; its workers' resources are Ray Train's, and a failed
+    # worker group is restarted by Ray Train (from the trial's checkpoint), not by Tune.
+    trial_cpus, trial_gpus = (r.cpus, r.gpus) if r.workers == 1 else (DRIVER_CPUS, 0.0)
+    try:
+        outcome = raytune.run_trials(
+            train_trial, sweep.keys, name=state["tune_name"], storage=root, cpus=trial_cpus, gpus=trial_gpus,
+            max_concurrent=max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures if r.workers == 1 else 0, events=events,
+            resume=resume, reuse_actors=r.workers == 1, specs=specs,
+        )  # fmt: skip
+    except Exception as err:  # Tune itself failed: no trial may stay SCHEDULED or RUNNING
+        for key in todo:
+            if children[key].info()["status"] not in ("FINISHED", "FAILED", "KILLED"):
+                children[key].set_tags({"harness.error": f"sweep failed: {err}"[:5000]})
+                children[key].end("FAILED")
+        parent.set_tags({"harness.error": str(err)[:5000]})
+        parent.end("FAILED")
+        raise RunFailed(f"sweep {cfg.name!r} failed: {raytune.one_line(err)}") from err
+    except KeyboardInterrupt:  # a stop signal outside Tune's own handling: nothing may stay RUNNING
+        for key in pending:
+            children[key].set_tags({"harness.stopped": f"{signals.stop_reason()}: sweep interrupted; resume with --resume"})
+            children[key].end("KILLED")
+        parent.set_tags({"harness.stopped": signals.stop_reason()})
+        parent.end("KILLED")
+        raise
+
+    finished = [k for k in todo if k in outcome.results and outcome.results[k].get(FINISHED_KEY)]
+    finished += [k for k in sweep.keys if k not in todo]
+    failed = {k: outcome.errors[k] for k in sweep.keys if k in outcome.errors and k not in preempted}
+    interrupted = [k for k in todo if k not in finished and k not in failed and k not in stopped]
+    for key in interrupted:  # never started, or cut off by a stop signal: resumable
+        if key in pending:
+            pending.discard(key)
+            reason = "SIGTERM to the trial's worker" if key in preempted else f"{signals.stop_reason()}: sweep interrupted"
+            children[key].set_tags({"harness.stopped": f"{reason}; resume with --resume"})
+            children[key].end("KILLED")
+    for key, error in failed.items():  # the callback may not have run for a trial whose error surfaced at the end
+        on_error(key, error)
+    parent.log_metrics({"sweep/trials_finished": len(finished), "sweep/trials_failed": len(failed), "sweep/wall_s": outcome.wall_s})
+    if interrupted:
+        parent.set_tags({"harness.stopped": "SIGTERM" if preempted and signals.received() is None else signals.stop_reason()})
+    parent.end("KILLED" if interrupted else ("FAILED" if failed else "FINISHED"))
+    state["complete"] = not interrupted
+    write_json(state_path, state)
+    return SweepOutcome(state["parent_run_id"], finished, failed, stopped, interrupted, outcome.wall_s, bool(preempted))
+
+
+def _check_preparable(sweep: Sweep) -> None:
+    """Build data and model once per distinct (data, backbone, method) so a missing dataset or an unknown
+    backbone is bad input before Ray starts, not a failure in every trial."""
+    from harness.trial.prepare import prepare  # data and models: torch and timm, imported once a sweep runs
+
+    seen: set[str] = set()
+    for cfg in sweep.configs.values():
+        sig = json.dumps([cfg.data.model_dump(mode="json"), cfg.backbone.model_dump(mode="json"), cfg.method["name"], cfg.pretrain.batch_size])
+        if sig not in seen:
+            seen.add(sig)
+            prepare(cfg)
+
+
+def _trial_run_dict(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.as_dict()
+    if d["data"].get("root"):
+        d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
+    return d

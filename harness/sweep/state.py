@@ -1,0 +1,105 @@
+"""A sweep's bookkeeping in MLflow and on disk: the parent run, one child run per trial, and the state file
+``--resume`` reads.
+
+The driver opens the parent run and one child run per trial (status SCHEDULED)
+before any trial starts, which also creates a new SQLite store's schema once,
+before any concurrent writer; ``<storage>/<name>/state.json`` records the run ids
+and a digest of the trials' configs, so a resumed sweep reuses the same runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.errors import BadInput
+from harness.config.loading import flatten
+from harness.launch import raytune
+from harness.sweep.config import Sweep
+from harness.track.mlflow import create_run, search_runs
+from harness.track.provenance import git_commit
+
+__all__ = ["STATE_FILE", "child_runs", "latest_parent", "load_state", "new_state", "write_json"]
+
+STATE_FILE = "state.json"
+TAG_SWEEP, TAG_TRIAL, TAG_SWEPT_KEYS = "harness.sweep", "harness.trial", "harness.swept_keys"
+SWEPT_TAG_PREFIX = "swept."
+
+
+def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
+    """Open the parent run and one SCHEDULED child per trial; write the state file that ``--resume`` reads."""
+    from harness.trial.run import log_run_inputs, run_tags  # run imports torch: keep this module light to import
+
+    cfg = sweep.cfg
+    swept = list(cfg.space)
+    tags = {TAG_SWEEP: cfg.name, TAG_SWEPT_KEYS: json.dumps(swept), "harness.headline": json.dumps(cfg.headline), "git_commit": git_commit(), "harness.role": "sweep"}
+    tags["harness.table_columns"] = json.dumps(cfg.table.columns)  # what `table EXPERIMENT` shows (null: the default)
+    parent = create_run(cfg.name, run_name=f"{cfg.name} sweep", uri=uri, tags=tags)
+    parent.log_params({
+        "sweep.space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in cfg.space.items()}),
+        "sweep.seeds": cfg.seeds, "sweep.num_samples": cfg.num_samples, "sweep.trials": len(sweep.trials),
+        "sweep.scheduler": cfg.scheduler.name, "sweep.max_concurrent": cfg.max_concurrent,
+        "sweep.resources.cpus": cfg.resources.cpus, "sweep.resources.gpus": cfg.resources.gpus,
+    })  # fmt: skip
+    parent.log_text(sweep.text, f"sweep/{sweep.source.name if sweep.source else 'sweep.yaml'}")
+    parent.log_text(yaml.safe_dump(sweep.configs[sweep.keys[0]].as_dict(), sort_keys=False), "sweep/first_trial_config.yaml")
+    trials = {}
+    for trial in sweep.trials:
+        run_cfg = sweep.configs[trial.key]
+        tags = run_tags(run_cfg) | {TAG_SWEEP: cfg.name, TAG_TRIAL: trial.key, "harness.point": trial.point_key}
+        tags |= {SWEPT_TAG_PREFIX + k: json.dumps(trial.labels.get(k, v)) for k, v in trial.point.items()}
+        child = create_run(cfg.name, run_name=trial.key, uri=uri, tags=tags, parent_run_id=parent.run_id)
+        log_run_inputs(child, run_cfg)
+        child.set_status("SCHEDULED")
+        trials[trial.key] = child.run_id
+    state = {"sweep": cfg.name, "tune_name": time.strftime("%Y%m%d-%H%M%S"), "parent_run_id": parent.run_id, "uri": uri, "trials": trials, "digest": _digest(sweep), "complete": False}
+    write_json(root / STATE_FILE, state)
+    return state
+
+
+def load_state(state_path: Path, sweep: Sweep, uri: str) -> dict[str, Any]:
+    """The saved state of an interrupted sweep, checked against the sweep as it is now."""
+    name = sweep.cfg.name
+    if not state_path.is_file():
+        raise BadInput(f"--resume: nothing to resume for sweep {name!r}: no saved state at {state_path}")
+    state = json.loads(state_path.read_text())
+    if state.get("digest") != _digest(sweep):
+        raise BadInput(f"--resume: sweep {name!r} changed since it started (its trials or their configs differ); run it without --resume to start again")
+    if state["uri"] != uri:
+        raise BadInput(f"--resume: sweep {name!r} logged to {state['uri']}, not {uri}; set tracking.uri or MLFLOW_TRACKING_URI to it")
+    statuses = {r["run_id"]: r["status"] for r in search_runs(name, uri, f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")}
+    if statuses and all(statuses.get(run_id) == "FINISHED" for run_id in state["trials"].values()):
+        raise BadInput(f"--resume: nothing to resume for sweep {name!r}: all {len(state['trials'])} trials finished; run it without --resume to start again")
+    if not raytune.can_restore(state_path.parent / state["tune_name"]):
+        raise BadInput(f"--resume: nothing to resume for sweep {name!r}: no Ray Tune state at {state_path.parent / state['tune_name']}")
+    return state
+
+
+def _digest(sweep: Sweep) -> str:
+    """What must not change between a sweep and its resumption: the trials and their run configs."""
+    ignore = ("pretrain.progress",)
+    body = {k: {p: v for p, v in flatten(c.as_dict()).items() if p not in ignore} for k, c in sweep.configs.items()}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def child_runs(experiment: str, parent_run_id: str, uri: str | None = None) -> list[dict[str, Any]]:
+    """The child runs of one sweep invocation."""
+    return search_runs(experiment, uri, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def latest_parent(experiment: str, uri: str | None = None) -> dict[str, Any] | None:
+    """The newest sweep parent run of an experiment, or None."""
+    runs = search_runs(experiment, uri, "tags.`harness.role` = 'sweep'")
+    return runs[0] if runs else None

@@ -1,0 +1,1 @@
+"""Tracking: MLflow behind one module, and the provenance every run records."""

@@ -1,0 +1,1 @@
+"""Training: the one loop for every world size, optimisers, checkpoints, torch.distributed."""

@@ -1,0 +1,79 @@
+"""Checkpoints: written atomically, read without running code, and refused when they belong to another experiment."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import BadInput
+from harness.config.loading import flatten
+from harness.config.schema import RunConfig
+from methods.base import Method
+
+#: Keys that may differ between a checkpoint's config and the config resuming from it.
+RESUMABLE_DIFFERENCES = ("pretrain.resume", "pretrain.compile", "pretrain.checkpoint_dir", "pretrain.progress", "tracking.", "eval.", "device", "distributed.")
+
+
+def save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], cfg: RunConfig, provenance: dict[str, Any]) -> None:
+    """Write weights, optimiser state, epoch, resolved config and provenance atomically (tmp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "losses": list(losses),
+        "config": cfg.as_dict(),
+        "provenance": {k: str(v) for k, v in provenance.items()},
+    }
+    for stale in path.parent.glob(f".{path.name}.tmp.*"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted save leaves the last complete checkpoint, and no temporary file
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path, cfg: RunConfig | None = None, key: str = "pretrain.resume") -> dict[str, Any]:
+    """A checkpoint's contents (``weights_only=True``: a file that would run code on loading is refused).
+
+    BadInput naming ``key`` for a missing or unreadable file; when ``cfg`` is given, the checkpoint's
+    config must match it except for the keys in :data:`RESUMABLE_DIFFERENCES`, otherwise resuming
+    would silently continue a different experiment.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{key}: checkpoint {path} not found")
+    try:
+        with warnings.catch_warnings():  # a plain pickle warns of its protocol on stderr before being refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same bad input
+        raise BadInput(f"{key}: {path} is not a readable checkpoint ({type(err).__name__})") from None
+    if cfg is not None:
+        _check_same_experiment(state["config"], cfg, path)
+    return dict(state)
+
+
+def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer | None, cfg: RunConfig | None) -> tuple[int, list[float]]:
+    """Load a checkpoint (:func:`read_checkpoint`) into ``method`` (and ``optimizer``); return (epoch, losses)."""
+    state = read_checkpoint(path, cfg)
+    method.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), [float(x) for x in state["losses"]]
+
+
+def _check_same_experiment(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    old, new = flatten(saved), flatten(cfg.as_dict())
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_DIFFERENCES))
+    if differ:
+        k = differ[0]
+        raise BadInput(f"pretrain.resume: {path} was trained with {k}={old.get(k)!r}, this config has {new.get(k)!r} ({len(differ)} key(s) differ)")

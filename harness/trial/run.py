@@ -1,0 +1,140 @@
+"""One trial, end to end: prepare -> MLflow run -> baselines -> pretraining -> evaluation -> metrics.
+
+    metrics = run(build_config(raw))          # what ``python -m harness run CONFIG`` does
+
+:func:`execute` is the body that logs into an open run; a sweep's trial
+(:mod:`harness.sweep.trial`) calls it with the child run its driver opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from core.errors import Interrupted
+from harness.config.loading import flatten
+from harness.config.schema import RunConfig
+from harness.data.streaming import StreamedImages
+from harness.track.mlflow import Run, absolute_uri, find_run, start_run, tracking_uri
+from harness.track.provenance import git_commit, library_versions, peak_rss_mb
+from harness.train.checkpoint import read_checkpoint
+from harness.train.loop import EpochCallback, pretrain
+from harness.trial.evaluate import baselines, evaluate
+from harness.trial.monitor import OnlineMonitor
+from harness.trial.prepare import Trial, prepare
+from methods import taxonomy
+
+__all__ = ["default_run_name", "execute", "log_run_inputs", "run", "run_tags", "run_to_resume"]
+
+log = logging.getLogger(__name__)
+
+
+def run_tags(cfg: RunConfig) -> dict[str, str]:
+    """The tags every run carries, for filtering in the MLflow UI."""
+    return {"method": cfg.method["name"], "backbone": cfg.backbone.name, "dataset": cfg.data.name, "seed": str(cfg.seed), "git_commit": git_commit()}
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return cfg.tracking.run_name or f"{cfg.method['name']}-{cfg.backbone.name}-{cfg.data.name}-s{cfg.seed}"
+
+
+def run(cfg: RunConfig, *, on_epoch_end: EpochCallback | None = None, parent_run_id: str | None = None) -> dict[str, float]:
+    """Pretrain, evaluate and log one trial; returns its final metrics. The MLflow run ends FAILED on any error,
+    KILLED on a stop signal (:class:`Interrupted`). Resuming from a checkpoint (``pretrain.resume``) continues the
+    MLflow run that wrote it, when it is in this store."""
+    trial = prepare(cfg)
+    with start_run(cfg.tracking.experiment, run_name=default_run_name(cfg), tags=run_tags(cfg), uri=cfg.tracking.uri, parent_run_id=parent_run_id, resume=run_to_resume(cfg)) as mlrun:
+        return execute(trial, mlrun, on_epoch_end=on_epoch_end)
+
+
+def run_to_resume(cfg: RunConfig) -> Run | None:
+    """The MLflow run that wrote ``cfg.pretrain.resume``, when it is in this config's store; else None (a new run)."""
+    if cfg.pretrain.resume is None:
+        return None
+    provenance = read_checkpoint(cfg.pretrain.resume, cfg).get("provenance", {})
+    run_id, uri = provenance.get("mlflow_run_id"), tracking_uri(cfg.tracking.uri)
+    if not run_id or absolute_uri(provenance.get("tracking_uri", "")) != absolute_uri(uri):
+        return None
+    return find_run(run_id, uri)
+
+
+def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = None) -> dict[str, float]:
+    """The body of a trial, logging into an open MLflow run.
+
+    Each epoch logs ``train/*`` and, at the online monitor's epochs (``eval.online``, :mod:`harness.trial.monitor`),
+    ``online/knn_top1`` and ``online/rankme``; ``on_epoch_end`` sees the same metrics.
+
+    The run may be one that was interrupted (``run --resume``, a sweep's resumed or retried trial): what it
+    logged stays, the baselines are not computed again, and no epoch is logged twice. A stop signal raises
+    :class:`Interrupted` with the last complete checkpoint.
+    """
+    cfg, data, method, device = trial.cfg, trial.data, trial.method, trial.device
+    checkpoint = cfg.pretrain.checkpoint_dir or Path("outputs") / cfg.tracking.experiment / mlrun.run_id
+    checkpoint_path = (Path(checkpoint) / "checkpoint.pt").resolve()
+    log_run_inputs(mlrun, cfg, checkpoint_path)
+    mlrun.set_tags({"harness.data": data.storage})
+    log.info("data: %s %s", cfg.data.name, data.storage)
+    logged = mlrun.info()["metrics"]
+    metrics: dict[str, float] = {}
+
+    if cfg.eval.baselines:
+        done = {k: v for k, v in logged.items() if k.startswith("baseline/")}
+        metrics.update(done or baselines(trial))
+        if not done:
+            mlrun.log_metrics(metrics)
+
+    logged_epochs = mlrun.logged_steps("train/loss")
+
+    def log_epoch(epoch_metrics: dict[str, float], epoch: int) -> None:
+        if epoch not in logged_epochs:  # an epoch logged before the interruption keeps its one entry, online/* included
+            mlrun.log_metrics(epoch_metrics, epoch)
+
+    monitor = OnlineMonitor.build(trial) if cfg.eval.online.enabled else None
+
+    provenance = {"git_commit": git_commit(), "mlflow_run_id": mlrun.run_id, "tracking_uri": tracking_uri(cfg.tracking.uri), **library_versions()}
+    try:
+        result = pretrain(
+            method, data.train.images, cfg, trial.augmenter, device,
+            checkpoint_path=checkpoint_path, provenance=provenance,
+            log_metrics=log_epoch, on_epoch_end=on_epoch_end, epoch_metrics=monitor,
+        )  # fmt: skip
+        metrics["time/pretrain_s"] = result.time_s
+        if cfg.pretrain.compile:
+            metrics["time/compile_s"] = result.compile_s
+        if monitor is not None and monitor.seconds:
+            metrics["time/online_s"] = sum(monitor.seconds)
+        metrics["train/images_per_s_mean"] = result.images_per_s
+        skipped = set(result.skipped)
+        if result.losses:
+            metrics["train/final_loss"] = result.losses[-1]
+        metrics.update(evaluate(trial, mlrun, final_loss=result.losses[-1] if result.losses else None))
+    except KeyboardInterrupt as stop:
+        raise Interrupted(checkpoint_path if checkpoint_path.is_file() else None) from stop
+    if data.streamed:  # unreadable images met in training, evaluation or fine-tuning, each once
+        skipped |= {name for split in (data.train, data.test) if isinstance(split.images, StreamedImages) for name in split.images.skipped}
+        metrics["data/skipped_images"] = len(skipped)
+    metrics["memory/peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        metrics["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    mlrun.log_metrics({k: v for k, v in metrics.items() if not k.startswith("baseline/")})  # those are logged already
+    log.info("results: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return metrics
+
+
+def log_run_inputs(mlrun: Run, cfg: RunConfig, checkpoint_path: Path | None = None) -> None:
+    """Params (flattened config, effective lr), taxonomy tags, the resolved config YAML and provenance.
+
+    Params already on the run (a sweep's trial resumed or retried into the child
+    run the driver opened) are kept: MLflow params are write-once.
+    """
+    params = flatten(cfg.as_dict())
+    params["pretrain.lr"] = cfg.pretrain.lr  # effective lr next to base_lr
+    logged = mlrun.info()["params"]
+    mlrun.log_params({k: v for k, v in params.items() if k not in logged})
+    tags = {f"taxonomy.{k}": v for k, v in taxonomy(cfg.method["name"]).items() if k != "method"}
+    mlrun.set_tags(tags | ({"checkpoint": str(checkpoint_path)} if checkpoint_path else {}))
+    mlrun.log_text(yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")
+    mlrun.log_dict({"git_commit": git_commit(), "libraries": library_versions()}, "provenance.json")
