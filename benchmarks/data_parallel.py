@@ -28,11 +28,21 @@ import torch.multiprocessing as mp
 from pretrain_throughput import harness_images_per_s  # the same timed loop, here run in each worker
 
 
-def _train(rank: int, world: int, threads: int, overrides: list[str], steps: int, warmup: int, batch: int, folder: str) -> None:
+def _train(
+    rank: int, world: int, threads: int, overrides: list[str], steps: int, warmup: int, batch: int, folder: str
+) -> None:
     torch.set_num_threads(threads)
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
-    speed = harness_images_per_s(overrides, steps, warmup, batch)  # global batch per step: every rank times the same steps
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{folder}/rendezvous",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=300),
+        )
+    speed = harness_images_per_s(
+        overrides, steps, warmup, batch
+    )  # global batch per step: every rank times the same steps
     if rank == 0:
         Path(folder, "images_per_s").write_text(str(speed))
     if world > 1:
@@ -43,7 +53,10 @@ def images_per_s(workers: int, threads: int, overrides: list[str], steps: int, w
     """Global-batch images/s of ``workers`` processes of ``threads`` threads each."""
     with tempfile.TemporaryDirectory() as folder:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_train, args=(r, workers, threads, overrides, steps, warmup, batch, folder)) for r in range(workers)]
+        procs = [
+            ctx.Process(target=_train, args=(r, workers, threads, overrides, steps, warmup, batch, folder))
+            for r in range(workers)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -67,7 +80,18 @@ def ray_train_startup_s(workers: int) -> tuple[float, float]:
     try:
         with tempfile.TemporaryDirectory() as storage:
             t0 = time.perf_counter()
-            raytrain.fit(_empty_worker, {}, workers=workers, cpus_per_worker=1, gpus_per_worker=0, backend="gloo", name="startup", storage=Path(storage), max_failures=0, in_tune=False)
+            raytrain.fit(
+                _empty_worker,
+                {},
+                workers=workers,
+                cpus_per_worker=1,
+                gpus_per_worker=0,
+                backend="gloo",
+                name="startup",
+                storage=Path(storage),
+                max_failures=0,
+                in_tune=False,
+            )
             return ray_s, time.perf_counter() - t0
     finally:
         if started:
@@ -82,7 +106,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="T: 1 worker x T threads against T workers x 1 thread")
-    parser.add_argument("--tiny", action="store_true", help="resnet10t, 16 px, batch 32, 3 steps: checks the script, measures nothing")
+    parser.add_argument(
+        "--tiny", action="store_true", help="resnet10t, 16 px, batch 32, 3 steps: checks the script, measures nothing"
+    )
     args = parser.parse_args()
     if args.tiny:
         args.backbone, args.image_size, args.batch_size, args.steps, args.warmup = "resnet10t", 16, 32, 3, 1
@@ -96,14 +122,20 @@ def main() -> None:
         "eval.semi.enabled=false",
     ]
     t = args.threads
-    print(f"SimCLR, {args.backbone}, {args.image_size} px, global batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, {os.cpu_count()} cores")
+    print(
+        f"SimCLR, {args.backbone}, {args.image_size} px, global batch {args.batch_size}, "
+        f"{args.steps} timed steps after {args.warmup}, {os.cpu_count()} cores"
+    )
     one = images_per_s(1, t, overrides, args.steps, args.warmup, args.batch_size)
     print(f"1 worker x {t} threads:  {one:8.1f} img/s")
     many = images_per_s(t, 1, overrides, args.steps, args.warmup, args.batch_size)
     print(f"{t} workers x 1 thread:  {many:8.1f} img/s")
     print(f"ratio {t} workers / 1 worker: {many / one:.2f}")
     ray_s, fit_s = ray_train_startup_s(2)
-    print(f"Ray Train start-up, 2 workers (empty job on a running local Ray): {fit_s:.1f} s  (starting the local Ray: {ray_s:.1f} s)")
+    print(
+        "Ray Train start-up, 2 workers (empty job on a running local "
+        f"Ray): {fit_s:.1f} s  (starting the local Ray: {ray_s:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,26 +1,15 @@
 """Evaluation speed on cached embeddings: FAISS kNN against scikit-learn, and the linear probe.
 
-Data: 50,000 x 512 float32 training embeddings and 10,000 queries, 10 classes
-(class means + Gaussian noise), seeded.
+Data: 50,000 x 512 float32 training embeddings and 10,000 queries, 10 classes (class means + Gaussian noise), seeded.
 
-  knn     evaluations.knn.knn_classify (k=20, T=0.07, exact faiss search) against
-          sklearn KNeighborsClassifier(n_neighbors=20, algorithm="brute",
-          metric="cosine") fit + predict on the same arrays. Goal: >= 3x faster.
-          (sklearn votes by majority, ours by exp(s/T): the agreement is printed
-          as a sanity check, not expected to be 100%.)
-  linear  one 100-epoch linear_probe fit on the 50,000 x 512 features with a single
-          weight decay (no selection split: exactly one fit). Goal: <= 30 s.
-          Then the full default grid (4 weight decays: one selection fit of the 4
-          heads sharing each batch on 45,000 rows, plus the retrain on 50,000).
+* knn: :func:`evaluations.knn.knn_classify` (k=20, T=0.07, exact faiss search) against sklearn's brute-force cosine
+  ``KNeighborsClassifier`` on the same arrays (goal: >= 3x faster). sklearn votes by majority, ours by exp(s/T): the
+  agreement is printed as a sanity check.
+* linear: one 100-epoch ``linear_probe`` fit with a single weight decay (goal: <= 30 s), then the full default grid.
 
-    python benchmarks/eval_speed.py [--epochs 100] [--skip-grid]
-    python benchmarks/eval_speed.py --tiny      # 5,000 x 128, 500 queries, 2 epochs, 1 thread: the test suite runs it
-
-Thread settings are left to the environment (torch, faiss and sklearn defaults);
-the load average and OMP_WAIT_POLICY are printed because on a shared, busy
-2-core machine OpenMP's spinning worker threads can slow small per-step ops by
-orders of magnitude (OMP_WAIT_POLICY=PASSIVE avoids that). Times are printed to 4 significant
-digits (``--tiny`` ones are milliseconds).
+Thread settings are left to the environment; the load average and ``OMP_WAIT_POLICY`` are printed, because on a busy
+machine OpenMP's spinning threads can slow small per-step ops badly (``OMP_WAIT_POLICY=PASSIVE`` avoids that).
+``--tiny`` (5,000 x 128, 2 epochs, 1 thread) is what the test suite runs.
 """
 
 from __future__ import annotations
@@ -36,7 +25,9 @@ import numpy as np
 T = TypeVar("T")
 
 
-def make_data(n_train: int = 50_000, n_test: int = 10_000, dim: int = 512, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def make_data(
+    n_train: int = 50_000, n_test: int = 10_000, dim: int = 512, classes: int = 10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(classes, dim)).astype(np.float32) * 0.15
     train_y = rng.integers(0, classes, n_train)
@@ -61,7 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--skip-grid", action="store_true", help="time only the single linear-probe fit")
-    parser.add_argument("--tiny", action="store_true", help="5,000 x 128 train, 500 queries, 2 epochs, 1 thread: seconds, to check the script runs")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="5,000 x 128 train, 500 queries, 2 epochs, 1 thread: seconds, to check the script runs",
+    )
     args = parser.parse_args(argv)
     sizes = {"n_train": 50_000, "n_test": 10_000, "dim": 512}
     if args.tiny:

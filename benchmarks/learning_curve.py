@@ -18,8 +18,9 @@ from harness.trial.evaluate import baselines, embed_splits, knn_top1
 from harness.trial.prepare import prepare
 
 TINY = [
-    "data.num_train=128", "data.num_test=64", "data.image_size=16", "backbone.name=test_resnet", "pretrain.epochs=2", "pretrain.batch_size=32",
-    "pretrain.warmup_epochs=0", "eval.knn.k=5", "eval.semi.enabled=false",  # the 1% subset of 128 images cannot hold every class
+    "data.num_train=128", "data.num_test=64", "data.image_size=16", "backbone.name=test_resnet", "pretrain.epochs=2",
+    "pretrain.batch_size=32", "pretrain.warmup_epochs=0", "eval.knn.k=5",
+    "eval.semi.enabled=false",  # the 1% subset of 128 images cannot hold every class
 ]  # fmt: skip
 """``--tiny``'s overrides, before the command line's: 2 epochs of 4 steps at 16 px."""
 
@@ -29,7 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--every", type=int, default=2, help="evaluate every N epochs")
-    parser.add_argument("--tiny", action="store_true", help="128 train / 64 test images at 16 px, test_resnet, 2 epochs, every epoch, 1 thread: seconds, to check the script runs")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=(
+            "128 train / 64 test images at 16 px, test_resnet, 2 epochs, "
+            "every epoch, 1 thread: seconds, to check the script runs"
+        ),
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         import torch
@@ -49,7 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         train_x, test_x = embed_splits(trial, trial.method.embed, trial.method)
         top1 = knn_top1(cfg, train_x, ytr, test_x, yte)
         trial.method.train()
-        print(f"epoch {epoch:4d}  loss {metrics['train/loss']:.4f}  knn_top1 {top1:.4f}  {time.perf_counter() - t0:6.1f} s", flush=True)
+        print(
+            f"epoch {epoch:4d}  loss {metrics['train/loss']:.4f}  "
+            f"knn_top1 {top1:.4f}  {time.perf_counter() - t0:6.1f} s",
+            flush=True,
+        )
 
     pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device, on_epoch_end=report)
 

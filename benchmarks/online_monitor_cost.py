@@ -1,20 +1,10 @@
 """Cost of the online monitor (``eval.online``) against the training epoch it follows.
 
-The settings are the shipped default's: the first trial of ``sweeps/temperature.yaml``
-(``configs/simclr_shapes.yaml`` with the sweep's run overrides: shapes at 24 px, 3072 train
-and 1024 test images, batch 64, test_resnet), with the threads a sweep trial gets
-(``resources.cpus``: 1, for torch, OpenMP and BLAS alike: Ray sets ``OMP_NUM_THREADS``). The real training loop runs ``--epochs`` epochs with the
-monitor evaluating after every one (``eval.online.every=1``), so each epoch's training time
-(the loop's own, monitor excluded) and each evaluation's time are measured in the same
-process, interleaved: a concurrent load slows both alike and the ratio stays meaningful.
-
-Prints the median seconds per evaluation and per epoch, their ratio, and the monitor's share
-of the whole run on the default schedule (``eval.online.every`` unset: about ten
-evaluations over the run's ``pretrain.epochs``).
-
-    python benchmarks/online_monitor_cost.py                              # the shipped default, 4 epochs
-    python benchmarks/online_monitor_cost.py eval.online.num_train=2048   # any run override
-    python benchmarks/online_monitor_cost.py --tiny                       # seconds; the test suite runs it
+The settings are the first trial of ``sweeps/temperature.yaml`` with the threads a sweep trial gets
+(``resources.cpus``: 1). The real training loop runs ``--epochs`` epochs with the monitor after every one, so each
+epoch's training time and each evaluation's time are measured interleaved in one process (a concurrent load slows
+both alike). Prints the median seconds per evaluation and per epoch, their ratio, and the monitor's share of a run on
+the default schedule. Any run override may follow; ``--tiny`` is what the test suite runs.
 """
 
 from __future__ import annotations
@@ -47,7 +37,17 @@ def measure(cfg: RunConfig, epochs: int) -> dict[str, float]:
     from harness.trial.monitor import OnlineMonitor
     from harness.trial.prepare import prepare
 
-    run = build_config(cfg.as_dict(), [f"pretrain.epochs={epochs}", "eval.online.every=1", "pretrain.warmup_epochs=0", "pretrain.progress=false", "eval.semi.enabled=false", "device=cpu"])
+    run = build_config(
+        cfg.as_dict(),
+        [
+            f"pretrain.epochs={epochs}",
+            "eval.online.every=1",
+            "pretrain.warmup_epochs=0",
+            "pretrain.progress=false",
+            "eval.semi.enabled=false",
+            "device=cpu",
+        ],
+    )
     trial = prepare(run)
     monitor = OnlineMonitor.build(trial)
     epoch_s: list[float] = []
@@ -56,7 +56,15 @@ def measure(cfg: RunConfig, epochs: int) -> dict[str, float]:
     def log_metrics(metrics: dict[str, float], epoch: int) -> None:
         epoch_s.append(images / metrics["train/images_per_s"])  # the epoch's training loop alone
 
-    pretrain(trial.method, trial.data.train.images, run, trial.augmenter, trial.device, log_metrics=log_metrics, epoch_metrics=monitor)
+    pretrain(
+        trial.method,
+        trial.data.train.images,
+        run,
+        trial.augmenter,
+        trial.device,
+        log_metrics=log_metrics,
+        epoch_metrics=monitor,
+    )
     evaluations = len(cfg.eval.online.model_copy(update={"every": None}).schedule(cfg.pretrain.epochs))
     epoch, evaluation = statistics.median(epoch_s), statistics.median(monitor.seconds)
     return {
@@ -72,10 +80,18 @@ def measure(cfg: RunConfig, epochs: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides on top of the shipped default")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs measured, each followed by an evaluation (default 4)")
-    parser.add_argument("--threads", type=int, default=None, help="torch and OpenMP threads (default: resources.cpus of the sweep, 1)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny config, 2 epochs: seconds, to check the script runs")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="run-config overrides on top of the shipped default"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=4, help="epochs measured, each followed by an evaluation (default 4)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and OpenMP threads (default: resources.cpus of the sweep, 1)"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny config, 2 epochs: seconds, to check the script runs"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -84,15 +100,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg, threads = default_config([*(TINY if args.tiny else []), *args.overrides])
     threads = args.threads or threads
     torch.set_num_threads(threads)
-    with threadpool_limits(threads):  # OpenMP (faiss, torch) and BLAS (numpy's SVD), as OMP_NUM_THREADS does in a Ray trial
+    with threadpool_limits(
+        threads
+    ):  # OpenMP (faiss, torch) and BLAS (numpy's SVD), as OMP_NUM_THREADS does in a Ray trial
         r = measure(cfg, 2 if args.tiny else args.epochs)
     o = cfg.eval.online
-    print(f"settings: {cfg.data.name} {cfg.data.image_size} px, {cfg.data.num_train} train images, batch {cfg.pretrain.batch_size}, {cfg.backbone.name}, {threads} thread(s)")
-    print(f"monitor: {r['train_items']:.0f} train / {r['test_items']:.0f} test items (eval.online.num_train={o.num_train}, num_test={o.num_test}), kNN k={cfg.eval.knn.k}")
+    print(
+        f"settings: {cfg.data.name} {cfg.data.image_size} px, {cfg.data.num_train} train "
+        f"images, batch {cfg.pretrain.batch_size}, {cfg.backbone.name}, {threads} thread(s)"
+    )
+    print(
+        f"monitor: {r['train_items']:.0f} train / {r['test_items']:.0f} test items "
+        f"(eval.online.num_train={o.num_train}, num_test={o.num_test}), kNN k={cfg.eval.knn.k}"
+    )
     print(f"epoch (training only, median): {r['epoch_s']:.3f} s")
     print(f"evaluation (median):           {r['evaluation_s']:.3f} s")
     print(f"ratio evaluation / epoch:      {r['ratio']:.1%}")
-    print(f"share of a {cfg.pretrain.epochs}-epoch run at the default schedule ({r['evaluations']:.0f} evaluations): {r['run_share']:.1%}")
+    print(
+        f"share of a {cfg.pretrain.epochs}-epoch run at the default schedule "
+        f"({r['evaluations']:.0f} evaluations): {r['run_share']:.1%}"
+    )
     return r
 
 

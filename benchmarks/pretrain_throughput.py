@@ -1,33 +1,14 @@
 """Pretraining throughput: the harness's full step against a raw timm forward + backward.
 
-The full step is what ``harness.train.loop.pretrain`` does per batch: index the uint8
-images, draw two augmented views on the device, forward both through backbone +
-projector, NT-Xent, backward, optimiser step, lr schedule, NaN guard. The raw
-reference runs ``timm`` forward + backward + SGD step on pre-made float tensors of
-the same shape (2 x batch images per step), with no augmentation, head or loss.
-Images/s counts source images (``batch`` per step) in both, so the ratio is the
-share of the raw model's speed the harness keeps.
+The full step is what ``harness.train.loop.pretrain`` does per batch (index the uint8 images, two augmented views on
+the device, backbone + projector, NT-Xent, backward, optimiser step, lr schedule, NaN guard); the raw reference is
+``timm`` forward + backward + SGD on pre-made float tensors of the same shape. Images/s counts source images in both,
+so the ratio is the share of the raw model's speed the harness keeps. On CUDA the raw limit is also measured in bf16
+autocast with channels_last, as the harness trains there.
 
-On CUDA the harness trains in bf16 autocast with channels_last (``pretrain.amp``,
-``pretrain.channels_last``), so the raw limit is also measured that way (bf16 autocast +
-channels_last model and tensors) and the harness's step is read against it; on the CPU
-(fp32, contiguous) that second limit is skipped.
-
-``--peer`` adds the usual peer pipeline as a second reference: the ``torchvision.transforms.v2``
-SimCLR recipe (the run's ``augment`` settings: RandomResizedCrop, flip, ColorJitter with p=0.8,
-RandomGrayscale p=0.2, blur if ``augment.blur_p`` > 0, ToDtype, Normalize) applied per image,
-twice, to the same in-memory uint8 images in ``--workers`` DataLoader processes, then the same
-model step (the harness's method, optimiser, precision and memory format).
-
-``--profile`` profiles one harness step (the third; ``torch.profiler``, CPU activity) instead of
-measuring throughput, and prints the top ops by self CPU time and their sum per part of the step
-(augmentation, forward, loss, backward, optimiser, other).
-
-    python benchmarks/pretrain_throughput.py                       # resnet18, 32 px, batch 256
-    python benchmarks/pretrain_throughput.py --cifar-stem --steps 4
-    python benchmarks/pretrain_throughput.py --cifar-stem --peer   # and the per-image transforms.v2 pipeline
-    python benchmarks/pretrain_throughput.py --cifar-stem --profile
-    python benchmarks/pretrain_throughput.py --tiny --peer         # seconds; the test suite runs it
+``--peer`` adds the usual peer pipeline: the ``torchvision.transforms.v2`` SimCLR recipe per image, twice, in
+``--workers`` DataLoader processes, then the same model step. ``--profile`` profiles one harness step
+(``torch.profiler``) and prints the top ops and their sum per part of the step. ``--tiny`` is what the test suite runs.
 """
 
 from __future__ import annotations
@@ -53,7 +34,17 @@ from harness.train.optim import build_optimizer
 from harness.trial.prepare import Trial, prepare
 
 
-def raw_images_per_s(model: torch.nn.Module, batch: int, size: int, channels: int, steps: int, warmup: int, device: torch.device, *, bf16_channels_last: bool = False) -> float:
+def raw_images_per_s(
+    model: torch.nn.Module,
+    batch: int,
+    size: int,
+    channels: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    *,
+    bf16_channels_last: bool = False,
+) -> float:
     """timm forward + backward + SGD step on pre-made tensors of shape (2 * batch, C, size, size).
 
     ``bf16_channels_last`` (CUDA): the model and the tensors in channels_last, the forward in bf16 autocast (what the
@@ -87,7 +78,16 @@ def raw_images_per_s(model: torch.nn.Module, batch: int, size: int, channels: in
 
 def harness_images_per_s(overrides: list[str], steps: int, warmup: int, batch: int) -> float:
     """The real training loop on ``batch * (warmup + steps)`` shapes images, timed after the warm-up steps."""
-    cfg = build_config({}, [*overrides, f"data.num_train={batch * (warmup + steps)}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.progress=false"])
+    cfg = build_config(
+        {},
+        [
+            *overrides,
+            f"data.num_train={batch * (warmup + steps)}",
+            "pretrain.epochs=1",
+            "pretrain.warmup_epochs=0",
+            "pretrain.progress=false",
+        ],
+    )
     trial = prepare(cfg)
     marks: list[float] = []
 
@@ -107,15 +107,20 @@ def harness_images_per_s(overrides: list[str], steps: int, warmup: int, batch: i
 # ----------------------------------------------------------------------------- the peer pipeline
 
 
-def simclr_transform(augment: AugmentConfig, side: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The run's SimCLR recipe per image as ``torchvision.transforms.v2`` on a uint8 (C, H, W) tensor (lightly's, solo-learn's)."""
+def simclr_transform(
+    augment: AugmentConfig, side: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The run's SimCLR recipe per image as ``torchvision.transforms.v2`` on a uint8 (C, H, W) tensor (lightly's,
+    solo-learn's)."""
     from torchvision.transforms import v2
 
     ops: list[Any] = [
         v2.ToImage(),
         v2.RandomResizedCrop(side, scale=augment.crop_scale, ratio=augment.crop_ratio, antialias=True),
         v2.RandomHorizontalFlip(augment.hflip_p),
-        v2.RandomApply([v2.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue)], p=augment.jitter_p),
+        v2.RandomApply(
+            [v2.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue)], p=augment.jitter_p
+        ),
         v2.RandomGrayscale(augment.grayscale_p),
     ]
     if augment.blur_p > 0:
@@ -141,24 +146,40 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 def peer_images_per_s(trial: Trial, workers: int, steps: int, warmup: int) -> float:
-    """DataLoader of per-image transforms.v2 views of the trial's in-memory images, then the trial's method step (as the harness
-    runs it: precision, memory format, optimiser); images/s of the source images, timed after ``warmup`` steps."""
+    """DataLoader of per-image transforms.v2 views of the trial's in-memory images, then the trial's method step (as the
+    harness runs it: precision, memory format, optimiser); images/s of the source images, timed after ``warmup``
+    steps."""
     cfg, method, device = trial.cfg, trial.method, trial.device
     images = trial.data.train.images
     if not isinstance(images, torch.Tensor):
         raise SystemExit("pretrain_throughput: the peer pipeline reads in-memory images; this dataset is streamed")
     cuda = device.type == "cuda"
     batch = cfg.pretrain.batch_size
-    dataset = TwoViews(images, simclr_transform(cfg.augment, cfg.data.image_size, trial.augmenter.mean, trial.augmenter.std))
-    kw: dict[str, Any] = {"prefetch_factor": cfg.data.prefetch} if workers else {}  # the harness's prefetch (2 steps per worker)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(0), **kw)
+    dataset = TwoViews(
+        images, simclr_transform(cfg.augment, cfg.data.image_size, trial.augmenter.mean, trial.augmenter.std)
+    )
+    kw: dict[str, Any] = (
+        {"prefetch_factor": cfg.data.prefetch} if workers else {}
+    )  # the harness's prefetch (2 steps per worker)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=cuda,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
     method.to(device)
     channels_last = cuda and cfg.pretrain.channels_last
     if channels_last:
         method.to(memory_format=torch.channels_last)
     method.train()
     optimizer = build_optimizer(method, cfg.pretrain)  # the harness's optimiser, at the config's lr
-    autocast: AbstractContextManager[Any] = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.pretrain.amp else nullcontext()
+    autocast: AbstractContextManager[Any] = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.pretrain.amp else nullcontext()
+    )
     total = warmup + steps
     marks: list[float] = []
     for step, views in enumerate(loader):
@@ -179,7 +200,9 @@ def peer_images_per_s(trial: Trial, workers: int, steps: int, warmup: int) -> fl
             torch.cuda.synchronize(device)
         marks.append(time.perf_counter())
     if len(marks) < total:
-        raise SystemExit(f"pretrain_throughput: the peer loader gave {len(marks)} steps of batch {batch}, {total} wanted")
+        raise SystemExit(
+            f"pretrain_throughput: the peer loader gave {len(marks)} steps of batch {batch}, {total} wanted"
+        )
     return batch * steps / (marks[-1] - marks[warmup - 1])
 
 
@@ -192,14 +215,17 @@ PARTS = ("augmentation", "forward", "loss", "backward", "optimiser", "other")
 class LabelledAugmenter(Augmenter):
     """The trial's augmenter, each call inside a ``bench::augmentation`` profiler range."""
 
-    def __call__(self, images: torch.Tensor, view: View, draws: torch.Generator | KeyedDraws | ViewDraw, *, cropped: bool = False) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, view: View, draws: torch.Generator | KeyedDraws | ViewDraw, *, cropped: bool = False
+    ) -> torch.Tensor:
         with torch.profiler.record_function("bench::augmentation"):
             return super().__call__(images, view, draws, cropped=cropped)
 
 
 def label_step(trial: Trial) -> None:
-    """Instrument the trial's method on this instance: ``training_step`` inside ``bench::loss``, the forward of each of its
-    direct submodules (backbone, heads) inside ``bench::forward``; so what the step computes outside its modules is the loss."""
+    """Instrument the trial's method on this instance: ``training_step`` inside ``bench::loss``, the forward of each of
+    its direct submodules (backbone, heads) inside ``bench::forward``; so what the step computes outside its modules is
+    the loss."""
     method = trial.method
     original = method.training_step
 
@@ -229,7 +255,9 @@ def part_of(event: Any) -> str:
             return str(name.removeprefix("bench::"))
         if name.startswith("autograd::engine::evaluate_function"):
             return "backward"
-        if name.startswith("Optimizer."):  # torch.optim's own ranges: Optimizer.step#SGD.step, Optimizer.zero_grad#SGD.zero_grad
+        if name.startswith(
+            "Optimizer."
+        ):  # torch.optim's own ranges: Optimizer.step#SGD.step, Optimizer.zero_grad#SGD.zero_grad
             return "optimiser"
         event = event.cpu_parent
     return "other"
@@ -239,14 +267,27 @@ def profile_step(overrides: list[str], batch: int) -> dict[str, Any]:
     """Profile the third step of the real training loop on ``3 * batch`` images (two steps of warm-up, untraced)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    cfg = build_config({}, [*overrides, f"data.num_train={3 * batch}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.progress=false"])
+    cfg = build_config(
+        {},
+        [
+            *overrides,
+            f"data.num_train={3 * batch}",
+            "pretrain.epochs=1",
+            "pretrain.warmup_epochs=0",
+            "pretrain.progress=false",
+        ],
+    )
     trial = prepare(cfg)
     label_step(trial)
     augmenter = LabelledAugmenter(trial.augmenter.cfg, trial.augmenter.mean, trial.augmenter.std)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trial.device.type == "cuda" else [])
     traced: list[Any] = []
     marks: list[float] = []
-    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=1, repeat=1), on_trace_ready=lambda p: traced.append(p.events())) as prof:
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=1, repeat=1),
+        on_trace_ready=lambda p: traced.append(p.events()),
+    ) as prof:
         original = trial.method.after_step
 
         def after_step(step: StepInfo) -> None:
@@ -270,7 +311,12 @@ def profile_step(overrides: list[str], batch: int) -> dict[str, Any]:
         row = per_op[(part, event.name)]
         row[0] += event.self_cpu_time_total / 1e3
         row[1] += 1
-    return {"parts": {p: per_part.get(p, 0.0) for p in PARTS}, "ops": per_op, "step_ms": (marks[2] - marks[1]) * 1e3, "device": trial.device}
+    return {
+        "parts": {p: per_part.get(p, 0.0) for p in PARTS},
+        "ops": per_op,
+        "step_ms": (marks[2] - marks[1]) * 1e3,
+        "device": trial.device,
+    }
 
 
 def print_profile(result: dict[str, Any], top: int) -> None:
@@ -281,7 +327,10 @@ def print_profile(result: dict[str, Any], top: int) -> None:
     print(f"  {'op':<56} {'part':<13} {'calls':>6} {'self CPU ms':>12} {'share':>7}")
     for (part, name), (ms, calls) in ops:
         print(f"  {name[:56]:<56} {part:<13} {calls:6.0f} {ms:12.2f} {ms / total:7.1%}")
-    print("self CPU time by part of the step (ProfilerStep*, in other: the step's time outside any op, the loop's Python):")
+    print(
+        "self CPU time by part of the step (ProfilerStep*, in "
+        "other: the step's time outside any op, the loop's Python):"
+    )
     print(f"  {'part':<13} {'ms':>10} {'share':>7}")
     for part in PARTS:
         print(f"  {part:<13} {parts[part]:10.2f} {parts[part] / total:7.1%}")
@@ -301,15 +350,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cifar-stem", action="store_true")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--peer", action="store_true", help="also time the per-image transforms.v2 pipeline through a DataLoader, then the same step")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader processes of --peer (default os.cpu_count())")
-    parser.add_argument("--profile", action="store_true", help="profile one harness step (torch.profiler) instead of measuring throughput")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also time the per-image transforms.v2 pipeline through a DataLoader, then the same step",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="DataLoader processes of --peer (default os.cpu_count())",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one harness step (torch.profiler) instead of measuring throughput",
+    )
     parser.add_argument("--top", type=int, default=20, help="ops listed by --profile (default 20)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the training process (default torch's, one per core)")
-    parser.add_argument("--tiny", action="store_true", help="test_resnet, 16 px, batch 32, 2 steps, 1 thread, 1 peer worker: seconds, to check the script runs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the training process (default torch's, one per core)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="test_resnet, 16 px, batch 32, 2 steps, 1 thread, 1 peer worker: seconds, to check the script runs",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
-        args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, args.workers = "test_resnet", 16, 32, 2, 1, 1
+        args.backbone, args.image_size, args.batch_size, args.steps, args.warmup, args.workers = (
+            "test_resnet",
+            16,
+            32,
+            2,
+            1,
+            1,
+        )
         args.threads = 1  # a busy machine's spinning OpenMP threads can slow tiny steps 20-fold
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1 (timing starts at the end of the last warm-up step)")
@@ -326,7 +404,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ]
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = f"backbone {args.backbone}  cifar_stem {args.cifar_stem}  image {args.image_size}px  batch {args.batch_size}  threads {torch.get_num_threads()}"
+    settings = (
+        f"backbone {args.backbone}  cifar_stem {args.cifar_stem}  image "
+        f"{args.image_size}px  batch {args.batch_size}  threads {torch.get_num_threads()}"
+    )
     torch.manual_seed(0)
     if args.profile:
         result = profile_step(overrides, args.batch_size)
@@ -335,25 +416,58 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {f"profile_{k}_ms": v for k, v in result["parts"].items()}
 
     full = harness_images_per_s(overrides, args.steps, args.warmup, args.batch_size)
-    num_train = args.batch_size * (args.warmup + args.steps) if args.peer else args.batch_size  # the peer runs within one epoch
-    cfg = build_config({}, [*overrides, f"data.num_train={num_train}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.progress=false"])
+    num_train = (
+        args.batch_size * (args.warmup + args.steps) if args.peer else args.batch_size
+    )  # the peer runs within one epoch
+    cfg = build_config(
+        {},
+        [
+            *overrides,
+            f"data.num_train={num_train}",
+            "pretrain.epochs=1",
+            "pretrain.warmup_epochs=0",
+            "pretrain.progress=false",
+        ],
+    )
     trial = prepare(cfg)  # the raw limits' backbone, and the peer's whole step
     backbone = trial.method.backbone
     if backbone is None:
         raise SystemExit(f"pretrain_throughput: method {trial.method.name!r} has no backbone to time on its own")
     cuda = trial.device.type == "cuda"
     raw = raw_images_per_s(backbone, args.batch_size, args.image_size, 3, args.steps, args.warmup, trial.device)
-    raw_bf16 = raw_images_per_s(backbone, args.batch_size, args.image_size, 3, args.steps, args.warmup, trial.device, bf16_channels_last=True) if cuda else None
+    raw_bf16 = (
+        raw_images_per_s(
+            backbone,
+            args.batch_size,
+            args.image_size,
+            3,
+            args.steps,
+            args.warmup,
+            trial.device,
+            bf16_channels_last=True,
+        )
+        if cuda
+        else None
+    )
     peer = peer_images_per_s(trial, args.workers, args.steps, args.warmup) if args.peer else None
 
     p = cfg.pretrain
-    precision = f"bf16 autocast {'on' if p.amp else 'off'}, channels_last {'on' if p.channels_last else 'off'}" if cuda else "fp32, contiguous"
+    precision = (
+        f"bf16 autocast {'on' if p.amp else 'off'}, channels_last {'on' if p.channels_last else 'off'}"
+        if cuda
+        else "fp32, contiguous"
+    )
     print(f"{settings}  device {trial.device}  (harness step: {precision})")
     print(f"raw timm forward+backward (2x{args.batch_size} pre-made tensors): {raw:8.1f} images/s")
     print(f"harness full step (augment + forward + NT-Xent + backward + opt):  {full:8.1f} images/s")
-    print(f"ratio full / raw: {full / raw:.3f}  " + ("(goal >= 0.90)" if not cuda else "(against fp32; see the bf16 + channels_last limit below)"))
+    print(
+        f"ratio full / raw: {full / raw:.3f}  "
+        + ("(goal >= 0.90)" if not cuda else "(against fp32; see the bf16 + channels_last limit below)")
+    )
     if raw_bf16 is not None:
-        print(f"raw timm bf16 autocast + channels_last (2x{args.batch_size} pre-made tensors): {raw_bf16:8.1f} images/s")
+        print(
+            f"raw timm bf16 autocast + channels_last (2x{args.batch_size} pre-made tensors): {raw_bf16:8.1f} images/s"
+        )
         print(f"ratio full / raw bf16+channels_last: {full / raw_bf16:.3f}  (goal >= 0.90)")
     else:
         why = "no CUDA" if not torch.cuda.is_available() else f"device {trial.device}"
@@ -363,7 +477,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if raw_bf16 is not None:
         figures.update(raw_bf16=raw_bf16, ratio_bf16=full / raw_bf16)
     if peer is not None:
-        print(f"peer (transforms.v2 per image in {args.workers} DataLoader worker(s), then the same step): {peer:8.1f} images/s")
+        print(
+            f"peer (transforms.v2 per image in {args.workers} DataLoader "
+            f"worker(s), then the same step): {peer:8.1f} images/s"
+        )
         print(f"ratio harness / peer: {full / peer:.3f}")
         figures.update(peer=peer, ratio_peer=full / peer)
     return figures

@@ -1,34 +1,17 @@
 """Streamed pretraining throughput: the harness's full SimCLR step on a folder of JPEGs against the usual peer pipeline.
 
-Both pipelines run the same full training step on the same cores (``--workers`` DataLoader
-processes plus the training process), with the same backbone, SimCLR projection head,
-NT-Xent loss and SGD optimiser (the harness's, built from the same config):
+Both pipelines run the same full training step (backbone, SimCLR head, NT-Xent, SGD, built from the same config) on
+the same cores, with SimCLR's ImageNet recipe, the same batch and loader workers:
 
-* harness: ``harness.train.loop.pretrain`` on ``data.name=imagefolder`` with ``data.in_memory=false``
-  (what ``python -m harness`` runs): loader workers decode each JPEG (draft decoding) and take
-  each view's random resized crop from the original; flip, colour jitter, grayscale, blur and
-  normalisation run batched on the training device (``Augmenter(cropped=True)``).
-* peer, as lightly and solo-learn do: ``torchvision.datasets.ImageFolder`` + ``DataLoader`` with a
-  per-image ``torchvision.transforms.v2`` SimCLR recipe applied twice per image in the workers
-  (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2, GaussianBlur p=0.5, ToImage,
-  ToDtype, Normalize), then ``method.training_step([v1, v2])``, backward and an optimiser step.
+* harness: ``harness.train.loop.pretrain`` on ``data.name=imagefolder`` with ``data.in_memory=false``: workers decode
+  and crop from the original, the rest of the recipe runs batched on the device (``Augmenter(cropped=True)``);
+* peer, as lightly and solo-learn do: ``ImageFolder`` + ``DataLoader`` with a per-image ``transforms.v2`` recipe
+  applied twice in the workers, then ``method.training_step([v1, v2])``, backward and an optimiser step.
 
-Both use SimCLR's ImageNet recipe (crop scale 0.08-1, blur p=0.5, kernel ~10% of the side),
-the same batch, the same loader workers and prefetch (2 steps per worker). Each runs
-``--warmup`` steps (worker start-up, first-call costs), then ``--steps`` timed steps; images/s
-is source images (each giving 2 views) per second over the timed steps, from the end of the
-last warm-up step to the end of the last step. Also measured: decode images/s per core, in
-one process with one thread, of the harness's worker work (``harness.data.streaming.crop_views``:
-read + draft decode + the two crops), a plain PIL full decode (``Image.open(...).convert("RGB")``)
-and the peer's per-image work (ImageFolder's loader + the recipe twice).
-
-The JPEGs (photo-like: a smooth random colour field, a class-coloured disc, fine noise;
-quality 90) are written once into ``--folder`` (default ``/tmp/ssl-bench-jpegs-<n>-<px>``) as
-``train/<class>/*.jpg`` and ``val/<class>/*.jpg``, and reused while that folder exists.
-
-    python benchmarks/streamed_throughput.py                          # 5,000 JPEGs at 256 px, view 96, resnet18, batch 64
-    python benchmarks/streamed_throughput.py --backbone test_resnet   # a tiny backbone: the data pipelines dominate
-    python benchmarks/streamed_throughput.py --tiny                   # seconds; the test suite runs it
+Images/s is source images per second over ``--steps`` timed steps after ``--warmup``. Also measured: decode images/s
+per core of the harness's worker work (``harness.data.streaming.crop_views``), a plain PIL decode and the peer's
+per-image work. The photo-like JPEGs are written once into ``--folder`` and reused. ``--tiny`` is what the test suite
+runs.
 """
 
 from __future__ import annotations
@@ -67,19 +50,27 @@ VAL_PER_CLASS = 2
 
 
 def photo(rng: np.random.Generator, label: int, side: int) -> Image.Image:
-    """A photo-like square picture: a smooth random colour field, a class-coloured disc, fine noise (JPEGs of ~30 KB at 256 px)."""
-    field = Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+    """A photo-like square picture: a smooth random colour field, a class-coloured disc, fine noise (JPEGs of ~30 KB at
+    256 px)."""
+    field = Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)).resize(
+        (side, side), Image.Resampling.BICUBIC
+    )
     pixels = np.asarray(field, dtype=np.int16).copy()
     yy, xx = np.ogrid[0:side, 0:side]
     cx, cy = rng.uniform(0.3, 0.7, 2) * side
     r = side * rng.uniform(0.15, 0.35)
-    pixels[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = [(label * 97) % 256, (label * 53 + 128) % 256, (label * 151 + 64) % 256]
+    pixels[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = [
+        (label * 97) % 256,
+        (label * 53 + 128) % 256,
+        (label * 151 + 64) % 256,
+    ]
     pixels += rng.integers(-24, 25, size=pixels.shape, dtype=np.int16)
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
 def jpeg_folder(folder: Path, images: int, side: int, classes: int) -> Path:
-    """``folder/train/class_<c>/*.jpg`` (``images`` in all) and ``folder/val/...``, written once (atomically) if absent."""
+    """``folder/train/class_<c>/*.jpg`` (``images`` in all) and ``folder/val/...``, written once (atomically) if
+    absent."""
     if (folder / "train").is_dir() and (folder / "val").is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +81,9 @@ def jpeg_folder(folder: Path, images: int, side: int, classes: int) -> Path:
             for c in range(classes):
                 (tmp / split / f"class_{c}").mkdir(parents=True)
             for k in range(count):
-                photo(rng, k % classes, side).save(tmp / split / f"class_{k % classes}" / f"{k:06d}.jpg", "JPEG", quality=90)
+                photo(rng, k % classes, side).save(
+                    tmp / split / f"class_{k % classes}" / f"{k:06d}.jpg", "JPEG", quality=90
+                )
         os.replace(tmp, folder)  # an interrupted write leaves no half-written folder to be reused
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,8 +140,19 @@ def peer_images_per_s(trial: Trial, train_folder: Path, side: int, workers: int,
     cuda = device.type == "cuda"
     batch = cfg.pretrain.batch_size
     dataset = ImageFolder(str(train_folder), transform=TwoViews(simclr_transform(side)))
-    kw: dict[str, Any] = {"prefetch_factor": cfg.data.prefetch} if workers else {}  # the harness's prefetch (2 steps per worker)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(0), **kw)
+    kw: dict[str, Any] = (
+        {"prefetch_factor": cfg.data.prefetch} if workers else {}
+    )  # the harness's prefetch (2 steps per worker)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=cuda,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
     method.to(device)
     if cuda and cfg.pretrain.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -175,7 +179,10 @@ def peer_images_per_s(trial: Trial, train_folder: Path, side: int, workers: int,
             torch.cuda.synchronize(device)
         marks.append(time.perf_counter())
     if len(marks) < total:
-        raise SystemExit(f"streamed_throughput: the peer loader gave {len(marks)} steps of batch {batch}, {total} wanted; write more images (--images)")
+        raise SystemExit(
+            f"streamed_throughput: the peer loader gave {len(marks)} steps "
+            f"of batch {batch}, {total} wanted; write more images (--images)"
+        )
     return batch * steps / (marks[-1] - marks[warmup - 1])
 
 
@@ -183,7 +190,8 @@ def peer_images_per_s(trial: Trial, train_folder: Path, side: int, workers: int,
 
 
 def decode_per_core(train_folder: Path, side: int, count: int) -> dict[str, float]:
-    """Images/s of one process and one thread: the harness's crop_views, a PIL full decode, the peer's per-image work."""
+    """Images/s of one process and one thread: the harness's crop_views, a PIL full decode, the peer's per-image
+    work."""
     from torchvision.datasets.folder import pil_loader
 
     source = folder_source(train_folder)
@@ -248,17 +256,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--images", type=int, default=5000, help="training JPEGs in the folder (default 5000)")
     parser.add_argument("--image-px", type=int, default=256, help="side of the square JPEGs (default 256)")
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--folder", type=Path, default=None, help="where the JPEGs are (written if absent); default /tmp/ssl-bench-jpegs-<images>-<px>")
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="where the JPEGs are (written if absent); default /tmp/ssl-bench-jpegs-<images>-<px>",
+    )
     parser.add_argument("--view", type=int, default=96, help="side of each view (data.image_size; default 96)")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per pipeline (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader processes of both pipelines (default os.cpu_count())")
-    parser.add_argument("--decode-images", type=int, default=500, help="images decoded in the per-core measurement (default 500)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the training process (default torch's, one per core)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="DataLoader processes of both pipelines (default os.cpu_count())",
+    )
+    parser.add_argument(
+        "--decode-images", type=int, default=500, help="images decoded in the per-core measurement (default 500)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the training process (default torch's, one per core)",
+    )
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--tiny", action="store_true", help="64 JPEGs at 64 px, view 32, test_resnet, 2 steps, 1 worker: seconds, to check the script runs")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="64 JPEGs at 64 px, view 32, test_resnet, 2 steps, 1 worker: seconds, to check the script runs",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.images, args.image_px, args.classes, args.view, args.backbone = 64, 64, 4, 32, "test_resnet"
@@ -268,7 +297,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error("--warmup and --steps must be at least 1 (timing starts at the end of the last warm-up step)")
     needed = args.batch_size * (args.warmup + args.steps)
     if needed > args.images:
-        parser.error(f"--images {args.images} is fewer than --batch-size x (--warmup + --steps) = {needed}: each pipeline runs within one epoch")
+        parser.error(
+            f"--images {args.images} is fewer than --batch-size x (--warmup "
+            f"+ --steps) = {needed}: each pipeline runs within one epoch"
+        )
     folder = args.folder or Path(tempfile.gettempdir()) / f"ssl-bench-jpegs-{args.images}-{args.image_px}"
 
     t0 = time.perf_counter()
@@ -277,7 +309,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train = folder / "train"
     files = folder_source(train).names
     if len(files) != args.images:
-        raise SystemExit(f"streamed_throughput: {train} holds {len(files)} images, not --images {args.images}; give another --folder or remove it")
+        raise SystemExit(
+            f"streamed_throughput: {train} holds {len(files)} images, not "
+            f"--images {args.images}; give another --folder or remove it"
+        )
     kb = warm_page_cache(files)
 
     if args.threads:
@@ -290,17 +325,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trial = prepare(cfg)
     peer = peer_images_per_s(trial, train, args.view, args.workers, args.steps, args.warmup)
 
-    print(f"data: {args.images} JPEGs of {args.image_px}x{args.image_px} px (mean {kb:.1f} KB) in {args.classes} classes at {folder}" + (f" (written in {written:.0f} s)" if written > 1 else ""))
     print(
-        f"settings: view {args.view} px, batch {args.batch_size}, {args.backbone}, SimCLR (crop scale 0.08-1, blur p=0.5), {args.workers} loader worker(s), "
-        f"{torch.get_num_threads()} torch thread(s) in the training process, {os.cpu_count()} CPUs, device {trial.device}"
+        f"data: {args.images} JPEGs of {args.image_px}x{args.image_px} px (mean {kb:.1f} KB) in {args.classes} "
+        f"classes at {folder}" + (f" (written in {written:.0f} s)" if written > 1 else "")
     )
-    print(f"timing: {args.warmup} warm-up step(s), then {args.steps} timed steps of the full training step; images/s = source images (2 views each) per second")
+    print(
+        f"settings: view {args.view} px, batch {args.batch_size}, {args.backbone}, SimCLR (crop "
+        f"scale 0.08-1, blur p=0.5), {args.workers} loader worker(s), {torch.get_num_threads()} "
+        f"torch thread(s) in the training process, {os.cpu_count()} CPUs, device {trial.device}"
+    )
+    print(
+        f"timing: {args.warmup} warm-up step(s), then {args.steps} timed steps of "
+        "the full training step; images/s = source images (2 views each) per second"
+    )
     print(f"{'pipeline':<76} {'images/s':>9}")
     print(f"{'harness  pretrain, data.in_memory=false: crops in workers, rest on the device':<76} {harness:9.1f}")
     print(f"{'peer     ImageFolder + DataLoader + per-image transforms.v2 recipe, twice':<76} {peer:9.1f}")
     print(f"ratio harness / peer: {harness / peer:.3f}")
-    print(f"decode images/s per core (1 process, 1 thread, {min(args.decode_images, args.images)} images, 2 views of {args.view} px):")
+    print(
+        "decode images/s per core (1 process, 1 thread, "
+        f"{min(args.decode_images, args.images)} images, 2 views of {args.view} px):"
+    )
     print(f"  harness crop_views (read + draft decode + 2 crops): {decode['harness']:8.1f}")
     print(f"  PIL full decode (Image.open + convert RGB):         {decode['pil']:8.1f}")
     print(f"  peer per-image work (ImageFolder load + recipe x2): {decode['peer']:8.1f}")

@@ -27,16 +27,18 @@ from methods.swav import SwAV, sinkhorn
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = [
     "data.image_size=24", "data.num_train=1024", "data.num_test=256", "pretrain.batch_size=64", "pretrain.base_lr=0.3",
-    "eval.semi.enabled=false", "method={name: swav, proj_hidden_dim: 512, proj_dim: 32, num_prototypes: 100, num_small_crops: 0, "
-    "global_crop_scale: [0.6, 1.0], freeze_prototypes_steps: 16}",
+    "eval.semi.enabled=false",
+    "method={name: swav, proj_hidden_dim: 512, proj_dim: 32, num_prototypes: 100, "
+    "num_small_crops: 0, global_crop_scale: [0.6, 1.0], freeze_prototypes_steps: 16}",
 ]  # fmt: skip
 
 
 TINY = [
-    "data.image_size=16", "data.num_train=128", "data.num_test=64", "pretrain.batch_size=32", "backbone.name=test_resnet",
-    "method.proj_hidden_dim=64", "method.freeze_prototypes_steps=2",
+    "data.image_size=16", "data.num_train=128", "data.num_test=64", "pretrain.batch_size=32",
+    "backbone.name=test_resnet", "method.proj_hidden_dim=64", "method.freeze_prototypes_steps=2",
 ]  # fmt: skip
-"""``--tiny``'s overrides, after the defaults and before the command line's: 2 epochs of 4 steps at 16 px, printed every 2 steps."""
+"""``--tiny``'s overrides, after the defaults and before the command line's: 2 epochs of 4 steps at 16 px, printed every
+2 steps."""
 
 
 def entropy(p: torch.Tensor) -> float:
@@ -51,10 +53,18 @@ def off_diagonal_mean(x: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="run-config overrides on top of the probe's defaults")
-    parser.add_argument("--config", default=str(REPO / "configs" / "simclr_shapes.yaml"), help="the run config under the defaults (default: the repository's configs/simclr_shapes.yaml)")
+    parser.add_argument(
+        "--config",
+        default=str(REPO / "configs" / "simclr_shapes.yaml"),
+        help="the run config under the defaults (default: the repository's configs/simclr_shapes.yaml)",
+    )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--every", type=int, default=8, help="print every this many steps")
-    parser.add_argument("--tiny", action="store_true", help="128 images at 16 px, batch 32, 2 epochs, every 2 steps: seconds, to check the script runs")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="128 images at 16 px, batch 32, 2 epochs, every 2 steps: seconds, to check the script runs",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.epochs, args.every = 2, 2
@@ -63,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     trial = prepare(cfg)
     method, images, bs = trial.method, trial.data.train.images, cfg.pretrain.batch_size
     if not isinstance(method, SwAV) or method.backbone is None:
-        raise SystemExit(f"swav_probe: the probe reads SwAV's backbone, prototypes and Sinkhorn settings; got method {type(method).__name__}")
+        raise SystemExit(
+            "swav_probe: the probe reads SwAV's backbone, prototypes "
+            f"and Sinkhorn settings; got method {type(method).__name__}"
+        )
     backbone = method.backbone
     optimizer = build_optimizer(method, cfg.pretrain)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -88,9 +101,10 @@ def main(argv: list[str] | None = None) -> None:
                     codes = sinkhorn(scores, method.params.epsilon, method.params.sinkhorn_iterations)
                     predictions = F.softmax(scores / method.params.temperature, dim=1)
                 print(
-                    f"step {step:4d}  loss {out.loss.item():.3f}  projections cos {off_diagonal_mean(z):.3f}  prototypes cos {off_diagonal_mean(prototypes):.3f}"
-                    f"  score spread {float(scores.std(1).mean()):.3f}  H(codes) {entropy(codes):.2f}  H(predictions) {entropy(predictions):.2f}"
-                    f"  (log K {torch.log(torch.tensor(float(prototypes.shape[0]))):.2f})",
+                    f"step {step:4d}  loss {out.loss.item():.3f}  projections cos {off_diagonal_mean(z):.3f}  "
+                    f"prototypes cos {off_diagonal_mean(prototypes):.3f}  score spread "
+                    f"{float(scores.std(1).mean()):.3f}  H(codes) {entropy(codes):.2f}  H(predictions) "
+                    f"{entropy(predictions):.2f}  (log K {torch.log(torch.tensor(float(prototypes.shape[0]))):.2f})",
                     flush=True,
                 )
             step += 1

@@ -39,7 +39,18 @@ def tune_level(n: int, storage: Path) -> tuple[float, float]:
     loop = time.perf_counter() - t0
     raytune.init(None)
     try:
-        outcome = raytune.run_trials(trivial, keys, name="overhead", storage=storage, cpus=1, gpus=0, max_concurrent=None, scheduler=None, max_failures=0, events=raytune.TrialEvents())
+        outcome = raytune.run_trials(
+            trivial,
+            keys,
+            name="overhead",
+            storage=storage,
+            cpus=1,
+            gpus=0,
+            max_concurrent=None,
+            scheduler=None,
+            max_failures=0,
+            events=raytune.TrialEvents(),
+        )
     finally:
         raytune.shutdown()
     assert len(outcome.results) == n, outcome.errors
@@ -56,11 +67,24 @@ def harness_level(n: int, work: Path, backbone: str = "resnet10t") -> tuple[floa
         "backbone": {"name": backbone},
         "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
         "pretrain": {"epochs": 0, "batch_size": 32, "warmup_epochs": 0, "progress": False},
-        "eval": {"baselines": False, "knn": {"k": 5}, **{e: {"enabled": False} for e in ("linear", "semi", "retrieval", "collapse")}},
+        "eval": {
+            "baselines": False,
+            "knn": {"k": 5},
+            **{e: {"enabled": False} for e in ("linear", "semi", "retrieval", "collapse")},
+        },
         "device": "cpu",
     }
     sweep_file = work / "overhead.yaml"
-    sweep_file.write_text(yaml.safe_dump({"name": "overhead", "run": run_cfg, "space": {"method.temperature": [0.1 + 0.01 * i for i in range(n)]}, "storage": str(work / "outputs")}))
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "overhead",
+                "run": run_cfg,
+                "space": {"method.temperature": [0.1 + 0.01 * i for i in range(n)]},
+                "storage": str(work / "outputs"),
+            }
+        )
+    )
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     sweep = load_sweep(sweep_file)
     t0 = time.perf_counter()
@@ -77,20 +101,32 @@ def harness_level(n: int, work: Path, backbone: str = "resnet10t") -> tuple[floa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--tiny", action="store_true", help="2 trials, test_resnet, 1 torch thread in the loop: to check the script runs (Ray's start-ups dominate)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="2 trials, test_resnet, 1 torch thread in the loop: to check the script runs (Ray's start-ups dominate)",
+    )
     args = parser.parse_args(argv)
     backbone = "resnet10t"
     if args.tiny:
         import torch
 
         args.trials, backbone = 2, "test_resnet"
-        torch.set_num_threads(1)  # as a Tune trial of resources.cpus=1; a busy machine's spinning OpenMP threads slow tiny work many-fold
+        torch.set_num_threads(
+            1
+        )  # as a Tune trial of resources.cpus=1; a busy machine's spinning OpenMP threads slow tiny work many-fold
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sweep_s, loop_s = tune_level(args.trials, work / "tune")
-        print(f"tune     {args.trials} trials: {sweep_s:.2f} s/trial in Tune, {loop_s * 1e3:.3f} ms/trial in a loop -> overhead {sweep_s - loop_s:.2f} s/trial")
+        print(
+            f"tune     {args.trials} trials: {sweep_s:.2f} s/trial in Tune, "
+            f"{loop_s * 1e3:.3f} ms/trial in a loop -> overhead {sweep_s - loop_s:.2f} s/trial"
+        )
         sweep_s, loop_s = harness_level(args.trials, work, backbone)
-        print(f"harness  {args.trials} trials: {sweep_s:.2f} s/trial as a sweep, {loop_s:.2f} s/trial with `run` in a loop -> overhead {sweep_s - loop_s:.2f} s/trial (goal <= 3 s)")
+        print(
+            f"harness  {args.trials} trials: {sweep_s:.2f} s/trial as a sweep, {loop_s:.2f} "
+            f"s/trial with `run` in a loop -> overhead {sweep_s - loop_s:.2f} s/trial (goal <= 3 s)"
+        )
 
 
 if __name__ == "__main__":

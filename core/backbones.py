@@ -1,9 +1,9 @@
 """timm backbones as feature extractors. The only module of ours that imports timm.
 
-    net = create_backbone("resnet18", in_chans=3, img_size=32, cifar_stem=True)
-    net(x).shape == (B, net.num_features)
-    spatial_features(net, x).shape == (B, net.num_features, h, w)   # the map before pooling (None for token models)
-    parts = vit_parts(create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=4))   # a ViT taken apart (MAE)
+net = create_backbone("resnet18", in_chans=3, img_size=32, cifar_stem=True)
+net(x).shape == (B, net.num_features)
+spatial_features(net, x).shape == (B, net.num_features, h, w)   # the map before pooling (None for token models)
+parts = vit_parts(create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=4))   # a ViT taken apart (MAE)
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def list_backbones(pattern: str | None = None) -> list[str]:
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
-def create_backbone(name: str, *, in_chans: int = 3, img_size: int | None = None, cifar_stem: bool = False, **kwargs: Any) -> nn.Module:
+def create_backbone(
+    name: str, *, in_chans: int = 3, img_size: int | None = None, cifar_stem: bool = False, **kwargs: Any
+) -> nn.Module:
     """A randomly initialised timm model with its classifier removed (``num_classes=0``).
 
     ``img_size`` is passed only to models whose constructor takes it (ViTs and the
@@ -45,7 +47,10 @@ def create_backbone(name: str, *, in_chans: int = 3, img_size: int | None = None
     own default. Nothing is downloaded: weights are never pretrained.
     """
     if name not in _all_models():
-        raise ConfigError(f"backbone.name: unknown timm model {name!r}{suggest(name, _all_models())}; see `python -m harness list backbones PATTERN`")
+        raise ConfigError(
+            f"backbone.name: unknown timm model {name!r}{suggest(name, _all_models())}; "
+            "see `python -m harness list backbones PATTERN`"
+        )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model = _create(name, in_chans, kwargs, img_size)
     if cifar_stem:
@@ -59,7 +64,9 @@ def _create(name: str, in_chans: int, kwargs: dict[str, Any], img_size: int | No
 
     if img_size is not None and "img_size" not in kwargs:
         try:
-            return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, **kwargs)
+            return timm.create_model(
+                name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, **kwargs
+            )
         except TypeError as err:
             if "img_size" not in str(err):
                 raise ConfigError(f"backbone.kwargs: timm model {name!r} refused its arguments: {err}") from None
@@ -78,7 +85,10 @@ def apply_cifar_stem(model: nn.Module, name: str = "model") -> None:
     """
     conv = getattr(model, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(model, "maxpool", None), nn.Module):
-        raise ConfigError(f"backbone.cifar_stem: {name!r} has no ResNet stem (conv1 Conv2d + maxpool); use it with resnet18/resnet50-style models")
+        raise ConfigError(
+            f"backbone.cifar_stem: {name!r} has no ResNet stem (conv1 "
+            "Conv2d + maxpool); use it with resnet18/resnet50-style models"
+        )
     model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
 
@@ -150,15 +160,32 @@ def vit_parts(model: nn.Module, needed_by: str = "this method") -> ViTParts:
 
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     embed = getattr(model, "patch_embed", None)
-    prefix = sum(int(t.shape[1]) for t in (getattr(model, "cls_token", None), getattr(model, "reg_token", None)) if t is not None)
-    if not isinstance(model, VisionTransformer) or not isinstance(embed, PatchEmbed) or prefix != model.num_prefix_tokens:
+    prefix = sum(
+        int(t.shape[1]) for t in (getattr(model, "cls_token", None), getattr(model, "reg_token", None)) if t is not None
+    )
+    if (
+        not isinstance(model, VisionTransformer)
+        or not isinstance(embed, PatchEmbed)
+        or prefix != model.num_prefix_tokens
+    ):
         raise ConfigError(f"backbone.name: {needed_by} needs a timm ViT (vit_*), got {name!r}")
     patch, grid, size = embed.patch_size, embed.grid_size, embed.img_size
     if patch[0] != patch[1] or grid[0] != grid[1]:
-        raise ConfigError(f"backbone.kwargs: {needed_by} needs square patches on square images, got patch_size {list(patch)} and a {grid[0]}x{grid[1]} grid")
+        raise ConfigError(
+            f"backbone.kwargs: {needed_by} needs square patches on square "
+            f"images, got patch_size {list(patch)} and a {grid[0]}x{grid[1]} grid"
+        )
     if size is not None and (size[0] % patch[0] or size[1] % patch[1]):
         raise ConfigError(
-            f"data.image_size: {size[0]} px images do not split into {patch[0]} px ViT patches (backbone.kwargs.patch_size); "
-            f"use an image size divisible by {patch[0]} or a patch size dividing {size[0]}"
+            f"data.image_size: {size[0]} px images do not split into {patch[0]} "
+            "px ViT patches (backbone.kwargs.patch_size); use an image size "
+            f"divisible by {patch[0]} or a patch size dividing {size[0]}"
         )
-    return ViTParts(model, int(patch[0]), int(grid[0]), int(model.embed_dim), int(model.num_prefix_tokens), model.cls_token is not None)
+    return ViTParts(
+        model,
+        int(patch[0]),
+        int(grid[0]),
+        int(model.embed_dim),
+        int(model.num_prefix_tokens),
+        model.cls_token is not None,
+    )

@@ -35,7 +35,8 @@ class Images(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split: uint8 images ``(N, C, S, S)`` (in memory, or streamed: see :class:`Images`) and int64 labels ``(N,)``."""
+    """One split: uint8 images ``(N, C, S, S)`` (in memory, or streamed: see :class:`Images`) and int64 labels
+    ``(N,)``."""
 
     images: Images
     labels: torch.Tensor
@@ -46,7 +47,9 @@ class Split:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[-1] != self.images.shape[-2]:
             raise ValueError(f"images must be uint8 (N, C, S, S), got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must be int64 ({self.images.shape[0]},), got {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise ValueError(
+                f"labels must be int64 ({self.images.shape[0]},), got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
         if self.attributes is not None and len(self.attributes) != len(self.labels):
             raise ValueError(f"{len(self.attributes)} attributes for {len(self.labels)} images")
 

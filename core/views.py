@@ -64,8 +64,16 @@ class View:
 Number = TypeVar("Number", float, torch.Tensor)
 
 
-def crop_box(u_area: Number, u_ratio: Number, u_cx: Number, u_cy: Number, scale: tuple[float, float],
-             ratio: tuple[float, float], height: float | torch.Tensor, width: float | torch.Tensor) -> tuple[Number, ...]:
+def crop_box(
+    u_area: Number,
+    u_ratio: Number,
+    u_cx: Number,
+    u_cy: Number,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    height: float | torch.Tensor,
+    width: float | torch.Tensor,
+) -> tuple[Number, ...]:
     """The random resized crop of uniforms in [0, 1): ``(w, h, cx, cy)``.
 
     ``w``, ``h``: the crop's width and height as fractions of the image's (area uniform in ``scale``, log aspect

@@ -76,7 +76,9 @@ def evaluate_embeddings(
     return metrics, figures
 
 
-def _knn(cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, prefix: str) -> dict[str, float]:
+def _knn(
+    cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, prefix: str
+) -> dict[str, float]:
     if cfg.fp16:
         train_x, test_x = train_x.astype(np.float16), test_x.astype(np.float16)
     settings = [(cfg.k, cfg.temperature), *((int(k), float(t)) for k, t in cfg.extra)]
@@ -87,12 +89,23 @@ def _knn(cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     return out
 
 
-def _linear(cfg: Any, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, prefix: str, seed: int, device: str | torch.device) -> dict[str, float]:
+def _linear(
+    cfg: Any,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    prefix: str,
+    seed: int,
+    device: str | torch.device,
+) -> dict[str, float]:
     result = linear_probe(
-        train_x, train_y, test_x, test_y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decays=tuple(cfg.weight_decays),
-        val_fraction=cfg.val_fraction, seed=seed, device=device,
+        train_x, train_y, test_x, test_y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decays=tuple(cfg.weight_decays), val_fraction=cfg.val_fraction, seed=seed, device=device,
     )  # fmt: skip
-    return {f"{prefix}/linear/{k}": float(result[k]) for k in ("top1", "top5", "val_top1", "weight_decay") if k in result}
+    return {
+        f"{prefix}/linear/{k}": float(result[k]) for k in ("top1", "top5", "val_top1", "weight_decay") if k in result
+    }
 
 
 def _retrieval(cfg: Any, test_x: np.ndarray, test_y: np.ndarray, prefix: str) -> dict[str, float]:

@@ -1,23 +1,17 @@
 """Collapse diagnostics on embeddings: rank, spread and the alignment / uniformity pair.
 
 References:
-  * RankMe: Garrido, Balestriero, Najman & LeCun, "RankMe: Assessing the Downstream
-    Performance of Pretrained Self-Supervised Representations by Their Rank"
-    (ICML 2023). Singular values s of the raw (uncentred) N x D embedding matrix,
-    p_k = s_k / ||s||_1 + eps, RankMe = exp(-sum_k p_k log p_k), eps = 1e-7.
-  * Effective rank: Roy & Vetterli, "The effective rank: a measure of effective
-    dimensionality" (EUSIPCO 2007): the same entropy without eps.
-  * Per-dimension std of L2-normalised embeddings (SimSiam, Chen & He 2021, Fig. 2):
-    0 when collapsed, about 1/sqrt(D) when the embeddings spread over the sphere.
-  * Alignment / uniformity: Wang & Isola, "Understanding Contrastive Representation
-    Learning through Alignment and Uniformity on the Hypersphere" (ICML 2020).
+  * RankMe: Garrido, Balestriero, Najman & LeCun, "RankMe: Assessing the Downstream Performance of Pretrained
+    Self-Supervised Representations by Their Rank" (ICML 2023): ``exp`` of the entropy of the raw (uncentred)
+    embeddings' normalised singular values, ``p_k = s_k / ||s||_1 + eps``, eps = 1e-7.
+  * Effective rank: Roy & Vetterli, "The effective rank: a measure of effective dimensionality" (EUSIPCO 2007): the
+    same entropy without eps.
+  * Per-dimension std of L2-normalised embeddings (SimSiam, Chen & He 2021, Fig. 2): 0 when collapsed, about 1/sqrt(D)
+    when the embeddings spread over the sphere.
+  * Alignment / uniformity: Wang & Isola, "Understanding Contrastive Representation Learning through Alignment and
+    Uniformity on the Hypersphere" (ICML 2020).
 
 All functions take numpy arrays or torch tensors and compute in float64.
-
-    >>> import numpy as np
-    >>> from evaluations.collapse import rankme, effective_rank, uniformity
-    >>> round(rankme(np.eye(128)), 3), round(effective_rank(np.eye(128)), 6), round(uniformity(np.eye(128)), 6)
-    (128.006, 128.0, -4.0)
 """
 
 from __future__ import annotations

@@ -1,30 +1,17 @@
 """Self-distillation of a fine-tuned classifier on unlabelled images (SimCLRv2: Chen et al., NeurIPS 2020, Sec. 2).
 
-SimCLRv2's third step: the fine-tuned network is the teacher and labels the training
-images for a student of the same architecture, which learns from those soft labels alone:
-
-    L = -sum_x sum_y P_T(y|x; τ) log P_S(y|x; τ)        (a mean over each batch here)
-
-    student = self_distill(teacher, classifier(trunk, dim, num_classes), train_images, augment,
-                           epochs=10, batch_size=64, lr=0.05, seed=0, temperature=1.0)
+SimCLRv2's third step: the fine-tuned network is the teacher and labels the training images for a student of the
+same architecture, which learns from those soft labels alone, ``L = -sum_x sum_y P_T(y|x; τ) log P_S(y|x; τ)``.
 
 Choices, next to the paper's:
 
-- No labels: the distillation loss alone, the paper's default; its weighted sum with a
-  cross-entropy on the labelled subset (the paper's alternative for larger label fractions)
-  is not built. Every training image is used, the labelled ones included.
-- Temperature: 1.0 by default (``eval.semi.distill_temperature``), for teacher and student
-  alike, with no τ² gradient factor (Hinton et al.'s); SimCLRv2 reports 0.1 for
-  self-distillation and 1.0 for big-to-small, and little difference between the two.
-- Student: whatever module the caller passes, trained in place. The harness starts it where
-  the teacher's fine-tuning started (the pretrained trunk, not the fine-tuned one, and a
-  zero-initialised linear head: :func:`evaluations.finetune.classifier`), so that a few
-  epochs suffice; the paper trains its students like a pretraining run (its optimiser,
-  batch size and weight decay, 400 epochs).
-- Augmentation and optimiser: those of fine-tuning. Random crop + flip only (the caller's
-  ``augment``); the teacher, in eval mode and frozen, sees the same augmented images as the
-  student. SGD with Nesterov momentum 0.9, no weight decay, lr = ``lr * batch/256`` on a
-  cosine schedule over all steps.
+- no labels: the distillation loss alone (the paper's default), on every training image;
+- temperature 1.0 by default (``eval.semi.distill_temperature``), for teacher and student alike, without a τ² factor
+  (SimCLRv2 reports 0.1 for self-distillation and 1.0 for big-to-small, and little difference);
+- the student starts where the teacher's fine-tuning started (the pretrained trunk and a zero-initialised head,
+  :func:`evaluations.finetune.classifier`), so that a few epochs suffice (the paper trains it like a pretraining run);
+- augmentation and optimiser are fine-tuning's: crop + flip, the frozen teacher seeing the student's images; SGD with
+  Nesterov momentum 0.9, no weight decay, lr ``lr * batch/256`` on a cosine.
 """
 
 from __future__ import annotations
@@ -39,7 +26,9 @@ from evaluations.finetune import Augment, train_on_batches
 __all__ = ["distillation_loss", "self_distill"]
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """``-sum_y P_T(y|x; τ) log P_S(y|x; τ)``, the mean over the batch (SimCLRv2's distillation loss).
 
     ``P = softmax(logits / τ)``; no gradient reaches the teacher's logits. Equal logits give the
@@ -51,7 +40,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"student and teacher logits must both be (B, C), got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            "student and teacher logits must both be (B, C), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     targets = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
     return -(targets * F.log_softmax(student_logits.float() / temperature, dim=1)).sum(dim=1).mean()
 
@@ -91,7 +83,18 @@ def self_distill(
         return distillation_loss(student(x), teacher_logits, temperature)
 
     try:
-        train_on_batches(student, images, torch.arange(images.shape[0]), augment, loss, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+        train_on_batches(
+            student,
+            images,
+            torch.arange(images.shape[0]),
+            augment,
+            loss,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+        )
     finally:
         teacher.train(teacher_was_training)
     return student

@@ -13,12 +13,16 @@ from torch import nn
 from core.splits import Images
 
 
-def on_accelerator(device: torch.device | str) -> tuple[contextlib.AbstractContextManager[object], Callable[[torch.Tensor], torch.Tensor]]:
+def on_accelerator(
+    device: torch.device | str,
+) -> tuple[contextlib.AbstractContextManager[object], Callable[[torch.Tensor], torch.Tensor]]:
     """``(precision, layout)`` for work on ``device``: on CUDA, bf16 autocast and channels_last images (the precision
     and layout pretraining uses); elsewhere, float32 and the images as they are."""
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext(), lambda x: x
-    return torch.autocast("cuda", dtype=torch.bfloat16), lambda x: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    return torch.autocast(
+        "cuda", dtype=torch.bfloat16
+    ), lambda x: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 @contextmanager
@@ -63,6 +67,8 @@ def extract_embeddings(
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
 
 
-def raw_pixels(images: Images, preprocess: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 2048) -> np.ndarray:
+def raw_pixels(
+    images: Images, preprocess: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 2048
+) -> np.ndarray:
     """The raw-pixel baseline's "embedding": normalised pixels, flattened to (N, C*H*W)."""
     return extract_embeddings(lambda x: x.flatten(1), images, preprocess, batch_size=batch_size)

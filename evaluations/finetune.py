@@ -1,22 +1,10 @@
 """Semi-supervised fine-tuning on class-balanced label subsets (SimCLR's 1% / 10% protocol).
 
-The pretrained trunk (the backbone, or for SimCLRv2 the backbone plus the first
-layers of its projection head) and a new linear head are fine-tuned together on
-a class-balanced subset of the training labels, with random resized crops and
-horizontal flips only; top-1/top-5 are measured on the full test set with the
-model in eval mode. The subset comes from
-:func:`evaluations.semi_supervised.balanced_subset`, so its indices can be saved
-and reused by another library.
-
-    result = finetune_subset(trunk, dim, images, labels, subset, test_images, test_labels,
-                             augment, normalize, epochs=60, batch_size=64, lr=0.05, seed=0)
-    result.metrics["top1"], result.model       # the fine-tuned classifier, e.g. a distillation teacher
-
-Optimiser: SGD with Nesterov momentum 0.9, no weight decay, lr = ``lr * batch/256``
-on a cosine schedule over all steps. The trunk is deep-copied: the pretrained
-model is left untouched for the other evaluations. The caller gives the training
-transform (``augment(x, generator)``: a full-size crop + flip of a uint8 batch on the
-device, drawn from ``generator``) and the evaluation one (``normalize(x)``).
+The pretrained trunk (the backbone, or for SimCLRv2 the backbone plus the first layers of its projection head) and a
+new linear head are fine-tuned together on a class-balanced subset of the training labels
+(:func:`evaluations.semi_supervised.balanced_subset`), with random resized crops and flips only; top-1/top-5 are
+measured on the full test set in eval mode. SGD with Nesterov momentum 0.9, no weight decay, lr ``lr * batch/256`` on
+a cosine over all steps. The trunk is deep-copied: the pretrained model is left untouched.
 """
 
 from __future__ import annotations
@@ -34,7 +22,15 @@ from core.schedules import cosine_lr
 from core.splits import Images
 from evaluations.features import on_accelerator
 
-__all__ = ["Augment", "Finetuned", "Normalize", "classification_accuracy", "classifier", "finetune_subset", "train_on_batches"]
+__all__ = [
+    "Augment",
+    "Finetuned",
+    "Normalize",
+    "classification_accuracy",
+    "classifier",
+    "finetune_subset",
+    "train_on_batches",
+]
 
 Augment = Callable[[Images, torch.Tensor, torch.Generator], torch.Tensor]
 """``augment(images, rows, generator)``: one random training view ``(B, C, S, S)``, float on the device, of the B
@@ -54,7 +50,8 @@ class Finetuned:
 
 
 def classifier(trunk: nn.Module, dim: int, num_classes: int) -> nn.Sequential:
-    """A copy of ``trunk`` (features of size ``dim``) followed by a zero-initialised linear head; ``trunk`` is untouched."""
+    """A copy of ``trunk`` (features of size ``dim``) followed by a zero-initialised linear head; ``trunk`` is
+    untouched."""
     head = nn.Linear(dim, num_classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
@@ -113,11 +110,13 @@ def train_on_batches(
     device: torch.device,
 ) -> None:
     """Train ``model`` in place, in train mode, on ``images[rows]``: seeded random batches, each augmented once by
-    ``augment`` (from the same seeded generator), ``loss(x, idx)`` on the batch's images and rows; SGD with Nesterov momentum 0.9,
-    no weight decay, ``lr * batch_size / 256`` on a cosine to 0 over the steps taken. A batch of one is skipped
-    (BatchNorm in train mode needs two samples). The fine-tuning and the distillation schedule alike."""
+    ``augment`` (from the same seeded generator), ``loss(x, idx)`` on the batch's images and rows; SGD with Nesterov
+    momentum 0.9, no weight decay, ``lr * batch_size / 256`` on a cosine to 0 over the steps taken. A batch of one is
+    skipped (BatchNorm in train mode needs two samples). The fine-tuning and the distillation schedule alike."""
     base_lr = lr * batch_size / 256
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=base_lr, momentum=0.9, nesterov=True, weight_decay=0.0
+    )
     sizes = [min(batch_size, len(rows) - start) for start in range(0, len(rows), batch_size)]
     total = sum(size >= 2 for size in sizes) * epochs
     generator = torch.Generator().manual_seed(seed)
@@ -142,9 +141,15 @@ def train_on_batches(
 
 @torch.inference_mode()
 def classification_accuracy(
-    model: nn.Module, images: Images, labels: torch.Tensor, normalize: Normalize, device: torch.device | str = "cpu", batch_size: int = 512
+    model: nn.Module,
+    images: Images,
+    labels: torch.Tensor,
+    normalize: Normalize,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
 ) -> dict[str, float]:
-    """Top-1 and top-5 (of min(5, C) classes) of a classifier on un-augmented, normalised images; leaves it in eval mode."""
+    """Top-1 and top-5 (of min(5, C) classes) of a classifier on un-augmented, normalised images; leaves it in eval
+    mode."""
     device = torch.device(device)
     model.eval()
     precision, layout = on_accelerator(device)

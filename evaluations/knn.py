@@ -79,8 +79,7 @@ def _resolve_num_classes(num_classes: int | None, max_label: int) -> int:
         raise ValueError(f"num_classes must be an integer or None, got {num_classes!r}")
     if num_classes <= max_label:
         raise ValueError(
-            f"num_classes={num_classes} but the labels go up to {max_label}; "
-            f"num_classes must be > the largest label"
+            f"num_classes={num_classes} but the labels go up to {max_label}; num_classes must be > the largest label"
         )
     return int(num_classes)
 
@@ -100,11 +99,11 @@ def _neighbours(
         raise ValueError("train_x must have at least one row")
     train_y = _check_labels(train_y, "train_y", train_x.shape[0])
     if test_x.shape[1] != train_x.shape[1]:
-        raise ValueError(
-            f"test_x has dimension {test_x.shape[1]} but train_x has dimension {train_x.shape[1]}"
-        )
+        raise ValueError(f"test_x has dimension {test_x.shape[1]} but train_x has dimension {train_x.shape[1]}")
     if k > train_x.shape[0]:
-        log.warning("kNN: k=%d is larger than the %d training samples; using k=%d", k, train_x.shape[0], train_x.shape[0])
+        log.warning(
+            "kNN: k=%d is larger than the %d training samples; using k=%d", k, train_x.shape[0], train_x.shape[0]
+        )
     sims, idx = inner_product_topk(l2_normalize(train_x), l2_normalize(test_x), int(k))
     return sims, train_y[idx], train_y
 
@@ -124,7 +123,9 @@ def _vote(sims: np.ndarray, labels: np.ndarray, num_classes: int, temperature: f
     return scores.reshape(n, num_classes)
 
 
-def _voted_blocks(sims: np.ndarray, labels: np.ndarray, num_classes: int, temperature: float) -> Iterator[tuple[slice, np.ndarray]]:
+def _voted_blocks(
+    sims: np.ndarray, labels: np.ndarray, num_classes: int, temperature: float
+) -> Iterator[tuple[slice, np.ndarray]]:
     """Yield (rows, class scores of those rows) in blocks of at most _VOTE_BUDGET scores."""
     n = sims.shape[0]
     step = max(1, _VOTE_BUDGET // num_classes)
@@ -241,7 +242,9 @@ def knn_evaluate_many(
     return {(k, t): _accuracies(sims[:, :k], labels[:, :k], test_y, c, t) for k, t in settings}
 
 
-def _accuracies(sims: np.ndarray, labels: np.ndarray, test_y: np.ndarray, c: int, temperature: float) -> dict[str, float]:
+def _accuracies(
+    sims: np.ndarray, labels: np.ndarray, test_y: np.ndarray, c: int, temperature: float
+) -> dict[str, float]:
     top = min(5, c)
     hits1 = hits5 = 0
     for rows, scores in _voted_blocks(sims, labels, c, temperature):

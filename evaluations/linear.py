@@ -1,40 +1,17 @@
 """Linear probe on cached (frozen) embeddings, with the weight decay picked on a held-out split.
 
 Protocol (MAE's linear probe head; SimCLR / lightly's optimiser):
-  * head = ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)``; the
-    weight ~ N(0, 0.01^2) (MAE's ``trunc_normal_(std=0.01)``: its +-2 cut-off is 200
-    sigma away, so it is a plain normal), bias 0. BN uses batch statistics while
-    training and its running statistics (momentum 0.1) for validation and test.
-  * cross-entropy, SGD momentum 0.9, effective lr = ``lr * batch_size / 256``,
-    weight decay on the weight and the bias (``torch.optim.SGD`` semantics), cosine
-    schedule over all steps, ``lr_t = lr_eff * 0.5 * (1 + cos(pi * t / steps))``,
-    no warm-up. Each epoch is a fresh seeded permutation; as in MAE the last
-    incomplete batch is dropped (a different one each epoch).
-  * model selection: a class-stratified ``val_fraction`` of the training set is
-    held out, one head per weight decay is trained on the rest, the decay with
-    the best validation top-1 wins (ties: the earlier one in ``weight_decays``),
-    and a head with that decay is retrained on the whole training set and
-    evaluated once on the test set.
 
-Speed: BN has no parameters and the features are frozen, so nothing upstream of
-the linear layer needs a gradient; the step is written out by hand (torch's
-fused ``batch_norm``, one matmul forward, one backward, in-place SGD) on tensors,
-with no autograd,
-DataLoader or optimiser objects. It is the same arithmetic as the ``torch.nn``
-reference (``tests/test_linear.py`` checks that). All heads of the grid share
-the batches (same seed: same permutation, same BN statistics), so the grid is
-trained as ONE wider matmul: cost(selection) ~ one fit with G*C outputs, and a
-full ``linear_probe`` costs about two fits (selection + retrain), not G + 1.
-With a single weight decay there is nothing to select: no split, one fit,
-``val_top1`` is NaN.
+* head: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, C)``, weight ~ N(0, 0.01^2), bias 0;
+* cross-entropy, SGD momentum 0.9, lr ``lr * batch_size / 256`` on a cosine over all steps without warm-up, weight
+  decay on weight and bias; a fresh seeded permutation each epoch, the last incomplete batch dropped (as MAE);
+* model selection: one head per weight decay on all but a class-stratified ``val_fraction``, the best validation
+  top-1 wins (ties: the earlier), then a head with that decay is retrained on the whole training set and tested once.
+  With a single weight decay: no split, one fit, ``val_top1`` NaN.
 
-    >>> import numpy as np
-    >>> from evaluations.linear import linear_probe
-    >>> rng = np.random.default_rng(0)
-    >>> y = rng.integers(0, 3, 600); x = rng.normal(size=(600, 8)) + 3 * np.eye(8)[y]
-    >>> out = linear_probe(x[:500], y[:500], x[500:], y[500:], epochs=20)
-    >>> out["top1"] > 0.9, out["weight_decay"] in (0.0, 1e-5, 1e-4, 1e-3)
-    (True, True)
+The step is written out by hand, without autograd (nothing upstream of the linear layer needs a gradient), and the
+heads of the grid share their batches, so the whole grid trains as one wider matmul;
+``tests/evaluations/test_linear.py`` checks it against the ``torch.nn`` reference.
 """
 
 from __future__ import annotations
@@ -160,9 +137,13 @@ def _check_weight_decays(weight_decays: Sequence[float]) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in weight_decays)
     except (TypeError, ValueError):
-        raise ValueError(f"{_EVALUATION}: weight_decays must be a sequence of numbers >= 0, got {weight_decays!r}") from None
+        raise ValueError(
+            f"{_EVALUATION}: weight_decays must be a sequence of numbers >= 0, got {weight_decays!r}"
+        ) from None
     if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise ValueError(f"{_EVALUATION}: weight_decays must be a non-empty sequence of finite numbers >= 0, got {weight_decays!r}")
+        raise ValueError(
+            f"{_EVALUATION}: weight_decays must be a non-empty sequence of finite numbers >= 0, got {weight_decays!r}"
+        )
     return values
 
 
@@ -209,7 +190,8 @@ def linear_probe(
     test_x, test_y = check_features(test_x, test_y, evaluation=_EVALUATION)
     if test_x.shape[1] != train_x.shape[1]:
         raise ValueError(
-            f"{_EVALUATION}: test embeddings have dimension {test_x.shape[1]} but training embeddings have {train_x.shape[1]}"
+            f"{_EVALUATION}: test embeddings have dimension {test_x.shape[1]} "
+            f"but training embeddings have {train_x.shape[1]}"
         )
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size", 2)
@@ -226,13 +208,18 @@ def linear_probe(
 
     by_decay: dict[float, float] = {}
     if len(decays) > 1:
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.floating)) or not 0 < val_fraction < 1:
+        if (
+            isinstance(val_fraction, bool)
+            or not isinstance(val_fraction, (int, float, np.floating))
+            or not 0 < val_fraction < 1
+        ):
             raise ValueError(f"{_EVALUATION}: val_fraction must be a number in (0, 1), got {val_fraction!r}")
         fit_idx, val_idx = stratified_split(train_y, float(val_fraction), int(seed))
         if val_idx.shape[0] == 0 or fit_idx.shape[0] < 2:
             raise ValueError(
-                f"{_EVALUATION}: val_fraction={val_fraction} of {train_x.shape[0]} training rows leaves "
-                f"{val_idx.shape[0]} for validation and {fit_idx.shape[0]} for training; use more data or a larger val_fraction"
+                f"{_EVALUATION}: val_fraction={val_fraction} of {train_x.shape[0]} "
+                f"training rows leaves {val_idx.shape[0]} for validation and "
+                f"{fit_idx.shape[0]} for training; use more data or a larger val_fraction"
             )
         xt = torch.from_numpy(train_x).to(dev)
         yt = torch.from_numpy(train_y).to(dev)

@@ -1,32 +1,15 @@
 """Retrieval metrics on embeddings: Recall@k and mAP@R, each item querying all the others.
 
-References: Musgrave, Belongie & Lim, "A Metric Learning Reality Check" (ECCV 2020)
-for mAP@R; Recall@k in the metric-learning sense (Song et al. 2016, "Deep Metric
-Learning via Lifted Structured Feature Embedding"): a query scores 1 at k if ANY
-of its k nearest neighbours has its label.
+References: Musgrave, Belongie & Lim, "A Metric Learning Reality Check" (ECCV 2020) for mAP@R; Recall@k in the
+metric-learning sense (Song et al. 2016, "Deep Metric Learning via Lifted Structured Feature Embedding"): a query
+scores 1 at k if ANY of its k nearest neighbours has its label.
 
 Conventions:
-  * Similarity = cosine: rows are L2-normalised (zero rows stay zero) and compared
-    by inner product with the exact faiss search of :mod:`evaluations.search`
-    (float32 similarities).
-  * The query is excluded by its index, not by its rank: a duplicate of the query
-    vector is an ordinary neighbour (at similarity 1, usually ranked first).
-  * Ties: neighbours are ranked by (similarity descending, item index ascending),
-    so equal similarities go to the lower index. To make this exact at the cut-off,
-    a query whose last retrieved similarity equals that of its last needed
-    neighbour (some tied item may not have been returned) is searched again with
-    twice as many neighbours, until the tie is inside the list or the list holds
-    every item.
-  * Queries whose label has no other member are excluded from both metrics (they
-    have nothing to retrieve); if every query is excluded, a ValueError is raised.
-  * Memory: queries go to faiss in chunks of at most ``2**22 / k`` rows.
 
-    >>> import numpy as np
-    >>> from evaluations.retrieval import map_at_r, recall_at_k
-    >>> x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-    >>> y = np.array([0, 0, 1, 1])
-    >>> recall_at_k(x, y, ks=(1,)), map_at_r(x, y)
-    ({1: 1.0}, 1.0)
+* cosine similarity: L2-normalised rows (zero rows stay zero), exact faiss search (:mod:`evaluations.search`);
+* the query is excluded by its index, not its rank (a duplicate of it is an ordinary neighbour);
+* ties go to the lower item index, exactly at the cut-off (a query tied there is searched again with more neighbours);
+* queries whose label has no other member are excluded; if every query is, a ValueError is raised.
 """
 
 from __future__ import annotations

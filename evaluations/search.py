@@ -46,8 +46,11 @@ def on_device(device: str | torch.device | None) -> Iterator[None]:
         _device.reset(token)
 
 
-def _torch_topk(database: np.ndarray, queries: np.ndarray, k: int, device: torch.device, out: tuple[np.ndarray, np.ndarray]) -> None:
-    """Exact top-k inner products by blocks of ``queries @ database.T`` and ``torch.topk`` on ``device``, into ``out``."""
+def _torch_topk(
+    database: np.ndarray, queries: np.ndarray, k: int, device: torch.device, out: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Exact top-k inner products by blocks of ``queries @ database.T`` and ``torch.topk`` on ``device``, into
+    ``out``."""
     db = torch.from_numpy(np.ascontiguousarray(database, dtype=np.float32)).to(device)
     rows = max(1, _TORCH_BUDGET // db.shape[0])
     for start in range(0, queries.shape[0], rows):
@@ -55,6 +58,7 @@ def _torch_topk(database: np.ndarray, queries: np.ndarray, k: int, device: torch
         sims, idx = torch.topk(q @ db.T, k, dim=1, largest=True, sorted=True)
         out[0][start : start + rows] = sims.cpu().numpy()
         out[1][start : start + rows] = idx.cpu().numpy()
+
 
 #: Largest k the faiss GPU brute-force kernels support; larger k runs on CPU.
 GPU_MAX_K = 2048
@@ -161,9 +165,7 @@ def inner_product_topk(
     if dim == 0:
         raise ValueError("database must have at least one column")
     if queries.shape[1] != dim:
-        raise ValueError(
-            f"queries has dimension {queries.shape[1]} but database has dimension {dim}"
-        )
+        raise ValueError(f"queries has dimension {queries.shape[1]} but database has dimension {dim}")
 
     k = int(min(int(k), n_db))
     n_q = queries.shape[0]
@@ -182,7 +184,9 @@ def inner_product_topk(
             _announced.append(str(device))
         backend = "torch"
     if backend == "torch":
-        _torch_topk(database, queries, k, device if device is not None else torch.device("cpu"), (similarities, indices))
+        _torch_topk(
+            database, queries, k, device if device is not None else torch.device("cpu"), (similarities, indices)
+        )
         return similarities, indices
     if use_gpu is True and not gpu_available():
         raise RuntimeError(

@@ -27,7 +27,9 @@ def class_embeddings(prompt_emb: Any, num_classes: int) -> np.ndarray:
     prompts, normalised again (CLIP's prompt ensembling)."""
     x = l2_normalize(check_features(prompt_emb, evaluation="zero-shot prompts"))
     if x.shape[0] % num_classes:
-        raise ValueError(f"zero-shot prompts: {x.shape[0]} prompt embeddings do not split evenly into {num_classes} classes")
+        raise ValueError(
+            f"zero-shot prompts: {x.shape[0]} prompt embeddings do not split evenly into {num_classes} classes"
+        )
     return l2_normalize(x.reshape(num_classes, -1, x.shape[1]).mean(axis=1))
 
 
@@ -39,12 +41,16 @@ def zero_shot_top1(image_emb: Any, class_text_emb: Any, labels: Any) -> float:
     image, labels = check_features(image_emb, labels, evaluation="zero-shot")
     classes = check_features(class_text_emb, evaluation="zero-shot (class embeddings)")
     if image.shape[1] != classes.shape[1]:
-        raise ValueError(f"zero-shot: image embeddings have {image.shape[1]} dimensions, class embeddings {classes.shape[1]}")
+        raise ValueError(
+            f"zero-shot: image embeddings have {image.shape[1]} dimensions, class embeddings {classes.shape[1]}"
+        )
     predictions = (l2_normalize(image) @ l2_normalize(classes).T).argmax(axis=1)
     return float(np.mean(predictions == labels))
 
 
-def cross_modal_recall(query: Any, gallery: Any, ks: Sequence[int] = (1, 5, 10), groups: Any = None) -> dict[int, float]:
+def cross_modal_recall(
+    query: Any, gallery: Any, ks: Sequence[int] = (1, 5, 10), groups: Any = None
+) -> dict[int, float]:
     """Recall@k across modalities: share of queries with a match among their k most similar gallery items.
 
     Query i's match is gallery item i; with ``groups`` ((N,) ids, e.g. of identical captions), every

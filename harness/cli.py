@@ -29,44 +29,92 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m harness", description="Benchmark and ablation harness for self-supervised learning.")
+    parser = _Parser(
+        prog="python -m harness", description="Benchmark and ablation harness for self-supervised learning."
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also the libraries' informational logs (MLflow, FAISS, Ray, ...)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also the libraries' informational logs (MLflow, FAISS, Ray, ...)"
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
 
-    run = verbs.add_parser("run", help="one trial: pretrain, evaluate, log to MLflow", description="Pretrain one method on one dataset, run the evaluation battery and log everything to MLflow.")
+    run = verbs.add_parser(
+        "run",
+        help="one trial: pretrain, evaluate, log to MLflow",
+        description="Pretrain one method on one dataset, run the evaluation battery and log everything to MLflow.",
+    )
     run.add_argument("config", help="run config YAML (e.g. configs/simclr_shapes.yaml)")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. pretrain.epochs=2 method.temperature=0.2")
-    run.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint (same as pretrain.resume=CHECKPOINT)")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. pretrain.epochs=2 method.temperature=0.2",
+    )
+    run.add_argument(
+        "--resume", metavar="CHECKPOINT", help="continue from a checkpoint (same as pretrain.resume=CHECKPOINT)"
+    )
 
     ev = verbs.add_parser(
         "eval",
         help="re-run the evaluation battery on a trained model, into its MLflow run",
-        description="Re-run the evaluation battery (or a part: eval.* overrides) on a trained model given by MLflow run id or checkpoint file, logging into the run that trained it.",
+        description=(
+            "Re-run the evaluation battery (or a part: eval.* overrides) on a trained model "
+            "given by MLflow run id or checkpoint file, logging into the run that trained it."
+        ),
     )
     ev.add_argument("target", metavar="RUN_ID_OR_CHECKPOINT")
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* keys, e.g. eval.semi.enabled=false eval.knn.k=200")
+    ev.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="eval.* keys, e.g. eval.semi.enabled=false eval.knn.k=200"
+    )
 
-    show = verbs.add_parser("config", help="print the resolved config (defaults filled in) without running", description="Validate a config with its overrides and print it resolved.")
+    show = verbs.add_parser(
+        "config",
+        help="print the resolved config (defaults filled in) without running",
+        description="Validate a config with its overrides and print it resolved.",
+    )
     show.add_argument("config", help="run config YAML")
     show.add_argument("overrides", nargs="*", metavar="key=value")
 
     sweep = verbs.add_parser(
         "sweep",
         help="run a YAML ablation with Ray Tune, log to MLflow, write the tables",
-        description="Run every trial of a sweep (Ray Tune), log a parent run and one child run per trial to MLflow, then write results/<sweep>/ tables and plots.",
+        description=(
+            "Run every trial of a sweep (Ray Tune), log a parent run and one child "
+            "run per trial to MLflow, then write results/<sweep>/ tables and plots."
+        ),
     )
     sweep.add_argument("sweep", help="sweep YAML (e.g. sweeps/temperature.yaml)")
-    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys (max_concurrent=1, seeds=[0]) or run keys (pretrain.epochs=2)")
-    sweep.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep: finished trials are kept")
-    sweep.add_argument("--results", default="results", metavar="DIR", help="where results/<sweep>/ goes (default: results)")
+    sweep.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="sweep keys (max_concurrent=1, seeds=[0]) or run keys (pretrain.epochs=2)",
+    )
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the last interrupted run of this sweep: finished trials are kept",
+    )
+    sweep.add_argument(
+        "--results", default="results", metavar="DIR", help="where results/<sweep>/ goes (default: results)"
+    )
 
-    table = verbs.add_parser("table", help="rebuild a sweep's tables and plots from MLflow", description="Rebuild results/<sweep>/table.{md,tex,csv} and the plots from the MLflow runs alone.")
+    table = verbs.add_parser(
+        "table",
+        help="rebuild a sweep's tables and plots from MLflow",
+        description="Rebuild results/<sweep>/table.{md,tex,csv} and the plots from the MLflow runs alone.",
+    )
     table.add_argument("sweep", help="a sweep YAML or an MLflow experiment name")
-    table.add_argument("--results", default="results", metavar="DIR", help="where results/<sweep>/ goes (default: results)")
+    table.add_argument(
+        "--results", default="results", metavar="DIR", help="where results/<sweep>/ goes (default: results)"
+    )
     table.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
-    ui = verbs.add_parser("ui", help="serve the MLflow UI for the harness's store", description="Start MLflow's UI on 127.0.0.1 against the store the harness writes, and print its URL.")
+    ui = verbs.add_parser(
+        "ui",
+        help="serve the MLflow UI for the harness's store",
+        description="Start MLflow's UI on 127.0.0.1 against the store the harness writes, and print its URL.",
+    )
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     ui.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -74,15 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     srv = verbs.add_parser(
         "server",
         help="a tracking server for a cluster: trials log over HTTP (tracking.uri: http://HOST:PORT)",
-        description="Serve an MLflow tracking server (runs in --store, artifacts under --artifacts, both over HTTP) for sweeps whose trials run on other machines.",
+        description=(
+            "Serve an MLflow tracking server (runs in --store, artifacts under "
+            "--artifacts, both over HTTP) for sweeps whose trials run on other machines."
+        ),
     )
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 to serve a cluster)")
+    srv.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 to serve a cluster)"
+    )
     srv.add_argument("--port", type=int, default=5000)
     srv.add_argument("--workers", type=int, default=2, help="server worker processes (default: 2)")
-    srv.add_argument("--store", default="sqlite:///mlflow.db", help="backend store URI (default: sqlite:///mlflow.db here)")
+    srv.add_argument(
+        "--store", default="sqlite:///mlflow.db", help="backend store URI (default: sqlite:///mlflow.db here)"
+    )
     srv.add_argument("--artifacts", default="mlartifacts", help="folder of the artifacts (default: ./mlartifacts)")
 
-    lst = verbs.add_parser("list", help="list methods, datasets or timm backbones", description="List registered methods, datasets, or timm backbones matching a pattern.")
+    lst = verbs.add_parser(
+        "list",
+        help="list methods, datasets or timm backbones",
+        description="List registered methods, datasets, or timm backbones matching a pattern.",
+    )
     lst.add_argument("what", nargs="?", choices=["methods", "datasets", "backbones"], default="methods")
     lst.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*' or 'vit_*'")
     return parser
@@ -110,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _configure_logging(quiet: bool, verbose: bool) -> None:
     """The harness's own loggers at INFO (WARNING with ``-q``); every library's at WARNING unless ``-v``."""
     level = logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for name in ("harness", "methods", "evaluations"):
         logging.getLogger(name).setLevel(level)
     if not verbose:
@@ -192,24 +253,38 @@ def _sweep(args: argparse.Namespace) -> int:
     from harness import tables
     from harness.sweep.driver import run_sweep
 
-    print(f"sweep {sweep.cfg.name!r}: {len(sweep.trials)} trials ({len(sweep.trials) // len(sweep.cfg.seeds)} points x {len(sweep.cfg.seeds)} seeds)", flush=True)
+    print(
+        f"sweep {sweep.cfg.name!r}: {len(sweep.trials)} trials "
+        f"({len(sweep.trials) // len(sweep.cfg.seeds)} points x {len(sweep.cfg.seeds)} seeds)",
+        flush=True,
+    )
     outcome = run_sweep(sweep, resume=args.resume, verbose=0 if args.quiet else 1)
     for key, error in outcome.failed.items():
         print(f"FAILED  {key}: {error}", file=sys.stderr)
     if outcome.interrupted:
-        print(f"interrupted: {len(outcome.interrupted)} trial(s) unfinished; continue with: python -m harness sweep {args.sweep} --resume", file=sys.stderr)
+        print(
+            f"interrupted: {len(outcome.interrupted)} trial(s) unfinished; "
+            f"continue with: python -m harness sweep {args.sweep} --resume",
+            file=sys.stderr,
+        )
     from harness.track.mlflow import absolute_uri, experiment_ids, runs_url, tracking_uri
 
     uri = absolute_uri(tracking_uri(sweep.configs[sweep.keys[0]].tracking.uri))
     out = Path(args.results) / sweep.cfg.name
-    print(f"{len(outcome.finished)}/{len(sweep.trials)} trials finished, {len(outcome.failed)} failed, {len(outcome.stopped)} stopped early, in {outcome.wall_s:.0f} s")
+    print(
+        f"{len(outcome.finished)}/{len(sweep.trials)} trials finished, {len(outcome.failed)} "
+        f"failed, {len(outcome.stopped)} stopped early, in {outcome.wall_s:.0f} s"
+    )
     if outcome.interrupted:  # an unfinished sweep leaves the tables of the last complete one in place
         print(f"tables: not written (interrupted); --resume writes them, or: python -m harness table {args.sweep}")
     else:
         files = tables.build(sweep.cfg.name, out, uri, table=sweep.cfg.table)
         print(f"tables: {out}/table.md (also {', '.join(p.name for p in files if p.name != 'table.md')})")
     link = runs_url("http://127.0.0.1:5000", experiment_ids(uri)[sweep.cfg.name])
-    print(f"MLflow: parent run {outcome.parent_run_id} in experiment {sweep.cfg.name!r} of {uri}; browse with: python -m harness ui, then {link}")
+    print(
+        f"MLflow: parent run {outcome.parent_run_id} in experiment "
+        f"{sweep.cfg.name!r} of {uri}; browse with: python -m harness ui, then {link}"
+    )
     if outcome.failed:
         print(f"error: {len(outcome.failed)} of {len(sweep.trials)} trials failed", file=sys.stderr)
     return outcome.exit_code
@@ -254,7 +329,11 @@ def _server(args: argparse.Namespace) -> int:
     store, artifacts = absolute_uri(args.store), Path(args.artifacts).resolve()
     ensure_store(store)
     artifacts.mkdir(parents=True, exist_ok=True)
-    print(f"MLflow tracking server for {store} (artifacts in {artifacts}) at http://{args.host}:{args.port}; set tracking.uri to it", flush=True)
+    print(
+        f"MLflow tracking server for {store} (artifacts in {artifacts}) "
+        f"at http://{args.host}:{args.port}; set tracking.uri to it",
+        flush=True,
+    )
     return serve(server_command(store, artifacts, args.host, args.port, args.workers))
 
 
@@ -288,4 +367,13 @@ def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_VERBS = {"run": _run, "eval": _eval, "sweep": _sweep, "table": _table, "ui": _ui, "server": _server, "config": _config, "list": _list}
+_VERBS = {
+    "run": _run,
+    "eval": _eval,
+    "sweep": _sweep,
+    "table": _table,
+    "ui": _ui,
+    "server": _server,
+    "config": _config,
+    "list": _list,
+}

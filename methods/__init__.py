@@ -27,12 +27,15 @@ _discovered = False
 DEFAULT_METHOD = "simclr"
 """The method of a run config that names none."""
 
+
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: add a Method subclass to the registry under ``cls.name``."""
     if not cls.name:
         raise TypeError(f"{cls.__qualname__} needs a class attribute 'name'")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"method name {cls.name!r} registered twice ({_REGISTRY[cls.name].__qualname__}, {cls.__qualname__})")
+        raise TypeError(
+            f"method name {cls.name!r} registered twice ({_REGISTRY[cls.name].__qualname__}, {cls.__qualname__})"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -67,7 +70,9 @@ def get_method_class(name: str) -> type[Method]:
     """The registered class for ``name``; an unknown name is a ConfigError listing the known ones."""
     known = registry()
     if name not in known:
-        raise ConfigError(f"method.name: unknown method {name!r}{suggest(str(name), known)}; known: {', '.join(list_methods())}")
+        raise ConfigError(
+            f"method.name: unknown method {name!r}{suggest(str(name), known)}; known: {', '.join(list_methods())}"
+        )
     return known[name]
 
 
@@ -77,7 +82,13 @@ def taxonomy(name: str) -> dict[str, object]:
     return {"method": cls.name, "uses_negatives": cls.uses_negatives, "networks": cls.networks, "loss": cls.loss_name}
 
 
-def create_method(name: str, backbone: nn.Module | None = None, *, backbone_factory: Callable[..., nn.Module] | None = None, **params: Any) -> Method:
+def create_method(
+    name: str,
+    backbone: nn.Module | None = None,
+    *,
+    backbone_factory: Callable[..., nn.Module] | None = None,
+    **params: Any,
+) -> Method:
     """Build method ``name`` on ``backbone``, else on ``backbone_factory()``; params are validated by the method's
     Params model first.
 
@@ -96,4 +107,13 @@ def create_method(name: str, backbone: nn.Module | None = None, *, backbone_fact
     return method
 
 
-__all__ = ["DEFAULT_METHOD", "Method", "create_method", "get_method_class", "list_methods", "register", "registry", "taxonomy"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "Method",
+    "create_method",
+    "get_method_class",
+    "list_methods",
+    "register",
+    "registry",
+    "taxonomy",
+]

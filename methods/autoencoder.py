@@ -1,4 +1,5 @@
-"""Autoencoder and denoising autoencoder (Vincent et al., ICML 2008, "Extracting and Composing Robust Featureswith Denoising Autoencoders").
+"""Autoencoder and denoising autoencoder (Vincent et al., ICML 2008, "Extracting and Composing Robust Features with
+Denoising Autoencoders").
 
 The encoder is the backbone; a light convolutional decoder maps its last feature map (convolutional nets) or,
 for models whose features are tokens (ViTs), its pooled vector through a linear layer onto a 4x4 grid, back to
@@ -37,7 +38,9 @@ def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x_hat.float(), x.float())
 
 
-def corrupt(x: torch.Tensor, noise_std: float = 0.0, mask_prob: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def corrupt(
+    x: torch.Tensor, noise_std: float = 0.0, mask_prob: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Additive Gaussian noise of std ``noise_std``, then masking noise: each value (each channel of each pixel)
     set to 0 with probability ``mask_prob`` (Vincent et al. 2008). In normalised units, so 0 is the dataset's
     mean colour. Drawn from ``generator``, by default torch's global RNG (the training loop seeds it per epoch)."""
@@ -76,18 +79,33 @@ class ConvDecoder(nn.Module):
 
 
 class AutoencoderParams(MethodParams):
-    decoder_width: int = Field(128, ge=1, description="channels of the decoder's first layer (halved per upsampling, down to 16)")
+    decoder_width: int = Field(
+        128, ge=1, description="channels of the decoder's first layer (halved per upsampling, down to 16)"
+    )
 
 
 class DenoisingAutoencoderParams(AutoencoderParams):
-    noise_std: float = Field(0.0, ge=0, description="std of additive isotropic Gaussian noise, in normalised units (Vincent et al., JMLR 2010); 0 = off")
-    mask_prob: float = Field(0.25, ge=0, lt=1, description="probability of zeroing each input value (masking noise, Vincent et al. 2008; 0.25 mid-range)")
+    noise_std: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "std of additive isotropic Gaussian noise, in normalised units (Vincent et al., JMLR 2010); 0 = off"
+        ),
+    )
+    mask_prob: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="probability of zeroing each input value (masking noise, Vincent et al. 2008; 0.25 mid-range)",
+    )
 
     @field_validator("mask_prob")
     @classmethod
     def _some_corruption(cls, v: float, info: ValidationInfo) -> float:
         if v == 0 and info.data.get("noise_std", 0.0) == 0:
-            raise ValueError("noise_std and mask_prob are both 0, which is no corruption; set one > 0 or use method autoencoder")
+            raise ValueError(
+                "noise_std and mask_prob are both 0, which is no corruption; set one > 0 or use method autoencoder"
+            )
         return v
 
 
@@ -120,7 +138,11 @@ class Autoencoder(Method):
             self.decoder = ConvDecoder(fmap.shape[1], fmap.shape[-1], channels, size, width).to(device)
         else:  # tokens: the pooled vector, through a linear layer, onto a small grid
             grid = min(TOKEN_GRID, size)
-            lift = nn.Sequential(nn.Linear(feature_dim(self.backbone), width * grid * grid), nn.ReLU(inplace=True), nn.Unflatten(1, (width, grid, grid)))
+            lift = nn.Sequential(
+                nn.Linear(feature_dim(self.backbone), width * grid * grid),
+                nn.ReLU(inplace=True),
+                nn.Unflatten(1, (width, grid, grid)),
+            )
             self.lift = lift.to(device)
             self.decoder = ConvDecoder(width, grid, channels, size, width).to(device)
 

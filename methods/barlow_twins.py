@@ -42,7 +42,9 @@ class BarlowTwinsParams(MethodParams):
     lambd: float = Field(5e-3, gt=0, description="weight of the off-diagonal term")
     proj_hidden_dim: int = Field(8192, ge=1)
     proj_dim: int = Field(8192, ge=1)
-    gather: bool = Field(True, description="with several workers, global batch statistics (false: each worker's own batch)")
+    gather: bool = Field(
+        True, description="with several workers, global batch statistics (false: each worker's own batch)"
+    )
 
 
 @register

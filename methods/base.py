@@ -113,7 +113,9 @@ class Method(nn.Module, ABC):
         """What semi-supervised evaluation fine-tunes, and its output size: the backbone; methods whose projection
         head can be fine-tuned from (SimCLRv2) also accept ``projector_layers`` > 0."""
         if projector_layers:
-            raise BadInput(f"eval.semi.from_projector_layer: method {self.name!r} cannot fine-tune from its projection head; use 0")
+            raise BadInput(
+                f"eval.semi.from_projector_layer: method {self.name!r} cannot fine-tune from its projection head; use 0"
+            )
         return self.backbone, feature_dim(self.backbone)
 
     def evaluation(self) -> Evaluation:

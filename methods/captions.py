@@ -1,21 +1,11 @@
-"""Captions for the text of image-text (CLIP) and text (SimCSE) methods, generated from the data: nothing is downloaded.
+"""Captions for the text of image-text (CLIP) and text (SimCSE) methods, generated from the data: nothing is
+downloaded.
 
-``shapes`` images are described from their attributes (shape, colour, size, position) with
-several templates; other labelled
-datasets get the class-name templates of their label ("a photo of a {class}", the prompts of
-Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision").
-Every item has the same number of captions, one per template; the first is the deterministic
-caption evaluations use.
-
-    captions = captions_for(data.train, data.classes, data.name)   # per item, one caption per template
-    captions[0][:2]                                                 # ['a small red triangle in the top left', 'a red triangle']
-    item_captions(data.test, data.classes)                          # the first caption of each item
-    class_prompts(data.classes)[0]                                  # ['a photo of a circle', 'a picture of a circle', ...]
-    zero_shot_prompts(data.test, data.classes)[0]                   # shapes: ['a circle', 'a picture of a circle', 'there is a circle']
-
-Zero-shot prompts of a dataset captioned from attributes name the class alone, a sentence
-no training caption is (every one names a colour or a size): zero-shot classification
-then asks the text tower to generalise, not to recall a caption it was trained on.
+``shapes`` images are described from their attributes (shape, colour, size, position) with several templates; other
+labelled datasets get the class-name templates of their label (the prompts of Radford et al. 2021, "Learning
+Transferable Visual Models From Natural Language Supervision"). Every item has one caption per template; the first is
+the deterministic caption evaluations use. Zero-shot prompts of attribute-captioned data name the class alone, a
+sentence no training caption is, so zero-shot classification asks the text tower to generalise, not to recall.
 """
 
 from __future__ import annotations
@@ -39,7 +29,8 @@ ATTRIBUTE_PROMPTS: tuple[str, ...] = ("a {}", "a picture of a {}", "there is a {
 """Zero-shot prompts of datasets captioned from attributes: :data:`SHAPE_TEMPLATES` with the class alone."""
 
 CLASS_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a picture of a {}", "an image of a {}")
-"""Class-name templates (a few of CLIP's ImageNet prompts): the captions of labelled datasets and the zero-shot prompts."""
+"""Class-name templates (a few of CLIP's ImageNet prompts): the captions of labelled datasets and the zero-shot
+prompts."""
 
 WHERE: dict[str, str] = {
     "top left": "in the top left",
@@ -77,7 +68,9 @@ def describe(attributes: dict[str, str]) -> list[str]:
     return [_fix_articles(t.format(**words)) for t in SHAPE_TEMPLATES]
 
 
-def captions_for(split: Split, classes: Sequence[str], dataset: str = "", method: str = "a text method") -> list[list[str]]:
+def captions_for(
+    split: Split, classes: Sequence[str], dataset: str = "", method: str = "a text method"
+) -> list[list[str]]:
     """Every caption of every item of ``split``: from its attributes where the split has them, else from its class name.
 
     Raises ConfigError (naming the dataset) when the split has no attributes and ``classes`` is empty.
@@ -85,7 +78,10 @@ def captions_for(split: Split, classes: Sequence[str], dataset: str = "", method
     if split.attributes is not None:
         return [describe(a) for a in split.attributes]
     if not classes:
-        raise ConfigError(f"data.name: dataset {dataset!r} has no captions (per-image attributes) and no class names; {method} needs text")
+        raise ConfigError(
+            f"data.name: dataset {dataset!r} has no captions (per-image "
+            f"attributes) and no class names; {method} needs text"
+        )
     prompts = class_prompts(classes)
     return [prompts[y] for y in split.labels.tolist()]
 

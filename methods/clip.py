@@ -30,7 +30,9 @@ from methods.losses import info_nce
 from methods.text_tower import CaptionedMethod, TextTower, TextTowerParams
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """Symmetric cross entropy over the batch (CLIP's pseudocode, Radford et al. 2021, figure 3).
 
     ``logits = logit_scale * I @ T^T`` on L2-normalised features (normalised here; a no-op for
@@ -51,7 +53,9 @@ class CLIPParams(TextTowerParams):
     init_temperature: float = Field(0.07, gt=0, description="the logit scale starts at log(1 / 0.07)")
     max_logit_scale: float = Field(100.0, gt=1, description="exp(t) is clamped at 100")
     text_dropout: float = Field(0.0, ge=0, lt=1, description="CLIP trains without dropout")
-    gather: bool = Field(True, description="with several workers, contrast against the global batch (false: each worker's own batch)")
+    gather: bool = Field(
+        True, description="with several workers, contrast against the global batch (false: each worker's own batch)"
+    )
 
 
 @register
@@ -77,7 +81,9 @@ class CLIP(CaptionedMethod):
         """Build the text tower on the data's vocabulary and tokenise the training captions."""
         p = self.params
         self.setup_captions(data, p.context_length)
-        self.text = TextTower(len(self.tokenizer), p.context_length, p.text_width, p.text_layers, p.text_heads, p.text_dropout, p.pooling)
+        self.text = TextTower(
+            len(self.tokenizer), p.context_length, p.text_width, p.text_layers, p.text_heads, p.text_dropout, p.pooling
+        )
         self.text_projection = torch.nn.Linear(p.text_width, p.embed_dim, bias=False)
 
     def views(self, image_size: int) -> list[View]:
@@ -113,16 +119,24 @@ class CLIP(CaptionedMethod):
         per class) and image->text / text->image Recall@k against each image's first caption (images with the same
         caption match it alike), at the battery's retrieval ks. The image side is the projector on the cached
         image features."""
-        from evaluations.zero_shot import class_embeddings, cross_modal_recall, zero_shot_top1  # FAISS: not for a config check
+        from evaluations.zero_shot import (
+            class_embeddings,
+            cross_modal_recall,
+            zero_shot_top1,
+        )  # FAISS: not for a config check
 
         data = ctx.data
         with eval_mode(self), torch.no_grad():
-            image = self.projector(torch.from_numpy(ctx.test_features).to(self.logit_scale.device)).float().cpu().numpy()
+            image = (
+                self.projector(torch.from_numpy(ctx.test_features).to(self.logit_scale.device)).float().cpu().numpy()
+            )
         out: dict[str, float] = {}
         if data.classes:
             prompts = [p for c in zero_shot_prompts(data.test, data.classes) for p in c]
             text = ctx.extract(self.encode_text, EvalInputs(self.tokenize(prompts), unchanged))
-            out["eval/zero_shot/top1"] = zero_shot_top1(image, class_embeddings(text, len(data.classes)), data.test.labels.numpy())
+            out["eval/zero_shot/top1"] = zero_shot_top1(
+                image, class_embeddings(text, len(data.classes)), data.test.labels.numpy()
+            )
         if ctx.retrieval_ks is not None:
             captions = item_captions(data.test, data.classes, dataset=data.name)
             text = ctx.extract(self.encode_text, EvalInputs(self.tokenize(captions), unchanged))

@@ -1,25 +1,15 @@
 """CMC: Contrastive Multiview Coding (Tian, Krishnan & Isola, ECCV 2020).
 
-Two views of one image made from different channel groups: the L (lightness) and ab
-(colour) channels of CIELAB. One encoder per view (L: 1 input channel, ab: 2), each
-with its own projection head; a cross-view contrastive loss makes the L and ab
-embeddings of the same image agree and those of other images differ. The
-representation used for evaluation is the concatenation of both encoders' features,
-as in the paper's linear evaluation.
+Two views of one image from different channel groups, the L and ab channels of CIELAB, each with its own encoder and
+projection head; a cross-view contrastive loss makes the L and ab embeddings of the same image agree. The
+representation for evaluation is both encoders' features concatenated (the paper's linear evaluation);
+:class:`SplitEncoder` holds both and replaces ``self.backbone``, so every evaluation uses CMC like any method.
 
-Both encoders live in :class:`SplitEncoder`, which takes the normalised RGB images
-every evaluation feeds a backbone and converts them itself; it replaces
-``self.backbone``, so embedding, baselines and fine-tuning use CMC like any method.
+Differences from the paper:
 
-Differences from the paper, named:
-
-- Negatives are the other images of the batch (symmetric InfoNCE, as in later
-  contrastive code: MoCo v3, CLIP). The paper contrasts against a memory bank of
-  K negatives with NCE (reference code: ``nce_k`` 4096, ``nce_t`` 0.07).
-- The paper's encoders end in a linear layer to 128 dimensions; the heads here are
-  MLPs (``proj_layers: 1`` gives the paper's linear head).
-- The augmentation is the run's recipe (``augment.*``); the paper used random crop +
-  flip only. Random grayscale empties the ab view of the images it hits, so
+- negatives are the other images of the batch (symmetric InfoNCE), not a memory bank with NCE;
+- the heads are MLPs (``proj_layers: 1`` gives the paper's linear head to 128 dimensions);
+- the augmentation is the run's recipe (the paper: crop + flip only); random grayscale empties the ab view, so
   ``augment.grayscale_p: 0`` is advisable.
 """
 
@@ -84,7 +74,9 @@ class SplitEncoder(nn.Module):
     lab_center: torch.Tensor
     lab_scale: torch.Tensor
 
-    def __init__(self, l_encoder: nn.Module, ab_encoder: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self, l_encoder: nn.Module, ab_encoder: nn.Module, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
         super().__init__()
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std must have 3 values (RGB), got {len(mean)} and {len(std)}")
@@ -127,7 +119,9 @@ class CMCParams(MethodParams):
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(128, ge=1, description="CMC: 128 (the reference code's feat_dim)")
     proj_layers: int = Field(2, ge=1, description="layers of each head; 1 is the paper's linear embedding")
-    gather: bool = Field(True, description="with several workers, contrast against the global batch (false: each worker's own batch)")
+    gather: bool = Field(
+        True, description="with several workers, contrast against the global batch (false: each worker's own batch)"
+    )
 
 
 @register
@@ -146,11 +140,18 @@ class CMC(Method):
     def setup(self, data: DataSplits) -> None:
         """Build the L (1 channel) and ab (2 channels) encoders with the backbone factory, and their heads."""
         if data.channels != 3:
-            raise ConfigError(f"data.name: {data.name!r} has {data.channels}-channel images; cmc's L/ab split needs RGB images (3 channels)")
+            raise ConfigError(
+                f"data.name: {data.name!r} has {data.channels}-channel "
+                "images; cmc's L/ab split needs RGB images (3 channels)"
+            )
         if self.backbone_factory is None:
-            raise ValueError("cmc builds one encoder per channel group: create it with create_method(..., backbone_factory=...)")
+            raise ValueError(
+                "cmc builds one encoder per channel group: create it with create_method(..., backbone_factory=...)"
+            )
         p = self.params
-        self.backbone = SplitEncoder(self.backbone_factory(in_chans=1), self.backbone_factory(in_chans=2), data.mean, data.std)
+        self.backbone = SplitEncoder(
+            self.backbone_factory(in_chans=1), self.backbone_factory(in_chans=2), data.mean, data.std
+        )
         self.projector_l = mlp(feature_dim(self.backbone.l_encoder), p.proj_hidden_dim, p.proj_dim, p.proj_layers)
         self.projector_ab = mlp(feature_dim(self.backbone.ab_encoder), p.proj_hidden_dim, p.proj_dim, p.proj_layers)
 
@@ -160,7 +161,10 @@ class CMC(Method):
 
     def check(self, batch_size: int) -> None:
         if batch_size < 2:
-            raise ConfigError(f"pretrain.batch_size: cmc contrasts each image with the others of its batch and needs at least 2, got {batch_size}")
+            raise ConfigError(
+                "pretrain.batch_size: cmc contrasts each image with the "
+                f"others of its batch and needs at least 2, got {batch_size}"
+            )
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         (x,) = views

@@ -1,56 +1,18 @@
-"""DINO: Emerging Properties in Self-Supervised Vision Transformers
-(Caron, Touvron, Misra, Jégou, Mairal, Bojanowski & Joulin, ICCV 2021).
+"""DINO: Emerging Properties in Self-Supervised Vision Transformers (Caron et al., ICCV 2021).
 
-Self-distillation with no labels. A student (backbone + DINO head) is trained to match,
-by cross entropy, the output distribution of a teacher of the same architecture whose
-weights are an exponential moving average of the student's. Every crop goes through the
-student; only the 2 global crops go through the teacher, and every student crop is
-compared with every teacher crop of another view (the loss is the mean over those pairs).
-Collapse is avoided by *centering* (the teacher's outputs minus an EMA ``c`` of their
-batch mean, which keeps one dimension from dominating) and *sharpening* (a low teacher
-temperature, which keeps the distribution from going uniform)::
+Self-distillation with no labels: a student (backbone + DINO head) matches, by cross entropy, the centred and
+sharpened output distribution of an EMA teacher; every crop goes through the student, the 2 global crops through the
+teacher, and every student crop is compared with every teacher crop of another view. The head, temperatures, EMA,
+centre and multi-crop follow the paper and facebookresearch/dino (defaults in :class:`DINOParams`). The paper's
+optimisation, as ``pretrain.*`` keys: ``clip_grad=3.0``, ``weight_decay=0.04`` to ``weight_decay_end=0.4`` on a
+cosine, no decay on biases and norms (:func:`harness.train.optim.is_bias_or_norm`, as ``get_params_groups``).
 
-    P_t = softmax((g_t(x_global) - c) / tau_t)     (no gradient)
-    P_s = softmax(g_s(x') / tau_s)
-    L   = mean over pairs (global i, crop v != i) of  -sum_k P_t[k] log P_s[k]
+Differences from the reference code:
 
-No negatives; two networks (student, EMA teacher); the loss is per sample.
-
-Following the paper and the reference code (facebookresearch/dino, ``main_dino.py``):
-
-* head: a 3-layer MLP (hidden 2048, GELU, bottleneck 256, truncated-normal init std 0.02),
-  L2 normalisation, then a weight-normalised linear layer to ``out_dim`` (65536) outputs
-  without bias; ``norm_last_layer`` fixes its weight norm to 1 (``g`` is not trained);
-* teacher = EMA of the student (backbone and head), momentum 0.996 -> 1 on a cosine over
-  the steps of the training (:func:`methods.momentum.cosine_momentum`); it runs in the
-  student's train/eval mode, its BatchNorm statistics copied from the student;
-* centre: ``c <- m c + (1 - m) mean(teacher outputs of the global crops)``, m = 0.9, after
-  each step, the mean over the *global* batch (summed over the workers with ``gather``, as
-  the reference code's ``dist.all_reduce``);
-* teacher temperature: linear warm-up from 0.04 to 0.07 over the first 30 epochs (per epoch,
-  ``np.linspace(0.04, 0.07, 30)``), then 0.07; student temperature 0.1. The reference
-  code's command-line defaults are 0.04 throughout; 0.04 -> 0.07 over 30 epochs is the
-  paper's ViT-S/16 recipe;
-* multi-crop: 2 global crops of the image size, area (0.4, 1), and ``num_local_crops``
-  local crops of ``round(3/7 * image size)`` px (96 px at 224), area (0.05, 0.4);
-* the last layer is frozen during the first ``freeze_last_layer`` epochs (reference: 1): it
-  is named by :meth:`DINO.frozen_modules` while ``step.epoch < freeze_last_layer``, in
-  epochs as the reference code counts them, and the training loop drops its gradient.
-
-Recommended optimisation (the paper's, as ``pretrain.*`` keys of the run config):
-``clip_grad=3.0`` and a weight decay from ``weight_decay=0.04`` to ``weight_decay_end=0.4``
-on a cosine, with no decay on biases and norm parameters (the loop's default rule,
-:meth:`methods.base.Method.no_weight_decay`; the reference code's ``get_params_groups``
-is the same rule). The paper trains ViTs with AdamW (lr 5e-4 x batch/256, 10 warm-up
-epochs) and ResNet-50 with LARS/SGD. Two differences from the reference code, both named:
-``pretrain.clip_grad`` bounds the *global* gradient norm (the reference clips each
-tensor's norm separately), and the loop drops the frozen last layer's gradient before
-clipping (the reference after), so the clip sees only what is updated.
-
-Backbones: any timm model (ResNets, ViTs); ``embed`` is the backbone's features. A ViT
-takes the smaller local crops with ``backbone.kwargs.dynamic_img_size=true`` (its position
-embeddings interpolated, as the reference code's ``interpolate_pos_encoding``); without it
-:meth:`DINO.check` refuses local crops.
+* ``pretrain.clip_grad`` bounds the global gradient norm (the reference clips each tensor's norm separately);
+* the loop drops the frozen last layer's gradient before clipping (the reference after);
+* the teacher temperature warms up 0.04 -> 0.07 over 30 epochs, the paper's ViT-S/16 recipe (the reference code's
+  command-line default is 0.04 throughout).
 """
 
 from __future__ import annotations
@@ -73,10 +35,10 @@ from methods.distributed import gather_no_grad, world_size
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 from methods.multicrop import multi_crop_views, per_view
 
-"""The smallest local crop side (pixels): a ResNet on fewer pixels is all padding."""
 
-
-def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, student_temp: float, teacher_temp: float) -> torch.Tensor:
+def dino_loss(
+    student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, student_temp: float, teacher_temp: float
+) -> torch.Tensor:
     """DINO's loss for one pair of views: ``mean_b sum_k -P_t[b, k] log P_s[b, k]``.
 
     student_out, teacher_out: (B, K) head outputs (logits) of two different views of the same images; center: (K,).
@@ -88,21 +50,38 @@ def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torc
     if student_temp <= 0 or teacher_temp <= 0:
         raise ValueError(f"temperatures must be > 0, got student_temp={student_temp}, teacher_temp={teacher_temp}")
     if student_out.shape != teacher_out.shape or student_out.dim() != 2 or center.shape[-1] != student_out.shape[1]:
-        raise ValueError(f"need (B, K) student and teacher outputs and a (K,) centre, got {tuple(student_out.shape)}, {tuple(teacher_out.shape)}, {tuple(center.shape)}")
+        raise ValueError(
+            "need (B, K) student and teacher outputs and a (K,) centre, got "
+            f"{tuple(student_out.shape)}, {tuple(teacher_out.shape)}, {tuple(center.shape)}"
+        )
     with torch.autocast(device_type=student_out.device.type, enabled=False):
         targets = F.softmax((teacher_out.detach().float() - center.float()) / teacher_temp, dim=-1)
         return -(targets * F.log_softmax(student_out.float() / student_temp, dim=-1)).sum(dim=-1).mean()
 
 
-def multi_crop_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], center: torch.Tensor, student_temp: float, teacher_temp: float) -> torch.Tensor:
+def multi_crop_loss(
+    student_out: Sequence[torch.Tensor],
+    teacher_out: Sequence[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
     """The mean of :func:`dino_loss` over the pairs (teacher crop i, student crop v) with v != i.
 
     ``student_out``: one (B, K) tensor per crop, the global crops first, in the teacher's order; ``teacher_out``:
     one per global crop. With 2 global and N local crops: 2 * (N + 1) pairs (the reference code's ``DINOLoss``).
     """
     if not teacher_out or len(student_out) < 2 or len(teacher_out) > len(student_out):
-        raise ValueError(f"need at least 2 student crops and 1 to {len(student_out)} teacher crops, got {len(student_out)} and {len(teacher_out)}")
-    terms = [dino_loss(s, t, center, student_temp, teacher_temp) for i, t in enumerate(teacher_out) for v, s in enumerate(student_out) if v != i]
+        raise ValueError(
+            f"need at least 2 student crops and 1 to {len(student_out)} "
+            f"teacher crops, got {len(student_out)} and {len(teacher_out)}"
+        )
+    terms = [
+        dino_loss(s, t, center, student_temp, teacher_temp)
+        for i, t in enumerate(teacher_out)
+        for v, s in enumerate(student_out)
+        if v != i
+    ]
     return torch.stack(terms).mean()
 
 
@@ -134,7 +113,17 @@ class DINOHead(nn.Module):
     ``bottleneck_dim``, L2 normalisation, then a weight-normalised linear layer to ``out_dim``:
     (B, in_dim) -> (B, out_dim) logits."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, num_layers: int = 3, *, norm_last_layer: bool = True, use_bn: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        *,
+        norm_last_layer: bool = True,
+        use_bn: bool = False,
+    ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
@@ -165,19 +154,40 @@ class DINOParams(MethodParams):
     bottleneck_dim: int = Field(256, ge=1, description="the head's L2-normalised bottleneck (paper: 256)")
     head_layers: int = Field(3, ge=1, description="Linear layers of the head's MLP (paper: 3)")
     use_bn_in_head: bool = Field(False, description="BatchNorm in the head's MLP (reference code: off; solo-learn: on)")
-    norm_last_layer: bool = Field(True, description="fix the weight norm of the last layer to 1 (paper: true; false helps ViT-S/16 a little)")
+    norm_last_layer: bool = Field(
+        True, description="fix the weight norm of the last layer to 1 (paper: true; false helps ViT-S/16 a little)"
+    )
     student_temp: float = Field(0.1, gt=0, description="student softmax temperature (paper: 0.1)")
     teacher_temp: float = Field(0.07, gt=0, description="teacher softmax temperature after the warm-up (paper: 0.07)")
     warmup_teacher_temp: float = Field(0.04, gt=0, description="teacher temperature at epoch 0 (paper: 0.04)")
-    warmup_teacher_temp_epochs: int = Field(30, ge=0, description="epochs of the linear teacher-temperature warm-up (paper: 30)")
-    base_momentum: float = Field(0.996, ge=0, lt=1, description="teacher EMA momentum at step 0, cosine to 1 (paper: 0.996)")
-    center_momentum: float = Field(0.9, ge=0, le=1, description="EMA momentum of the centre (paper: 0.9; 1: no centering)")
-    num_local_crops: int = Field(6, ge=0, description="local crops besides the 2 global ones (paper: 6 or 10 x 96 px at 224 px)")
-    local_crop_size_ratio: float = Field(3 / 7, gt=0, le=1, description="local crop side / image side, rounded (3/7: 96 px at 224, 14 px at 32)")
-    global_crop_scale: tuple[float, float] = Field((0.4, 1.0), description="crop area range of the 2 global crops (paper: 0.4-1)")
-    local_crop_scale: tuple[float, float] = Field((0.05, 0.4), description="crop area range of the local crops (paper: 0.05-0.4)")
-    freeze_last_layer: int = Field(1, ge=0, description="epochs at the start without updates of the head's last layer (paper: 1)")
-    gather: bool = Field(True, description="with several workers, the centre is the EMA of the global batch's mean (false: each worker's own)")
+    warmup_teacher_temp_epochs: int = Field(
+        30, ge=0, description="epochs of the linear teacher-temperature warm-up (paper: 30)"
+    )
+    base_momentum: float = Field(
+        0.996, ge=0, lt=1, description="teacher EMA momentum at step 0, cosine to 1 (paper: 0.996)"
+    )
+    center_momentum: float = Field(
+        0.9, ge=0, le=1, description="EMA momentum of the centre (paper: 0.9; 1: no centering)"
+    )
+    num_local_crops: int = Field(
+        6, ge=0, description="local crops besides the 2 global ones (paper: 6 or 10 x 96 px at 224 px)"
+    )
+    local_crop_size_ratio: float = Field(
+        3 / 7, gt=0, le=1, description="local crop side / image side, rounded (3/7: 96 px at 224, 14 px at 32)"
+    )
+    global_crop_scale: tuple[float, float] = Field(
+        (0.4, 1.0), description="crop area range of the 2 global crops (paper: 0.4-1)"
+    )
+    local_crop_scale: tuple[float, float] = Field(
+        (0.05, 0.4), description="crop area range of the local crops (paper: 0.05-0.4)"
+    )
+    freeze_last_layer: int = Field(
+        1, ge=0, description="epochs at the start without updates of the head's last layer (paper: 1)"
+    )
+    gather: bool = Field(
+        True,
+        description="with several workers, the centre is the EMA of the global batch's mean (false: each worker's own)",
+    )
 
     @field_validator("global_crop_scale", "local_crop_scale")
     @classmethod
@@ -200,7 +210,15 @@ class DINO(Method):
 
     def __init__(self, backbone: nn.Module, params: DINOParams) -> None:
         super().__init__(backbone, params)
-        self.head = DINOHead(feature_dim(backbone), params.out_dim, params.hidden_dim, params.bottleneck_dim, params.head_layers, norm_last_layer=params.norm_last_layer, use_bn=params.use_bn_in_head)
+        self.head = DINOHead(
+            feature_dim(backbone),
+            params.out_dim,
+            params.hidden_dim,
+            params.bottleneck_dim,
+            params.head_layers,
+            norm_last_layer=params.norm_last_layer,
+            use_bn=params.use_bn_in_head,
+        )
         self.teacher = frozen_copy(nn.Sequential(backbone, self.head))
         self.register_buffer("center", torch.zeros(params.out_dim))
         self._pending: tuple[torch.Tensor, int] | None = None
@@ -214,18 +232,25 @@ class DINO(Method):
         (local_low, local_high), (global_low, global_high) = p.local_crop_scale, p.global_crop_scale
         if p.num_local_crops and (local_low > global_low or local_high > global_high):
             raise ConfigError(
-                f"method.local_crop_scale: {list(p.local_crop_scale)} lies above method.global_crop_scale {list(p.global_crop_scale)}; "
-                "local crops are the smaller ones (paper: [0.05, 0.4] and [0.4, 1.0])"
+                f"method.local_crop_scale: {list(p.local_crop_scale)} lies above method.global_crop_scale "
+                f"{list(p.global_crop_scale)}; local crops are the smaller ones (paper: [0.05, 0.4] and [0.4, 1.0])"
             )
         return multi_crop_views(
-            image_size, p.global_crop_scale, p.num_local_crops, p.local_crop_size_ratio, p.local_crop_scale, "method.local_crop_size_ratio", "local"
+            image_size,
+            p.global_crop_scale,
+            p.num_local_crops,
+            p.local_crop_size_ratio,
+            p.local_crop_scale,
+            "method.local_crop_size_ratio",
+            "local",
         )
 
     def check(self, batch_size: int) -> None:
         if self.params.num_local_crops and getattr(self.backbone, "dynamic_img_size", None) is False:
             raise ConfigError(
-                "backbone.kwargs.dynamic_img_size: this ViT takes only its own image size, and DINO's local crops are smaller; "
-                "set backbone.kwargs.dynamic_img_size=true (position embeddings interpolated) or method.num_local_crops=0"
+                "backbone.kwargs.dynamic_img_size: this ViT takes only its own image size, and "
+                "DINO's local crops are smaller; set backbone.kwargs.dynamic_img_size=true "
+                "(position embeddings interpolated) or method.num_local_crops=0"
             )
 
     def frozen_modules(self, step: StepInfo) -> list[str]:
@@ -257,9 +282,14 @@ class DINO(Method):
 
     @torch.no_grad()
     def after_step(self, step: StepInfo) -> None:
-        """EMA update of the teacher, then of the centre with this step's teacher outputs (global batch with ``gather``)."""
+        """EMA update of the teacher, then of the centre with this step's teacher outputs (global batch with
+        ``gather``)."""
         p = self.params
-        ema_update(self.teacher, nn.Sequential(self.backbone, self.head), cosine_momentum(step.step, step.total_steps, p.base_momentum))
+        ema_update(
+            self.teacher,
+            nn.Sequential(self.backbone, self.head),
+            cosine_momentum(step.step, step.total_steps, p.base_momentum),
+        )
         if self._pending is None:
             return
         (total, rows), self._pending = self._pending, None

@@ -1,24 +1,14 @@
 """Gathering across workers, for the methods whose loss couples the samples of a batch.
 
-    z1, z2 = gather(z1), gather(z2)        # (W * B, D) on every worker, differentiable
-    loss = nt_xent(z1, z2, T)              # the loss of the global batch, as on one process
-    keys = gather_no_grad(k)               # keys and codes: no gradient flows back
-    average_gradients(method)              # without DistributedDataParallel, after backward
+Losses stay plain functions of tensors; methods gather their inputs before calling them (in ``training_step`` and
+``after_step``), behind their ``gather`` parameter. Without an initialised process group of more than one worker
+every function here is the identity.
 
-Losses stay plain functions of tensors; methods gather their inputs before calling them
-(in ``training_step`` and ``after_step``), behind their ``gather`` parameter. Without an
-initialised process group of more than one worker every function here is the identity.
-
-Gradient convention. Each worker computes the loss of the *gathered* global batch, so the
-loss value is the same on every worker and equals the single-process loss of that batch.
-Only this worker's rows of the gathered tensor depend on its parameters: ``gather``'s
-backward sums the W workers' (identical) gradients with respect to the gathered tensor and
-returns this worker's rows, which is W times the single-process gradient of those rows.
-Averaging the parameter gradients over the workers (DistributedDataParallel does it, or
-:func:`average_gradients` in a loop without DDP) divides by W, so every parameter gradient
-equals the single-process one exactly. Per-sample losses (BYOL, SimSiam, MoCo v2 against its
-queue) need no gather: each worker's loss is the mean over its rows, and the same averaging
-makes the gradient that of the global mean. Every worker must pass the same shape (full batches).
+Gradient convention: each worker computes the loss of the gathered global batch, equal to the single-process loss.
+``gather``'s backward returns the sum of the W workers' gradients for this worker's rows, W times the single-process
+gradient; averaging the parameter gradients over the workers (DDP, or :func:`average_gradients`) divides by W, so every
+parameter gradient equals the single-process one. Per-sample losses need no gather. Every worker must pass the same
+shape (full batches).
 """
 
 from __future__ import annotations
@@ -71,7 +61,8 @@ class _Gather(torch.autograd.Function):
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) on each of W workers -> (W * B, ...) in rank order on every worker, with gradient (see the module docstring)."""
+    """(B, ...) on each of W workers -> (W * B, ...) in rank order on every worker, with gradient (see the module
+    docstring)."""
     return _Gather.apply(x) if is_distributed() else x
 
 

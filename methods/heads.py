@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, *, batch_norm: bool = True, last_bn: bool = False) -> nn.Sequential:
+def mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, *, batch_norm: bool = True, last_bn: bool = False
+) -> nn.Sequential:
     """An MLP head: ``num_layers`` Linear layers, BN + ReLU between them (SimCLR, BYOL, SimSiam style).
 
     SimCLR uses 2 layers (v1) or 3 (v2); ``last_bn`` adds a BatchNorm without

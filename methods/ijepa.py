@@ -1,54 +1,28 @@
-"""I-JEPA: Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture (Assran et al., CVPR 2023).
+"""I-JEPA: Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture
+(Assran et al., CVPR 2023).
 
-A context encoder (the run's timm ViT) sees one large block of each image's patches; a narrow ViT predictor, given
-its output tokens at the context positions and a shared learned mask token plus a fixed 2-D sin-cos position
-embedding at each target position, predicts the target encoder's representation of every patch of each of 4
-target blocks. The target encoder is an EMA of the context encoder (momentum 0.996 -> 1, linear in the step, as the
-reference code's ``ema: [0.996, 1.0]``, ``ipe_scale: 1.0``); it sees the full image, gets no gradient, and its
-patch tokens are layer-normalised over the feature dimension (no affine) before they are compared. The loss is
-the squared error averaged over target blocks, positions and feature dimensions (the paper's L2, divided by D).
+A context encoder (the run's timm ViT) sees one large block of each image's patches; a narrow ViT predictor, given its
+tokens and a mask token at each target position, predicts the target encoder's layer-normalised representation of
+every patch of 4 target blocks. The target encoder, an EMA of the context encoder (0.996 -> 1, linear in the step),
+sees the full image; average-pooled, it is the representation for evaluation, and fine-tuning starts from a copy.
 
-Multi-block masking on the g x g patch grid (the reference's ``MaskCollator``):
+Masks (the reference's ``MaskCollator``): per step one target and one context block size; per image 4 target blocks
+and a context block with every target patch removed, truncated to the batch's smallest context in raster order. The
+draws are keyed (:func:`core.keyed.keyed_uniforms`) by the step and the image's row, so an image's blocks are the same
+on any device, batch or worker (only the truncation depends on the batch). :func:`check_blocks` refuses blocks that
+cannot fit the grid before training.
 
-* Per step, one target block size and one context block size, shared by the batch so that the targets stack:
-  ``keep = int(g*g * scale)``, ``h = round(sqrt(keep * aspect))``, ``w = round(sqrt(keep / aspect))`` (h rows, w
-  columns, aspect h/w), target scale in (0.15, 0.2) and aspect in (0.75, 1.5), context scale in (0.85, 1.0) and
-  aspect 1.
-* Per image, 4 target block positions, uniform where the block fits; then the context block, from which every
-  target patch is removed. Its position is redrawn up to :data:`CONTEXT_TRIES` times until it keeps more than
-  :data:`MIN_KEEP` patches (else the largest draw is kept). The numbers of context patches are then made equal
-  across the batch by keeping each image's first ``min`` ones in raster order, as the reference does. Should no
-  position leave more than :data:`MIN_KEEP` (rare: 4 targets covering most of the context), the targets are redrawn
-  too (:data:`ROUNDS`); an image left with no context patch at all is a RunFailed, never a silent overlap.
-* Every draw is keyed (:func:`harness.data.augment.keyed_uniforms`): the sizes by the step alone, an image's positions by
-  (step, its row in the training split). The masks are then reproducible, the same on any device, and an image's
-  blocks the same whichever batch or data-parallel worker it lands in (only the truncation depends on the batch).
-  The run's seed enters through which rows each step gets.
+Differences from the reference code (facebookresearch/ijepa):
 
-The grid must fit the blocks: a target block larger than the grid, an empty block, or a grid where 4 of the smallest
-target blocks side by side fill the largest context block are refused before training (:func:`check_blocks`).
-
-The representation for evaluation is the **target** encoder on all patches, average-pooled over the patch tokens
-(after its final norm), as the paper evaluates the target encoder; semi-supervised fine-tuning starts from a
-trainable copy of it (:meth:`IJEPA.trunk`). ``self.backbone`` is the context encoder.
-
-Differences from the reference code (facebookresearch/ijepa), named as PROTOCOLS.md asks:
-
-* Loss: the reference code minimises ``F.smooth_l1_loss`` (Huber, beta 1); the paper writes the L2 distance.
-  ``loss: l2`` (default) is the paper's, ``loss: smooth_l1`` the code's; both average over every element.
-* Block sizes: the reference draws scale and aspect from one uniform (its larger blocks are always the taller
-  ones); here they are independent draws, as the paper describes them.
-* Placement: the reference clamps h, w to at most g - 1 and draws the top-left corner in [0, g - h) (exclusive), so
-  no block ever covers the last row or column of the grid; here blocks may be g wide and corners are drawn in
-  [0, g - h] (inclusive), so every patch can be a target or context patch.
-* The reference, when 20 context positions fail, lets the context overlap some targets; here the context never
-  contains a target patch: the targets are redrawn instead (:data:`ROUNDS`).
-* Augmentation: the reference uses random resized crops of scale (0.3, 1) and nothing else (no flip, no colour).
-  This method declares one view (the run's ``augment`` crop); the training loop applies the config's colour jitter,
-  grayscale and flip to every view, so an I-JEPA run should set ``augment.jitter_p: 0, augment.grayscale_p: 0``
-  (and ``augment.hflip_p: 0`` for the reference's recipe).
-* The predictor's blocks are timm ``Block`` (qkv bias, LayerNorm eps 1e-6, MLP ratio 4) as the reference's; its
-  head count is a parameter (the reference uses the encoder's).
+* loss ``l2`` (default, the paper's) or ``smooth_l1`` (the code's Huber), both averaged over every element;
+* block scale and aspect are independent draws (the reference draws both from one uniform);
+* blocks may be g wide, corners in [0, g - h] inclusive: every patch can be masked (the reference's never the last
+  row or column);
+* the context never contains a target patch: the targets are redrawn (:data:`ROUNDS`) where the reference lets the
+  context overlap them;
+* augmentation is the run's recipe: set ``augment.jitter_p: 0, augment.grayscale_p: 0`` (and ``augment.hflip_p: 0``)
+  for the reference's crops only;
+* the predictor's head count is a parameter (the reference uses the encoder's).
 """
 
 from __future__ import annotations
@@ -128,10 +102,19 @@ def block_shapes(grid: int, scale: tuple[float, float], aspect: tuple[float, flo
 
 
 def _grid_words(grid: int, patch_size: int) -> str:
-    return f"the {grid}x{grid} patch grid (data.image_size {grid * patch_size} / backbone.kwargs.patch_size {patch_size})"
+    return (
+        f"the {grid}x{grid} patch grid (data.image_size {grid * patch_size} / backbone.kwargs.patch_size {patch_size})"
+    )
 
 
-def check_blocks(grid: int, patch_size: int, num_targets: int, target_scale: tuple[float, float], target_aspect: tuple[float, float], context_scale: tuple[float, float]) -> None:
+def check_blocks(
+    grid: int,
+    patch_size: int,
+    num_targets: int,
+    target_scale: tuple[float, float],
+    target_aspect: tuple[float, float],
+    context_scale: tuple[float, float],
+) -> None:
     """Refuse, as a one-line ConfigError naming the key, blocks the grid cannot hold: a target block taller or wider
     than the grid; an empty target or context block (``int(g*g * scale) == 0``); and a grid too small for the targets
     plus a context: ``num_targets`` of the smallest target blocks, side by side, fill the largest context block
@@ -143,21 +126,23 @@ def check_blocks(grid: int, patch_size: int, num_targets: int, target_scale: tup
     if too_big:
         h, w = max(too_big, key=max)
         raise ConfigError(
-            f"method.target_scale: target blocks of scale up to {target_scale[1]} and aspect (h/w) {list(target_aspect)} reach {h}x{w} patches, "
-            f"larger than {where}; use a smaller method.target_scale or a method.target_aspect nearer 1"
+            f"method.target_scale: target blocks of scale up to {target_scale[1]} and "
+            f"aspect (h/w) {list(target_aspect)} reach {h}x{w} patches, larger than "
+            f"{where}; use a smaller method.target_scale or a method.target_aspect nearer 1"
         )
     for key, shapes, scale in (("target_scale", targets, target_scale), ("context_scale", contexts, context_scale)):
         if min(h * w for h, w in shapes) == 0:
             raise ConfigError(
-                f"method.{key}: a block of scale {scale[0]} on {where} keeps int({grid * grid} * {scale[0]}) = {int(grid * grid * scale[0])} patches; "
-                f"use a larger method.{key} or a smaller patch size"
+                f"method.{key}: a block of scale {scale[0]} on {where} keeps int({grid * grid} * {scale[0]}) "
+                f"= {int(grid * grid * scale[0])} patches; use a larger method.{key} or a smaller patch size"
             )
     least = min(h * w for h, w in targets)
     most = max(h * w for h, w in contexts)
     if num_targets * least >= most:
         raise ConfigError(
-            f"method.target_scale: {num_targets} target blocks of at least {least} patches fill the context block of at most {most} patches on {where}, "
-            f"leaving no room for a context; use a smaller method.target_scale, fewer method.num_targets or a smaller patch size"
+            f"method.target_scale: {num_targets} target blocks of at least {least} patches fill the "
+            f"context block of at most {most} patches on {where}, leaving no room for a context; "
+            "use a smaller method.target_scale, fewer method.num_targets or a smaller patch size"
         )
 
 
@@ -186,7 +171,9 @@ def _place(u: torch.Tensor, shape: Shape, grid: int) -> torch.Tensor:
     cells = torch.arange(grid)
     in_rows = torch.logical_and(cells >= top, cells < top + h)  # (..., grid)
     in_cols = torch.logical_and(cells >= left, cells < left + w)
-    return torch.logical_and(in_rows[..., :, None], in_cols[..., None, :])  # logical_and: `&` broadcasts bools slowly on the CPU
+    return torch.logical_and(
+        in_rows[..., :, None], in_cols[..., None, :]
+    )  # logical_and: `&` broadcasts bools slowly on the CPU
 
 
 def sample_masks(
@@ -209,7 +196,11 @@ def sample_masks(
     rows = rows.reshape(-1).cpu()
     b = rows.numel()
     u_size = _uniforms(_SIZE_KEY, step, torch.zeros(1, dtype=torch.long), 3)[0].tolist()
-    target_shape = block_shape(grid, target_scale[0] + u_size[0] * (target_scale[1] - target_scale[0]), target_aspect[0] + u_size[1] * (target_aspect[1] - target_aspect[0]))
+    target_shape = block_shape(
+        grid,
+        target_scale[0] + u_size[0] * (target_scale[1] - target_scale[0]),
+        target_aspect[0] + u_size[1] * (target_aspect[1] - target_aspect[0]),
+    )
     context_shape = block_shape(grid, context_scale[0] + u_size[2] * (context_scale[1] - context_scale[0]), 1.0)
     per_round = num_targets + CONTEXT_TRIES
     u = _uniforms(_POSITION_KEY, step, rows, 2 * ROUNDS * per_round).view(b, ROUNDS, per_round, 2)
@@ -218,23 +209,30 @@ def sample_masks(
     candidates = torch.logical_and(_place(u[:, :, num_targets:], context_shape, grid), free)  # (B, R, T, g, g)
     counts = candidates.flatten(3).sum(dim=3).view(b, ROUNDS * CONTEXT_TRIES)
     accepted = counts > MIN_KEEP
-    choice = torch.where(accepted.any(dim=1), accepted.long().argmax(dim=1), counts.argmax(dim=1))  # argmax: the first maximum
+    choice = torch.where(
+        accepted.any(dim=1), accepted.long().argmax(dim=1), counts.argmax(dim=1)
+    )  # argmax: the first maximum
     best = counts.gather(1, choice[:, None])[:, 0]
     if bool((best == 0).any()):
         row = int(rows[int((best == 0).nonzero()[0])])
         raise RunFailed(
-            f"method.target_scale: image {row} at step {step} has no context patch left in {ROUNDS * CONTEXT_TRIES} draws: {num_targets} target blocks of "
-            f"{target_shape[0]}x{target_shape[1]} cover its {context_shape[0]}x{context_shape[1]} context block on the {grid}x{grid} patch grid; "
-            f"use smaller method.target_scale, fewer method.num_targets or a smaller patch size"
+            f"method.target_scale: image {row} at step {step} has no context patch left in "
+            f"{ROUNDS * CONTEXT_TRIES} draws: {num_targets} target blocks of {target_shape[0]}x{target_shape[1]} "
+            f"cover its {context_shape[0]}x{context_shape[1]} context block on the {grid}x{grid} patch grid; use "
+            "smaller method.target_scale, fewer method.num_targets or a smaller patch size"
         )
     pick = torch.arange(b)
     rounds = choice // CONTEXT_TRIES
     context = candidates[pick, rounds, choice % CONTEXT_TRIES].flatten(1)  # (B, g*g)
     available = context.sum(dim=1)
     keep = int(available.min())
-    context_ids = torch.sort(torch.logical_not(context).to(torch.uint8), dim=1, stable=True).indices[:, :keep]  # the first `keep`, raster order
+    context_ids = torch.sort(torch.logical_not(context).to(torch.uint8), dim=1, stable=True).indices[
+        :, :keep
+    ]  # the first `keep`, raster order
     targets = target_blocks[pick, rounds].flatten(2)  # (B, M, g*g)
-    target_ids = torch.nonzero(targets)[:, 2].view(b, num_targets, target_shape[0] * target_shape[1])  # nonzero: (image, block, patch) order
+    target_ids = torch.nonzero(targets)[:, 2].view(
+        b, num_targets, target_shape[0] * target_shape[1]
+    )  # nonzero: (image, block, patch) order
     return BlockMasks(context_ids, target_ids, available)
 
 
@@ -243,7 +241,9 @@ def take(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, ids[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
-def ijepa_loss(pred: torch.Tensor, target_features: torch.Tensor, targets: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+def ijepa_loss(
+    pred: torch.Tensor, target_features: torch.Tensor, targets: torch.Tensor, kind: str = "l2"
+) -> torch.Tensor:
     """The I-JEPA loss: predictions ``pred`` (B, M, K, D) of the target blocks against the target encoder's patch
     tokens ``target_features`` (B, L, D) of the full images, layer-normalised over D (no affine) and taken at the
     target positions ``targets`` (B, M, K). ``l2``: mean squared error over blocks, positions and dimensions (the
@@ -261,7 +261,8 @@ def ijepa_loss(pred: torch.Tensor, target_features: torch.Tensor, targets: torch
 
 
 class LayerNorm6(nn.LayerNorm):
-    """LayerNorm with eps 1e-6, the reference's ``partial(nn.LayerNorm, eps=1e-6)`` as a class (timm's ``norm_layer``)."""
+    """LayerNorm with eps 1e-6, the reference's ``partial(nn.LayerNorm, eps=1e-6)`` as a class (timm's
+    ``norm_layer``)."""
 
     def __init__(self, dim: int, **kwargs: Any) -> None:
         super().__init__(dim, **{"eps": 1e-6, **kwargs})  # timm passes device and dtype
@@ -283,7 +284,9 @@ class Predictor(nn.Module):
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, grid)[None], persistent=False)
-        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=LayerNorm6) for _ in range(depth)))
+        self.blocks = nn.Sequential(
+            *(Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=LayerNorm6) for _ in range(depth))
+        )
         self.norm = LayerNorm6(dim)
         self.proj = nn.Linear(dim, embed_dim)
         self._init_weights()
@@ -322,10 +325,18 @@ def _range(v: tuple[float, float], what: str) -> tuple[float, float]:
 
 class IJEPAParams(MethodParams):
     num_targets: int = Field(4, ge=1, description="target blocks per image (paper: 4)")
-    target_scale: tuple[float, float] = Field((0.15, 0.2), description="target block area range, fraction of the patches (paper: 0.15-0.2)")
-    target_aspect: tuple[float, float] = Field((0.75, 1.5), description="target block aspect range, rows/columns (paper: 0.75-1.5)")
-    context_scale: tuple[float, float] = Field((0.85, 1.0), description="context block area range, aspect 1 (paper: 0.85-1.0)")
-    base_momentum: float = Field(0.996, ge=0, le=1, description="target EMA momentum at step 0, linear to 1 (paper: 0.996)")
+    target_scale: tuple[float, float] = Field(
+        (0.15, 0.2), description="target block area range, fraction of the patches (paper: 0.15-0.2)"
+    )
+    target_aspect: tuple[float, float] = Field(
+        (0.75, 1.5), description="target block aspect range, rows/columns (paper: 0.75-1.5)"
+    )
+    context_scale: tuple[float, float] = Field(
+        (0.85, 1.0), description="context block area range, aspect 1 (paper: 0.85-1.0)"
+    )
+    base_momentum: float = Field(
+        0.996, ge=0, le=1, description="target EMA momentum at step 0, linear to 1 (paper: 0.996)"
+    )
     pred_dim: int = Field(384, ge=4, description="predictor width (reference: 384)")
     pred_depth: int = Field(6, ge=1, description="predictor blocks (reference ViT-H/14: 12; 6 for smaller encoders)")
     pred_heads: int = Field(12, ge=1, description="predictor attention heads (reference: the encoder's)")
@@ -364,7 +375,9 @@ class IJEPA(Method):
     uses_negatives = False
     networks = 2
     loss_name = "latent L2 (EMA target)"
-    paper = "Assran et al., CVPR 2023, Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture"
+    paper = (
+        "Assran et al., CVPR 2023, Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture"
+    )
 
     params: IJEPAParams
 
@@ -372,7 +385,14 @@ class IJEPA(Method):
         super().__init__(backbone, params)
         self.parts: ViTParts = vit_parts(backbone, "method ijepa")
         g = self.parts.grid_size
-        check_blocks(g, self.parts.patch_size, params.num_targets, params.target_scale, params.target_aspect, params.context_scale)
+        check_blocks(
+            g,
+            self.parts.patch_size,
+            params.num_targets,
+            params.target_scale,
+            params.target_aspect,
+            params.context_scale,
+        )
         self.predictor = Predictor(self.parts.embed_dim, g, params.pred_dim, params.pred_depth, params.pred_heads)
         self.target = frozen_copy(backbone)
         self.target_parts: ViTParts = vit_parts(self.target, "method ijepa")
@@ -380,7 +400,10 @@ class IJEPA(Method):
     def setup(self, data: DataSplits) -> None:
         side = self.parts.grid_size * self.parts.patch_size
         if data.image_size != side:
-            raise ConfigError(f"backbone.kwargs.img_size: the ViT is built for {side} px images, the data has {data.image_size} px (data.image_size)")
+            raise ConfigError(
+                f"backbone.kwargs.img_size: the ViT is built for {side} px "
+                f"images, the data has {data.image_size} px (data.image_size)"
+            )
 
     def views(self, image_size: int) -> list[View]:
         return [View(image_size)]
@@ -390,14 +413,23 @@ class IJEPA(Method):
         rows = step.indices if step.indices is not None else torch.arange(batch)
         p = self.params
         return sample_masks(
-            self.parts.grid_size, step.step, rows, num_targets=p.num_targets, target_scale=p.target_scale, target_aspect=p.target_aspect, context_scale=p.context_scale
+            self.parts.grid_size,
+            step.step,
+            rows,
+            num_targets=p.num_targets,
+            target_scale=p.target_scale,
+            target_aspect=p.target_aspect,
+            context_scale=p.context_scale,
         )
 
     def encode_context(self, images: torch.Tensor, context_ids: torch.Tensor) -> torch.Tensor:
-        """The context encoder on the context patches only (plus its prefix tokens): (B, C, H, W), (B, Kc) -> (B, Kc, E)."""
+        """The context encoder on the context patches only (plus its prefix tokens): (B, C, H, W), (B, Kc) -> (B, Kc,
+        E)."""
         parts = self.parts
         tokens = take(parts.patch_tokens(images), context_ids)
-        return parts.encode(torch.cat([parts.prefix_tokens(images.shape[0]), tokens], dim=1))[:, parts.num_prefix_tokens :]
+        return parts.encode(torch.cat([parts.prefix_tokens(images.shape[0]), tokens], dim=1))[
+            :, parts.num_prefix_tokens :
+        ]
 
     @torch.no_grad()
     def target_features(self, images: torch.Tensor) -> torch.Tensor:

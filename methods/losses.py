@@ -39,15 +39,22 @@ def info_nce(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if anchors.dim() != 2 or candidates.dim() != 2 or anchors.shape[1] != candidates.shape[1]:
-        raise ValueError(f"anchors must be (N, D) and candidates (M, D), got {tuple(anchors.shape)} and {tuple(candidates.shape)}")
+        raise ValueError(
+            f"anchors must be (N, D) and candidates (M, D), got {tuple(anchors.shape)} and {tuple(candidates.shape)}"
+        )
     if targets is None:
         if anchors.shape != candidates.shape:
-            raise ValueError(f"with the default targets (row i of each is a pair) anchors and candidates must both be (N, D), got {tuple(anchors.shape)} and {tuple(candidates.shape)}")
+            raise ValueError(
+                "with the default targets (row i of each is a pair) anchors and candidates "
+                f"must both be (N, D), got {tuple(anchors.shape)} and {tuple(candidates.shape)}"
+            )
         targets = torch.arange(anchors.shape[0], device=anchors.device)
     elif symmetric:
         raise ValueError("symmetric InfoNCE takes the default targets (row i of each is a pair), not a targets tensor")
     elif targets.shape != (anchors.shape[0],):
-        raise ValueError(f"targets must be ({anchors.shape[0]},), one candidate index per anchor, got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be ({anchors.shape[0]},), one candidate index per anchor, got {tuple(targets.shape)}"
+        )
     if normalize:
         anchors, candidates = F.normalize(anchors.float(), dim=1), F.normalize(candidates.float(), dim=1)
     logits = anchors @ candidates.T / temperature

@@ -1,19 +1,18 @@
 """MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022).
 
-Each image is cut into patches; a random subset (``mask_ratio``, 0.75) is removed per sample, by argsort of
-uniform noise. The encoder (a timm ViT, taken apart by :func:`core.backbones.vit_parts`) sees only the
-visible patches plus its class/register tokens; a light transformer decoder gets the encoded tokens, a shared
-learned mask token at every removed position and fixed 2-D sin-cos position embeddings, and predicts the pixels
-of every patch. The loss is the per-patch MSE averaged over the masked patches only, against the normalised
-view's pixels, each target patch normalised by its own mean and variance with ``norm_pix_loss`` (the paper's
-best setting, on by default). The representation for evaluation is the encoder on all patches, pooled by the
-class token (the paper's linear probe) or by the mean of the patch tokens.
+A random ``mask_ratio`` of each image's patches is removed; the encoder (a timm ViT, :func:`core.backbones.vit_parts`)
+sees the visible patches, and a light transformer decoder with a mask token at every removed position predicts the
+pixels of every patch. The loss is the MSE over the masked patches only (each target patch normalised with
+``norm_pix_loss``). The representation for evaluation is the encoder on all patches, pooled by the class token or the
+mean of the patch tokens.
 
-Differences from the reference code: the encoder keeps timm's position embedding (learned, as timm builds it)
-where MAE fixes it to sin-cos; the decoder blocks are ``nn.TransformerEncoderLayer`` (pre-norm, GELU, MLP ratio 4,
-no dropout), equivalent to MAE's timm blocks without the qk bias option; the number of masked patches is
-``round(mask_ratio * L)`` where MAE keeps ``int(L * (1 - mask_ratio))`` (the same for L divisible by 4).
-Augmentation is the run's ``augment`` config; MAE's recipe is crop (0.2, 1) + flip only.
+Differences from the reference code:
+
+* the encoder keeps timm's learned position embedding (MAE fixes it to sin-cos);
+* the decoder blocks are ``nn.TransformerEncoderLayer`` (pre-norm, GELU, MLP ratio 4), MAE's timm blocks without qk
+  bias;
+* ``round(mask_ratio * L)`` patches are masked (MAE keeps ``int(L * (1 - mask_ratio))``; equal for L divisible by 4);
+* augmentation is the run's ``augment`` config (MAE's recipe: crop (0.2, 1) + flip only).
 """
 
 from __future__ import annotations
@@ -38,7 +37,12 @@ NORM_PIX_EPS = 1e-6
 
 
 def random_masking(
-    n: int, length: int, ratio: float, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    n: int,
+    length: int,
+    ratio: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking by argsort of uniform noise (MAE ``random_masking``).
 
@@ -83,19 +87,28 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     ``forward_loss``); visible patches do not enter it. pred, target: (N, L, P); mask: (N, L), 1 = masked.
     Computed in float32; a perfect reconstruction gives 0."""
     if pred.shape != target.shape or pred.dim() != 3 or mask.shape != pred.shape[:2]:
-        raise ValueError(f"expected pred and target (N, L, P) and mask (N, L), got {tuple(pred.shape)}, {tuple(target.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            "expected pred and target (N, L, P) and mask (N, L), got "
+            f"{tuple(pred.shape)}, {tuple(target.shape)}, {tuple(mask.shape)}"
+        )
     mask = mask.float()
     per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
 
 
 class MAEParams(MethodParams):
-    mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of patches masked per image (He et al. 2022: 0.75)")
+    mask_ratio: float = Field(
+        0.75, gt=0, lt=1, description="fraction of patches masked per image (He et al. 2022: 0.75)"
+    )
     decoder_dim: int = Field(512, ge=4, description="decoder width (paper: 512)")
     decoder_depth: int = Field(8, ge=1, description="decoder blocks (paper: 8)")
     decoder_heads: int = Field(16, ge=1, description="decoder attention heads (paper: 16)")
-    norm_pix_loss: bool = Field(True, description="normalise each target patch by its mean and std (the paper's best setting)")
-    pool: Literal["cls", "mean"] = Field("cls", description="representation: class token (the paper's linear probe) or mean of patch tokens")
+    norm_pix_loss: bool = Field(
+        True, description="normalise each target patch by its mean and std (the paper's best setting)"
+    )
+    pool: Literal["cls", "mean"] = Field(
+        "cls", description="representation: class token (the paper's linear probe) or mean of patch tokens"
+    )
 
     @field_validator("decoder_dim")
     @classmethod
@@ -124,7 +137,8 @@ class MAE(Method):
 
     params: MAEParams
     decoder_pos_embed: torch.Tensor
-    """Non-persistent buffer (1, P + L, decoder_dim): zeros for the prefix tokens, then the fixed 2-D sin-cos embedding."""
+    """Non-persistent buffer (1, P + L, decoder_dim): zeros for the prefix tokens, then the fixed 2-D sin-cos
+    embedding."""
 
     def __init__(self, backbone: nn.Module, params: MAEParams) -> None:
         super().__init__(backbone, params)
@@ -133,12 +147,18 @@ class MAE(Method):
         num_masked = round(params.mask_ratio * parts.num_patches)
         if not 0 < num_masked < parts.num_patches:
             raise ConfigError(
-                f"method.mask_ratio: {params.mask_ratio} of {parts.num_patches} patches masks {num_masked}; at least one must be masked and one "
-                f"visible (more patches: a smaller backbone.kwargs.patch_size than {parts.patch_size})"
+                f"method.mask_ratio: {params.mask_ratio} of {parts.num_patches} patches "
+                f"masks {num_masked}; at least one must be masked and one visible (more "
+                f"patches: a smaller backbone.kwargs.patch_size than {parts.patch_size})"
             )
         if params.pool == "cls" and not parts.has_class_token:
-            raise ConfigError("method.pool: 'cls' needs a class token and this ViT has none (backbone.kwargs.class_token); use pool=mean")
-        in_chans: int = parts.model.patch_embed.proj.in_channels  # parts.model is the backbone; timm leaves patch_embed untyped
+            raise ConfigError(
+                "method.pool: 'cls' needs a class token and this ViT "
+                "has none (backbone.kwargs.class_token); use pool=mean"
+            )
+        in_chans: int = (
+            parts.model.patch_embed.proj.in_channels
+        )  # parts.model is the backbone; timm leaves patch_embed untyped
         dim = params.decoder_dim
         self.decoder_embed = nn.Linear(parts.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -146,7 +166,15 @@ class MAE(Method):
         self.register_buffer("decoder_pos_embed", pos[None], persistent=False)  # fixed, a function of the grid
         self.decoder_blocks = nn.Sequential(
             *(
-                nn.TransformerEncoderLayer(dim, params.decoder_heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+                nn.TransformerEncoderLayer(
+                    dim,
+                    params.decoder_heads,
+                    4 * dim,
+                    dropout=0.0,
+                    activation="gelu",
+                    batch_first=True,
+                    norm_first=True,
+                )
                 for _ in range(params.decoder_depth)
             )
         )
@@ -167,7 +195,10 @@ class MAE(Method):
     def setup(self, data: DataSplits) -> None:
         side = self.parts.grid_size * self.parts.patch_size
         if data.image_size != side:
-            raise ConfigError(f"backbone.kwargs.img_size: the ViT is built for {side} px images, the data has {data.image_size} px (data.image_size)")
+            raise ConfigError(
+                f"backbone.kwargs.img_size: the ViT is built for {side} px "
+                f"images, the data has {data.image_size} px (data.image_size)"
+            )
 
     def views(self, image_size: int) -> list[View]:
         return [View(image_size)]

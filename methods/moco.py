@@ -48,7 +48,9 @@ class MoCoV2Params(MethodParams):
     queue_size: int = Field(65536, ge=1, description="negatives kept from earlier batches")
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(128, ge=1)
-    gather: bool = Field(True, description="with several workers, enqueue the global batch's keys (false: each worker's own)")
+    gather: bool = Field(
+        True, description="with several workers, enqueue the global batch's keys (false: each worker's own)"
+    )
 
 
 @register

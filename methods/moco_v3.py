@@ -34,7 +34,10 @@ class MoCoV3Params(MethodParams):
     proj_hidden_dim: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
     pred_hidden_dim: int = Field(4096, ge=1)
-    gather: bool = Field(True, description="with several workers, contrast against the global batch's keys (false: each worker's own batch)")
+    gather: bool = Field(
+        True,
+        description="with several workers, contrast against the global batch's keys (false: each worker's own batch)",
+    )
 
 
 @register

@@ -1,7 +1,7 @@
 """Multi-crop (Caron et al. 2020, SwAV): two global views and several small ones, shared by SwAV and DINO.
 
-    views = multi_crop_views(32, (0.14, 1.0), 6, 3 / 7, (0.05, 0.14), "method.local_crop_size_ratio", "local")
-    outputs = per_view(encoder, views)   # one encoder call per run of equal-sized crops, an output per view
+views = multi_crop_views(32, (0.14, 1.0), 6, 3 / 7, (0.05, 0.14), "method.local_crop_size_ratio", "local")
+outputs = per_view(encoder, views)   # one encoder call per run of equal-sized crops, an output per view
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ def crop_size(image_size: int, ratio: float) -> int:
     return round(image_size * ratio)
 
 
-def multi_crop_views(image_size: int, global_scale: tuple[float, float], num_small: int, small_ratio: float,
-                     small_scale: tuple[float, float], ratio_key: str, word: str) -> list[View]:
+def multi_crop_views(
+    image_size: int,
+    global_scale: tuple[float, float],
+    num_small: int,
+    small_ratio: float,
+    small_scale: tuple[float, float],
+    ratio_key: str,
+    word: str,
+) -> list[View]:
     """Two global views of ``image_size`` px, then ``num_small`` views of ``crop_size(image_size, small_ratio)`` px;
     ConfigError naming ``ratio_key`` when the small crops do not fit between :data:`MIN_CROP_SIZE` and the image.
     ``word`` names the small crops in the message (DINO's "local", SwAV's "small")."""

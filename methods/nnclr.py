@@ -45,7 +45,12 @@ class NNCLRParams(MethodParams):
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(256, ge=1)
     pred_hidden_dim: int = Field(4096, ge=1)
-    gather: bool = Field(True, description="with several workers, in-batch negatives and enqueueing over the global batch (false: each worker's own)")
+    gather: bool = Field(
+        True,
+        description=(
+            "with several workers, in-batch negatives and enqueueing over the global batch (false: each worker's own)"
+        ),
+    )
 
 
 @register

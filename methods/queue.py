@@ -38,7 +38,10 @@ class FeatureQueue(nn.Module):
         """Refuse a queue smaller than one batch (ConfigError naming ``key``), before training."""
         size = self.queue.shape[0]
         if size < batch_size:
-            raise ConfigError(f"{key}: {size} is smaller than pretrain.batch_size {batch_size}; the queue must hold at least one batch")
+            raise ConfigError(
+                f"{key}: {size} is smaller than pretrain.batch_size "
+                f"{batch_size}; the queue must hold at least one batch"
+            )
 
     def features(self) -> torch.Tensor:
         """The current contents, (size, dim), detached."""

@@ -49,7 +49,9 @@ class SimCLRParams(MethodParams):
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(128, ge=1)
     proj_layers: int = Field(2, ge=1, description="2 in SimCLR v1, 3 in v2")
-    gather: bool = Field(True, description="with several workers, contrast against the global batch (false: each worker's own batch)")
+    gather: bool = Field(
+        True, description="with several workers, contrast against the global batch (false: each worker's own batch)"
+    )
 
 
 @register

@@ -36,7 +36,10 @@ class SimCLRV2(SimCLR):
         """The backbone plus the first ``projector_layers`` (Linear, BN, ReLU) layers of the head."""
         hidden = self.params.proj_layers - 1
         if not 0 <= projector_layers <= hidden:
-            raise BadInput(f"eval.semi.from_projector_layer: {projector_layers} is outside 0..{hidden} for simclr_v2 with {self.params.proj_layers} head layers")
+            raise BadInput(
+                f"eval.semi.from_projector_layer: {projector_layers} is outside "
+                f"0..{hidden} for simclr_v2 with {self.params.proj_layers} head layers"
+            )
         if projector_layers == 0:
             return self.backbone, feature_dim(self.backbone)
         return nn.Sequential(self.backbone, self.projector[: 3 * projector_layers]), self.params.proj_hidden_dim

@@ -40,8 +40,12 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -
 
 class SimCSEParams(TextTowerParams):
     temperature: float = Field(0.05, gt=0, description="SimCSE: 0.05")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout of the text tower, the augmentation (BERT's 0.1, as in SimCSE)")
-    gather: bool = Field(True, description="with several workers, contrast against the global batch (false: each worker's own batch)")
+    dropout: float = Field(
+        0.1, ge=0, lt=1, description="dropout of the text tower, the augmentation (BERT's 0.1, as in SimCSE)"
+    )
+    gather: bool = Field(
+        True, description="with several workers, contrast against the global batch (false: each worker's own batch)"
+    )
 
 
 @register
@@ -57,10 +61,13 @@ class SimCSE(CaptionedMethod):
     params: SimCSEParams
 
     def setup(self, data: DataSplits) -> None:
-        """Build the text tower on the data's vocabulary (it becomes ``self.backbone``) and tokenise the training captions."""
+        """Build the text tower on the data's vocabulary (it becomes ``self.backbone``) and tokenise the training
+        captions."""
         p = self.params
         self.setup_captions(data, p.context_length)
-        self.backbone = TextTower(len(self.tokenizer), p.context_length, p.text_width, p.text_layers, p.text_heads, p.dropout, p.pooling)
+        self.backbone = TextTower(
+            len(self.tokenizer), p.context_length, p.text_width, p.text_layers, p.text_heads, p.dropout, p.pooling
+        )
 
     def views(self, image_size: int) -> list[View]:
         """No image views: the positives come from dropout."""
@@ -73,7 +80,9 @@ class SimCSE(CaptionedMethod):
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         if step.indices is None:
-            raise ValueError("SimCSE needs step.indices, the batch's rows in the training split, to find their captions")
+            raise ValueError(
+                "SimCSE needs step.indices, the batch's rows in the training split, to find their captions"
+            )
         z1, z2 = self.two_passes(self.captions.sample(step.indices))
         if self.params.gather:
             z1, z2 = gather(z1), gather(z2)
@@ -82,7 +91,9 @@ class SimCSE(CaptionedMethod):
     def evaluation(self) -> Evaluation:
         """Text throughout: each item's first caption is embedded, two different captions are its two views for
         the alignment diagnostic, and the input baseline is their word counts."""
-        return Evaluation(inputs=self.caption_inputs, alignment=self.caption_views, baseline=("bag_of_words", self.word_counts))
+        return Evaluation(
+            inputs=self.caption_inputs, alignment=self.caption_views, baseline=("bag_of_words", self.word_counts)
+        )
 
     def caption_inputs(self, split: Split, normalize: Prepare) -> EvalInputs:
         """The token ids of each item's first caption: ``embed`` takes text."""
@@ -99,4 +110,7 @@ class SimCSE(CaptionedMethod):
         return EvalInputs(self.item_tokens(split), lambda ids: word_counts(ids, vocab))
 
     def trunk(self, projector_layers: int = 0) -> tuple[torch.nn.Module, int]:
-        raise ConfigError(f"eval.semi.enabled: method {self.name!r} learns text embeddings; semi-supervised fine-tuning of an image backbone does not apply: set eval.semi.enabled=false")
+        raise ConfigError(
+            f"eval.semi.enabled: method {self.name!r} learns text embeddings; semi-supervised "
+            "fine-tuning of an image backbone does not apply: set eval.semi.enabled=false"
+        )

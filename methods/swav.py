@@ -1,44 +1,15 @@
-"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments
-(Caron, Misra, Mairal, Goyal, Bojanowski & Joulin, NeurIPS 2020).
+"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments (Caron et al., NeurIPS 2020).
 
-Every crop of an image goes through the backbone and a projection MLP; its
-L2-normalised projection z is scored against K learnable, L2-normalised prototypes
-(``scores = z @ C.T``). The *codes* of the two global crops are soft cluster
-assignments computed online with a few Sinkhorn-Knopp iterations, which spread
-each batch equally over the prototypes (the equipartition that prevents collapse).
-The loss is a *swapped prediction*: the code of one global crop is predicted, by
-cross entropy, from the prototype scores (softmax at temperature T) of every other
-crop, global or small (multi-crop).
+Every crop's L2-normalised projection is scored against K learnable, L2-normalised prototypes; the *codes* of the two
+global crops are soft cluster assignments from a few Sinkhorn-Knopp iterations, which spread each batch equally over
+the prototypes (the equipartition that prevents collapse), and each is predicted, by cross entropy, from the scores
+of every other crop (the *swapped prediction*). Clustering-based: no negatives. Prototypes re-normalised before every
+step, frozen for the first ``freeze_prototypes_steps``, codes in float32 without gradient from the global crops only,
+an optional queue and multi-crop (2 global crops + ``num_small_crops``) follow facebookresearch/swav.
 
-SwAV is clustering-based: it compares cluster assignments, not pairs of samples,
-so it uses no negatives (``uses_negatives = False``); the batch only enters through
-the equipartition constraint of Sinkhorn-Knopp.
-
-Following the reference code (facebookresearch/swav, ``main_swav.py``):
-
-* the prototypes are an ``nn.Linear(proj_dim, K, bias=False)`` whose weight rows are
-  re-normalised to unit length before every step;
-* the prototypes get no update for the first ``freeze_prototypes_steps`` steps (the
-  reference code drops their gradient for its first 313 iterations); here
-  :meth:`SwAV.frozen_modules` names them for those steps and the training loop sets
-  their gradient to None, so the optimiser skips them exactly as in the reference code;
-* codes are computed under ``no_grad`` in float32, from the global crops only
-  (``crops_for_assign = [0, 1]``);
-* an optional queue of past global-crop projections (``queue_length > 0``) is
-  prepended to the batch when computing codes only (it enlarges the set Sinkhorn
-  balances over, useful for small batches); it starts filling at
-  ``queue_start_step`` and is used once full, as in the reference code.
-* with several workers (``gather``) every crop's projections are gathered before the
-  scores: the codes balance the global batch (and the queue holds the global batch's
-  projections, ``queue_length`` rows in all), and each worker computes the loss of the
-  global batch, equal to the single-process loss. The reference code's
-  ``distributed_sinkhorn`` all-reduces the sums instead; the codes are the same.
-
-Multi-crop (documented choice): two global crops of the full image size with crop
-area range (0.14, 1.0), then ``num_small_crops`` small crops of
-``round(image_size * small_crop_size_ratio)`` pixels with area range (0.05, 0.14):
-the paper's ImageNet recipe (2 x 224 px + 6 x 96 px). The default ratio 96/224
-gives exactly 96 px at 224 px and 14 px for 32 px CIFAR images.
+Difference from the reference code: with several workers (``gather``) every crop's projections are gathered before
+the scores, so each worker computes the single-process loss of the global batch (the reference's
+``distributed_sinkhorn`` all-reduces the sums instead; the codes are the same).
 """
 
 from __future__ import annotations
@@ -59,8 +30,6 @@ from methods.base import Method
 from methods.distributed import gather
 from methods.heads import mlp
 from methods.multicrop import multi_crop_views, per_view
-
-"""The smallest crop side (pixels) multi-crop accepts: a ResNet on fewer pixels is all padding."""
 
 
 @torch.no_grad()
@@ -93,7 +62,9 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
         return torch.exp(log_q + math.log(b)).T  # Q *= B: columns sum to 1, an assignment per sample
 
 
-def swapped_prediction_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
+def swapped_prediction_loss(
+    scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float = 0.1
+) -> torch.Tensor:
     """SwAV's swapped prediction: the codes of crop i predicted from the scores of every other crop.
 
     scores: one (B, K) tensor of prototype scores per crop; codes: the (B, K) codes of the
@@ -104,7 +75,9 @@ def swapped_prediction_loss(scores: Sequence[torch.Tensor], codes: Sequence[torc
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if len(scores) < 2 or not 1 <= len(codes) <= len(scores):
-        raise ValueError(f"need at least 2 crops' scores and 1 to {len(scores)} codes, got {len(scores)} and {len(codes)}")
+        raise ValueError(
+            f"need at least 2 crops' scores and 1 to {len(scores)} codes, got {len(scores)} and {len(codes)}"
+        )
     log_p = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
     loss = scores[0].new_zeros((), dtype=torch.float32)
     for i, q in enumerate(codes):
@@ -116,19 +89,39 @@ def swapped_prediction_loss(scores: Sequence[torch.Tensor], codes: Sequence[torc
 
 class SwAVParams(MethodParams):
     temperature: float = Field(0.1, gt=0, description="softmax temperature of the predictions (paper: 0.1)")
-    epsilon: float = Field(0.05, gt=0, description="Sinkhorn entropy regularisation (paper: 0.05; 0.03 with the queue at small batches)")
+    epsilon: float = Field(
+        0.05, gt=0, description="Sinkhorn entropy regularisation (paper: 0.05; 0.03 with the queue at small batches)"
+    )
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (paper: 3)")
     num_prototypes: int = Field(3000, ge=2, description="K, the number of prototypes (paper: 3000 on ImageNet)")
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(128, ge=1)
-    num_small_crops: int = Field(6, ge=0, description="small crops besides the 2 global ones (paper: 6 x 96 px for 224 px images)")
-    small_crop_size_ratio: float = Field(96 / 224, gt=0, le=1, description="small crop side / image side, rounded (96/224: 96 px at 224, 14 px at 32)")
-    global_crop_scale: tuple[float, float] = Field((0.14, 1.0), description="crop area range of the 2 global crops (paper: 0.14-1)")
-    small_crop_scale: tuple[float, float] = Field((0.05, 0.14), description="crop area range of the small crops (paper: 0.05-0.14)")
-    freeze_prototypes_steps: int = Field(313, ge=0, description="steps at the start without prototype updates (reference code: 313 iterations)")
-    queue_length: int = Field(0, ge=0, description="past global-crop projections added when computing codes; 0 = no queue (paper: 3840 at batch 256)")
-    queue_start_step: int = Field(0, ge=0, description="step at which the queue starts filling; it is used once full (paper: epoch 15)")
-    gather: bool = Field(True, description="with several workers, codes and loss over the global batch (false: each worker's own batch)")
+    num_small_crops: int = Field(
+        6, ge=0, description="small crops besides the 2 global ones (paper: 6 x 96 px for 224 px images)"
+    )
+    small_crop_size_ratio: float = Field(
+        96 / 224, gt=0, le=1, description="small crop side / image side, rounded (96/224: 96 px at 224, 14 px at 32)"
+    )
+    global_crop_scale: tuple[float, float] = Field(
+        (0.14, 1.0), description="crop area range of the 2 global crops (paper: 0.14-1)"
+    )
+    small_crop_scale: tuple[float, float] = Field(
+        (0.05, 0.14), description="crop area range of the small crops (paper: 0.05-0.14)"
+    )
+    freeze_prototypes_steps: int = Field(
+        313, ge=0, description="steps at the start without prototype updates (reference code: 313 iterations)"
+    )
+    queue_length: int = Field(
+        0,
+        ge=0,
+        description="past global-crop projections added when computing codes; 0 = no queue (paper: 3840 at batch 256)",
+    )
+    queue_start_step: int = Field(
+        0, ge=0, description="step at which the queue starts filling; it is used once full (paper: epoch 15)"
+    )
+    gather: bool = Field(
+        True, description="with several workers, codes and loss over the global batch (false: each worker's own batch)"
+    )
 
     @field_validator("global_crop_scale", "small_crop_scale")
     @classmethod
@@ -171,7 +164,13 @@ class SwAV(Method):
         if p.num_small_crops < 0:
             raise ConfigError(f"method.num_small_crops: must be >= 0, got {p.num_small_crops}")
         return multi_crop_views(
-            image_size, p.global_crop_scale, p.num_small_crops, p.small_crop_size_ratio, p.small_crop_scale, "method.small_crop_size_ratio", "small"
+            image_size,
+            p.global_crop_scale,
+            p.num_small_crops,
+            p.small_crop_size_ratio,
+            p.small_crop_scale,
+            "method.small_crop_size_ratio",
+            "small",
         )
 
     def check(self, batch_size: int) -> None:
@@ -179,7 +178,10 @@ class SwAV(Method):
         if p.num_small_crops < 0:
             raise ConfigError(f"method.num_small_crops: must be >= 0, got {p.num_small_crops}")
         if 0 < p.queue_length < batch_size:
-            raise ConfigError(f"method.queue_length: {p.queue_length} is smaller than pretrain.batch_size {batch_size}; the queue must hold at least one batch (or 0: no queue)")
+            raise ConfigError(
+                f"method.queue_length: {p.queue_length} is smaller than pretrain.batch_size "
+                f"{batch_size}; the queue must hold at least one batch (or 0: no queue)"
+            )
 
     # ------------------------------------------------------------------ training
 
@@ -199,7 +201,9 @@ class SwAV(Method):
         with torch.autocast(device_type=zs[0].device.type, enabled=False):
             weight = self.prototypes.weight.float()
             scores = [z @ weight.T for z in zs]
-            use_queue = p.queue_length > 0 and step.step >= p.queue_start_step and int(self.queue_filled) >= p.queue_length
+            use_queue = (
+                p.queue_length > 0 and step.step >= p.queue_start_step and int(self.queue_filled) >= p.queue_length
+            )
             codes = []
             with torch.no_grad():
                 for i in range(2):
@@ -208,8 +212,14 @@ class SwAV(Method):
                         s = torch.cat([self.queue[i].float() @ weight.detach().T, s])
                     codes.append(sinkhorn(s, p.epsilon, p.sinkhorn_iterations)[-zs[i].shape[0] :])
             loss = swapped_prediction_loss(scores, codes, p.temperature)
-        self._pending = torch.stack([zs[0].detach(), zs[1].detach()]) if p.queue_length > 0 and step.step >= p.queue_start_step else None
-        return StepOutput(loss, {"prototypes_frozen": float(bool(self.frozen_modules(step))), "queue_used": float(use_queue)})
+        self._pending = (
+            torch.stack([zs[0].detach(), zs[1].detach()])
+            if p.queue_length > 0 and step.step >= p.queue_start_step
+            else None
+        )
+        return StepOutput(
+            loss, {"prototypes_frozen": float(bool(self.frozen_modules(step))), "queue_used": float(use_queue)}
+        )
 
     def frozen_modules(self, step: StepInfo) -> list[str]:
         """The prototypes for the first ``freeze_prototypes_steps`` steps (the loop drops their gradient)."""

@@ -25,13 +25,32 @@ Pooling = Literal["eos", "mean"]
 
 
 class TextTowerParams(MethodParams):
-    """The text tower's parameters, shared by the methods that have one (small defaults: generated captions are short)."""
+    """The text tower's parameters, shared by the methods that have one (small defaults: generated captions are
+    short)."""
 
-    text_width: int = Field(256, ge=1, description="text transformer width (CLIP: 512 wide, 12 layers, 8 heads; SimCSE: BERT-base, 768 wide, 12 layers)")
+    text_width: int = Field(
+        256,
+        ge=1,
+        description=(
+            "text transformer width (CLIP: 512 wide, 12 layers, 8 heads; SimCSE: BERT-base, 768 wide, 12 layers)"
+        ),
+    )
     text_layers: int = Field(4, ge=1)
     text_heads: int = Field(4, ge=1)
-    context_length: int = Field(32, ge=3, description="tokens per caption, <bos> and <eos> included (SimCSE: 32; CLIP: 77 BPE tokens); longer captions are truncated")
-    pooling: Pooling = Field("eos", description="the <eos> token's output (CLIP; a [CLS]-like summary of a bidirectional encoder) or the mean over tokens")
+    context_length: int = Field(
+        32,
+        ge=3,
+        description=(
+            "tokens per caption, <bos> and <eos> included (SimCSE: "
+            "32; CLIP: 77 BPE tokens); longer captions are truncated"
+        ),
+    )
+    pooling: Pooling = Field(
+        "eos",
+        description=(
+            "the <eos> token's output (CLIP; a [CLS]-like summary of a bidirectional encoder) or the mean over tokens"
+        ),
+    )
 
 
 class TextTower(nn.Module):
@@ -45,7 +64,16 @@ class TextTower(nn.Module):
     forward: ids int64 ``(B, L)`` with ``L <= context_length`` -> ``(B, width)``.
     """
 
-    def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int, dropout: float = 0.0, pooling: Pooling = "eos") -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        width: int,
+        layers: int,
+        heads: int,
+        dropout: float = 0.0,
+        pooling: Pooling = "eos",
+    ) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"text width {width} is not divisible by {heads} heads")
@@ -54,7 +82,9 @@ class TextTower(nn.Module):
         self.position_embedding = nn.Parameter(torch.empty(context_length, width))
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's initialisation
         nn.init.normal_(self.position_embedding, std=0.01)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
 
@@ -111,10 +141,11 @@ class CaptionBank(nn.Module):
 
 
 def caption_bank(data: DataSplits, context_length: int, method: str) -> tuple[Tokenizer, CaptionBank]:
-    """The tokenizer (vocabulary of the training captions and the zero-shot prompts) and the training split's caption bank.
+    """The tokenizer (vocabulary of the training captions and the zero-shot prompts) and the training split's caption
+    bank.
 
-    Raises ConfigError for a dataset with neither captions nor class names; captions longer than
-    the context are truncated (a logged count).
+    Raises ConfigError for a dataset with neither captions nor class names; captions longer than the context are
+    truncated (a logged count).
     """
     captions = captions_for(data.train, data.classes, data.name, method)
     prompts = [p for c in zero_shot_prompts(data.train, data.classes) for p in c]
@@ -142,5 +173,6 @@ class CaptionedMethod(Method):
         return self.tokenizer.encode(texts, self.context_length)[0]
 
     def item_tokens(self, split: Split, template: int = 0) -> torch.Tensor:
-        """Token ids ``(N, L)`` of each item's caption under ``template`` (0: the deterministic caption of evaluations)."""
+        """Token ids ``(N, L)`` of each item's caption under ``template`` (0: the deterministic caption of
+        evaluations)."""
         return self.tokenize(item_captions(split, self.classes, template, dataset=self.dataset))

@@ -30,7 +30,8 @@ _WORD = re.compile(r"[^\W_]+")
 
 
 def words(text: str) -> list[str]:
-    """Lower-case runs of letters and digits: ``"A photo of a T-shirt."`` -> ``['a', 'photo', 'of', 'a', 't', 'shirt']``."""
+    """Lower-case runs of letters and digits: ``"A photo of a T-shirt."`` -> ``['a', 'photo', 'of', 'a', 't',
+    'shirt']``."""
     return _WORD.findall(text.lower())
 
 
@@ -67,7 +68,12 @@ class Tokenizer:
                 tokens, truncated = tokens[:room], truncated + 1
             ids[row, : len(tokens) + 2] = torch.tensor([BOS_ID, *tokens, EOS_ID])
         if truncated:
-            log.warning("%d of %d captions are longer than the text context of %d tokens and were truncated", truncated, len(texts), context_length)
+            log.warning(
+                "%d of %d captions are longer than the text context of %d tokens and were truncated",
+                truncated,
+                len(texts),
+                context_length,
+            )
         return ids, ids == PAD_ID
 
     def decode(self, ids: torch.Tensor) -> list[str]:
@@ -77,8 +83,11 @@ class Tokenizer:
 
 
 def word_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Word counts float32 ``(B, vocab_size)`` of token ids ``(B, L)``, without ``<pad> <bos> <eos>`` (the text baseline's embedding), on the CPU."""
-    counts = torch.zeros(ids.shape[0], vocab_size).scatter_add_(1, ids.cpu(), torch.ones(ids.shape, dtype=torch.float32))
+    """Word counts float32 ``(B, vocab_size)`` of token ids ``(B, L)``, without ``<pad> <bos> <eos>`` (the text
+    baseline's embedding), on the CPU."""
+    counts = torch.zeros(ids.shape[0], vocab_size).scatter_add_(
+        1, ids.cpu(), torch.ones(ids.shape, dtype=torch.float32)
+    )
     counts[:, [PAD_ID, BOS_ID, EOS_ID]] = 0
     return counts
 

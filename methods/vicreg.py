@@ -1,20 +1,18 @@
-"""VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning (Bardes, Ponce & LeCun, ICLR 2022).
+"""VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning
+(Bardes, Ponce & LeCun, ICLR 2022).
 
-Two views through one network and an expander (projector); the loss on the expanded z1, z2 (N, D) is
+Two views through one network and an expander; the loss on the expanded z1, z2 (N, D) is
 
-    sim_coeff * MSE(z1, z2)                                                   invariance
+    sim_coeff * MSE(z1, z2)                                                       invariance
     + std_coeff * (mean_d relu(1 - std(z1)_d) + mean_d relu(1 - std(z2)_d)) / 2   variance (hinge at gamma = 1)
     + cov_coeff * (sum_{i != j} C(z1)_ij^2 / D + sum_{i != j} C(z2)_ij^2 / D)     covariance
 
-with std = sqrt(Var + 1e-4) (unbiased variance over the batch) and C(z) = (z - mean)^T (z - mean) / (N - 1),
-as in the authors' ``main_vicreg.py``; defaults lambda = mu = 25, nu = 1 and an 8192-8192-8192 expander.
+with std = sqrt(Var + 1e-4) (unbiased) and C(z) the covariance over the batch, as the authors' ``main_vicreg.py``.
 No negatives, one network.
 
-With several workers the embeddings are gathered (``gather``) so that the variance and covariance are those of
-the global batch, as the authors' ``FullGatherLayer`` does. One difference, named: the authors take the invariance
-term on each worker's own rows (before gathering); here it is taken on the gathered rows too, so every worker's
-loss is the single-process loss of the global batch. The gradients are the same either way (a mean over equal-size
-shards, averaged over the workers, is the global mean).
+Difference from the reference code: with several workers (``gather``) the invariance term is taken on the gathered
+rows too (the authors' on each worker's own), so every worker's loss is the single-process loss of the global batch;
+the gradients are the same either way.
 """
 
 from __future__ import annotations
@@ -42,7 +40,9 @@ STD_EPS = 1e-4
 
 def _centred(z: torch.Tensor) -> torch.Tensor:
     if z.ndim != 2 or z.shape[0] < 2:
-        raise ValueError(f"VICReg needs embeddings of shape (N, D) with N >= 2 (unbiased batch statistics), got {tuple(z.shape)}")
+        raise ValueError(
+            f"VICReg needs embeddings of shape (N, D) with N >= 2 (unbiased batch statistics), got {tuple(z.shape)}"
+        )
     z = z.float()
     return z - z.mean(dim=0)
 
@@ -74,7 +74,8 @@ class VICRegTerms(NamedTuple):
     """The two branches' covariance terms, summed."""
 
     def total(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0) -> torch.Tensor:
-        """``sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance``; a negative coefficient is a ValueError."""
+        """``sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance``; a negative coefficient is a
+        ValueError."""
         for name, value in (("sim_coeff", sim_coeff), ("std_coeff", std_coeff), ("cov_coeff", cov_coeff)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"VICReg {name} must be a finite number >= 0, got {value}")
@@ -93,7 +94,9 @@ def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor) -> VICRegTerms:
     return VICRegTerms(invariance, variance, covariance)
 
 
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0) -> torch.Tensor:
+def vicreg_loss(
+    z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0
+) -> torch.Tensor:
     """The VICReg loss of z1, z2 (N, D): the weighted sum of :func:`vicreg_terms` (paper defaults 25, 25, 1)."""
     return vicreg_terms(z1, z2).total(sim_coeff, std_coeff, cov_coeff)
 
@@ -104,7 +107,9 @@ class VICRegParams(MethodParams):
     cov_coeff: float = Field(1.0, ge=0, description="nu: weight of the covariance term")
     proj_hidden_dim: int = Field(8192, ge=1)
     proj_dim: int = Field(8192, ge=1)
-    gather: bool = Field(True, description="with several workers, global batch statistics (false: each worker's own batch)")
+    gather: bool = Field(
+        True, description="with several workers, global batch statistics (false: each worker's own batch)"
+    )
 
 
 @register
@@ -138,5 +143,9 @@ class VICReg(Method):
             z1, z2 = gather(z1), gather(z2)
         terms = vicreg_terms(z1, z2)
         p = self.params
-        logs: dict[str, float | torch.Tensor] = {"vicreg_inv": terms.invariance.detach(), "vicreg_var": terms.variance.detach(), "vicreg_cov": terms.covariance.detach()}
+        logs: dict[str, float | torch.Tensor] = {
+            "vicreg_inv": terms.invariance.detach(),
+            "vicreg_var": terms.variance.detach(),
+            "vicreg_cov": terms.covariance.detach(),
+        }
         return StepOutput(terms.total(p.sim_coeff, p.std_coeff, p.cov_coeff), logs)

@@ -10,7 +10,8 @@ from core.backbones import ViTParts, vit_parts
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     """(grid*grid, dim) fixed 2-D sin-cos position embedding, row-major: the first half encodes the column, the
-    second the row, each ``[sin(pos * w), cos(pos * w)]`` with ``w_k = 10000^(-k / (dim / 4))`` (MAE ``pos_embed.py``)."""
+    second the row, each ``[sin(pos * w), cos(pos * w)]`` with ``w_k = 10000^(-k / (dim / 4))`` (MAE
+    ``pos_embed.py``)."""
     if dim % 4:
         raise ValueError(f"dim must be a multiple of 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))

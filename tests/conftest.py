@@ -1,26 +1,10 @@
-"""Shared fixtures: a tiny run config, and an MLflow store per test in a temporary folder."""
+"""Shared fixtures: a tiny run config, an MLflow store per test in a temporary folder, one Ray for the session."""
 
 from __future__ import annotations
 
 import pytest
 
-TINY = [
-    "data.num_train=128",
-    "data.num_test=64",
-    "data.image_size=16",
-    "backbone.name=resnet10t",
-    "method.proj_hidden_dim=32",
-    "method.proj_dim=16",
-    "pretrain.epochs=2",
-    "pretrain.batch_size=32",
-    "pretrain.warmup_epochs=0.5",
-    "pretrain.progress=false",
-    "eval.knn.k=5",
-    "eval.linear.epochs=5",
-    "eval.semi.fractions=[0.25]",
-    "eval.semi.epochs=[1]",
-    "device=cpu",
-]
+from tests.helpers.runs import TINY
 
 
 @pytest.fixture
@@ -35,3 +19,18 @@ def tracking_uri(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return [*TINY, f"pretrain.checkpoint_dir={tmp_path / 'ckpt'}"]
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray for every test that only needs a running Ray: sweeps in this process reuse it (a sweep leaves a
+    running instance alone), subprocess drivers reach it with ``RAY_ADDRESS`` set to the address yielded. The tests of
+    the local-instance path itself (signals, the reaper) start their own."""
+    import ray
+
+    from harness.launch import raytune
+
+    started = raytune.init(None)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        raytune.shutdown()

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from methods import list_methods
+from tests.helpers.runs import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("core", "harness", "methods", "evaluations")
 HARNESS_LAYERS = ("signals", "config", "data", "track", "train", "trial", "launch", "sweep", "tables", "cli", "__main__")
 """``harness``'s sub-packages (and top-level modules), lowest first: each may import only those before it."""

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from harness.track.mlflow import search_runs
-
-REPO = Path(__file__).resolve().parent.parent
-
+from tests.helpers.runs import REPO
 
 BATTERY = [
     "eval/knn/top1", "eval/knn/top5", "eval/linear/top1", "eval/linear/top5", "eval/semi_1pct/top1", "eval/semi_10pct/top1",

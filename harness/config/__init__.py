@@ -1,1 +1,2 @@
-"""The run config: its typed schema (``schema``), YAML and ``key=value`` overrides (``loading``), one-line errors (``messages``)."""
+"""The run config: its typed schema (``schema``), YAML and ``key=value`` overrides (``loading``), one-line errors
+(``messages``)."""

@@ -1,7 +1,7 @@
 """Run configs from YAML and ``key=value`` overrides: read, set, validate into a :class:`RunConfig`.
 
-    cfg = load_config("configs/simclr_shapes.yaml", ["pretrain.epochs=2"])
-    flatten(cfg.as_dict())   # {"pretrain.epochs": 2, ...}, what MLflow logs as params
+cfg = load_config("configs/simclr_shapes.yaml", ["pretrain.epochs=2"])
+flatten(cfg.as_dict())   # {"pretrain.epochs": 2, ...}, what MLflow logs as params
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         raise ConfigError(f"{source}: {err}") from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: type[BaseModel]) -> dict[str, Any]:
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: type[BaseModel]
+) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``dotted.key=value`` set; values parse as YAML scalars.
 
     A key that the schema does not have is refused here, with the closest valid key,
@@ -78,7 +80,9 @@ def parse_overrides(overrides: list[str] | tuple[str, ...], example: str = "pret
     return values
 
 
-def set_values(raw: dict[str, Any], values: dict[str, Any], schema: type[BaseModel], what: str = "override") -> dict[str, Any]:
+def set_values(
+    raw: dict[str, Any], values: dict[str, Any], schema: type[BaseModel], what: str = "override"
+) -> dict[str, Any]:
     """Return a copy of ``raw`` with each dotted key of ``values`` set to its (already typed) value.
 
     Keys the schema does not have are refused with the closest valid key; ``what``
@@ -139,7 +143,10 @@ def _check_method_key(param: str, raw: dict[str, Any], what: str = "override") -
         return  # the unknown method itself is reported on validation
     if param not in fields:
         known = ["method." + f for f in ["name", *fields]]
-        raise ConfigError(f"{what} method.{param}: unknown key 'method.{param}' for method {name!r}{suggest('method.' + param, known, n=1)}")
+        raise ConfigError(
+            f"{what} method.{param}: unknown key 'method.{param}' for "
+            f"method {name!r}{suggest('method.' + param, known, n=1)}"
+        )
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -39,7 +39,8 @@ class DataConfig(Section):
     verify_checksums: bool = False
     """Check the md5 sums of CIFAR/STL-10 files, as torchvision does for the full archives."""
     shards: str | None = None
-    """Training shards of dataset ``shards``: a glob (``/data/in100-train-*.tar``) or a folder of WebDataset-style ``.tar``."""
+    """Training shards of dataset ``shards``: a glob (``/data/in100-train-*.tar``) or a folder of WebDataset-style
+    ``.tar``."""
     val_shards: str | None = None
     """Evaluation shards of dataset ``shards``, as ``shards``."""
     in_memory: bool | Literal["auto"] = "auto"
@@ -80,8 +81,8 @@ class PretrainConfig(Section):
     base_lr: float = Field(0.3, gt=0)
     """Learning rate for a batch of 256; the effective lr is ``base_lr * batch_size / 256``."""
     weight_decay: float = Field(1e-4, ge=0)
-    """On the weights; biases and norm parameters get none with every optimiser (a method may declare its own rule,
-    :meth:`methods.base.Method.no_weight_decay`)."""
+    """On the weights; biases and norm parameters get none with every optimiser
+    (:func:`harness.train.optim.is_bias_or_norm`)."""
     weight_decay_end: float | None = Field(None, ge=0)
     """None: ``weight_decay`` throughout. Else half a cosine from ``weight_decay`` at the first step to this at the
     last, set on the decaying group every step (DINO: 0.04 -> 0.4); logged as ``train/weight_decay``."""
@@ -251,8 +252,7 @@ class OnlineConfig(Section):
     """Training items in the kNN bank: a subset drawn once from ``data.seed`` (the same for every trial seed); all
     of them when the split is smaller."""
     num_test: int = Field(256, ge=1)
-    """Test items classified, drawn likewise. With the defaults one evaluation of the shipped default sweep's trial
-    takes about 0.11 s on a CPU core, 3.5% of its epoch (``benchmarks/online_monitor_cost.py``)."""
+    """Test items classified, drawn likewise."""
 
     def schedule(self, epochs: int) -> list[int]:
         """The epochs (1-based) after which the monitor evaluates: every ``every``-th, and always the last one."""
@@ -339,7 +339,10 @@ class RunConfig(Section):
         if isinstance(v, str):
             v = {"name": v}
         if not isinstance(v, dict) or "name" not in v:
-            raise ValueError("must be a mapping with a 'name' and that method's parameters (e.g. {name: NAME, temperature: 0.5}; python -m harness list methods)")
+            raise ValueError(
+                "must be a mapping with a 'name' and that method's parameters (e.g. "
+                "{name: NAME, temperature: 0.5}; python -m harness list methods)"
+            )
         params = dict(v)
         name = params.pop("name")
         method_cls = get_method_class(name)  # BadInput with suggestions when unknown
@@ -357,7 +360,10 @@ class RunConfig(Section):
         online, epochs = self.eval.online, self.pretrain.epochs
         if online.enabled and online.every is not None and online.every > epochs:
             accepted = f"give 1 to {epochs} or leave it unset" if epochs else "leave it unset"
-            raise ConfigError(f"eval.online.every: {online.every} is larger than pretrain.epochs ({epochs}); {accepted} (about ten points over the run), or set eval.online.enabled=false")
+            raise ConfigError(
+                f"eval.online.every: {online.every} is larger than pretrain.epochs ({epochs}); "
+                f"{accepted} (about ten points over the run), or set eval.online.enabled=false"
+            )
         return self
 
     @model_validator(mode="after")
@@ -365,7 +371,10 @@ class RunConfig(Section):
         batch, workers = self.pretrain.batch_size, self.distributed.workers
         if batch % workers:
             lower, upper = batch - batch % workers, batch + workers - batch % workers
-            raise ConfigError(f"pretrain.batch_size: the global batch {batch} does not split over distributed.workers={workers}; give a multiple of {workers} (e.g. {lower or upper} or {upper})")
+            raise ConfigError(
+                f"pretrain.batch_size: the global batch {batch} does not split over "
+                f"distributed.workers={workers}; give a multiple of {workers} (e.g. {lower or upper} or {upper})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -391,7 +400,10 @@ def compile_unavailable(device: str) -> str | None:
     if device.startswith("cuda") and not has_triton:
         return "torch.compile needs the triton package on CUDA and it is not installed"
     if device == "cpu" and not has_cxx:
-        return "torch.compile needs a C++ compiler on the CPU (g++, c++ or clang++ on the PATH, or $CXX) and none was found"
+        return (
+            "torch.compile needs a C++ compiler on the CPU (g++, "
+            "c++ or clang++ on the PATH, or $CXX) and none was found"
+        )
     if device == "auto" and not (has_cxx or has_triton):
         return "torch.compile needs a C++ compiler (CPU) or the triton package (CUDA) and neither was found"
     return None

@@ -1,49 +1,22 @@
 """SimCLR views, drawn per image and per view, vectorised over the batch on the images' device.
 
-The recipe of Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
-Representations" (arXiv:2002.05709, appendix A): random resized crop + horizontal flip,
-colour jitter (brightness, contrast, saturation, hue) with probability 0.8, random
-grayscale with probability 0.2, optional Gaussian blur, then normalisation. The knobs
-are :class:`harness.config.schema.AugmentConfig`.
+The recipe of Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations"
+(arXiv:2002.05709, appendix A): random resized crop + horizontal flip, colour jitter with probability 0.8, random
+grayscale with probability 0.2, optional Gaussian blur, then normalisation (knobs:
+:class:`harness.config.schema.AugmentConfig`). Keyed draws (:class:`KeyedDraws`) make an image's views a function of
+(epoch key, image index, view index) alone, the same whichever batch or data-parallel worker the image lands in
+(:mod:`core.keyed`); the jitter order of a call is keyed by (key, view, step).
 
-    aug = Augmenter(cfg.augment, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
-    draws = KeyedDraws(key=epoch_key, indices=rows, step=step)  # pretraining: keyed by (epoch key, image, view)
-    v1 = aug(images, View(32), draws.view(0))         # uint8 (B, C, H, W) -> float (B, C, 32, 32)
-    v2 = aug(images, View(32), draws.view(1))         # a second, independent view
-    g = torch.Generator().manual_seed(seed)               # or one sequential CPU generator (fine-tuning)
-    v3 = aug(images, View(32), g)
-    x = aug.normalize(images)                             # evaluation: no augmentation
+Differences from ``torchvision.transforms`` applied image by image:
 
-Keyed draws (:class:`KeyedDraws`) make an image's views a function of (epoch key, image index,
-view index) alone: the same whichever batch the image lands in and however a batch is split
-over data-parallel workers, so W workers see exactly the views one process sees. Each image's
-13 uniforms come from a counter-based hash (SplitMix64's finaliser, Steele et al. 2014) of
-(key, view, image, column); the jitter order of a call is keyed by (key, view, step).
-
-How it differs from ``torchvision.transforms`` applied image by image (documented choices):
-
-* Every random number comes from the given CPU generator (or keyed :class:`KeyedDraws`), as one
-  ``(B, 13)`` uniform draw plus one ``randperm(4)`` per call, always in the same order whatever the config. Results
-  are therefore the same on the CPU and on CUDA for the same generator state (up to float
-  rounding of the ops themselves), and switching one op off (say ``blur_p=0``) does not
-  change the crops or colours the other ops draw.
-* Random resized crop: torchvision draws (area, ratio) up to 10 times until the crop fits
-  in the image, then falls back to a centre crop. Here each image draws once and the crop's
-  width and height (as fractions of the image side) are clamped to 1, the vectorised
-  equivalent: a draw torchvision would reject becomes a crop that spans the full image along
-  the side that overflowed (so its area is below the drawn fraction) instead of a redraw.
-  Crops are continuous (sub-pixel position and size) rather than integer pixel boxes, and
-  crop + resize + flip are one bilinear ``grid_sample`` without antialiasing: fine when
-  the crop is at most ~2x larger than the output side (the usual case: 32 px crops of
-  32 px images), aliased when it is much larger than that (resize the images first).
-* Colour jitter applies its four ops in one random order per call (per batch), where
-  torchvision's ``ColorJitter`` draws an order per image. The factors are drawn per image
-  exactly as torchvision does; an image that is not jittered gets identity factors rather
-  than being skipped (exact for brightness, contrast and saturation; the hue round trip
-  through HSV moves values by float rounding, ~1e-7). An op whose strength is 0 is skipped,
-  as torchvision does.
-* Single-channel images get brightness and contrast only (saturation, hue and grayscale
-  are undefined for them, as in torchvision).
+* one ``(B, NUM_DRAWS)`` uniform draw and one ``randperm(4)`` per call, in a fixed order whatever the config: the same
+  on the CPU and on CUDA, and switching one op off does not change what the others draw;
+* random resized crop: one draw per image, the crop's sides clamped to the image (torchvision redraws up to 10 times,
+  then centre-crops); continuous boxes, crop + resize + flip in one bilinear ``grid_sample`` without antialiasing
+  (aliased when the crop is much more than ~2x the output side);
+* colour jitter: one op order per call (torchvision: per image); an image not jittered gets identity factors
+  (exact but for the hue round trip's float rounding) rather than being skipped;
+* single-channel images get brightness and contrast only.
 """
 
 from __future__ import annotations
@@ -55,13 +28,31 @@ import torch
 import torch.nn.functional as F
 
 from core.keyed import keyed_uniforms, mix64, signed64
-from core.views import BLUR, BRIGHT, CONTRAST, CX, CY, FLIP, GRAY, HUE, JITTER, NUM_DRAWS, RATIO, SAT, SCALE, SIGMA, View, crop_box
+from core.views import (
+    BLUR,
+    BRIGHT,
+    CONTRAST,
+    CX,
+    CY,
+    FLIP,
+    GRAY,
+    HUE,
+    JITTER,
+    NUM_DRAWS,
+    RATIO,
+    SAT,
+    SCALE,
+    SIGMA,
+    View,
+    crop_box,
+)
 from harness.config.schema import AugmentConfig
 
 __all__ = ["Augmenter", "KeyedDraws", "ViewDraw", "draw_sequential"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma; torchvision writes 0.2989 for 0.299).
 _LUMA = (0.2989, 0.587, 0.114)
+
 
 class ViewDraw(NamedTuple):
     """One call's randomness, drawn already: the jitter ops' order and the uniforms (B, NUM_DRAWS) float64."""
@@ -74,7 +65,9 @@ def draw_sequential(batch: int, generator: torch.Generator) -> ViewDraw:
     """The randomness of one call for ``batch`` images from a CPU generator, in the augmenter's fixed order (the
     jitter order, then the uniforms): draw first to crop streamed originals with the same uniforms."""
     if generator.device.type != "cpu":
-        raise ValueError(f"the generator must be a CPU generator (parameters are drawn on the CPU), got {generator.device}")
+        raise ValueError(
+            f"the generator must be a CPU generator (parameters are drawn on the CPU), got {generator.device}"
+        )
     order = torch.randperm(4, generator=generator).tolist()
     return ViewDraw(order, torch.rand(batch, NUM_DRAWS, generator=generator, dtype=torch.float64))
 
@@ -129,7 +122,9 @@ class Augmenter:
 
     # ------------------------------------------------------------------ public
 
-    def __call__(self, images: torch.Tensor, view: View, draws: torch.Generator | KeyedDraws | ViewDraw, *, cropped: bool = False) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, view: View, draws: torch.Generator | KeyedDraws | ViewDraw, *, cropped: bool = False
+    ) -> torch.Tensor:
         """images: uint8 (B, C, H, W) on any device -> float32 (B, C, view.size, view.size), normalised with mean/std.
 
         ``draws``: a CPU generator (sequential draws), keyed :class:`KeyedDraws` for these B images, or
@@ -159,7 +154,9 @@ class Augmenter:
         blur = (u[:, BLUR] < cfg.blur_p) & (view.size >= 2)
         radius = max(1, view.size // 20)  # blur kernel ~10% of the side, odd (SimCLR: side // 10, made odd)
         params = self._params(cfg, u, scale, height, width, jitter, gray, blur, radius, cropped)
-        params = params.pin_memory().to(images.device, non_blocking=True) if images.is_cuda else params.to(images.device)
+        params = (
+            params.pin_memory().to(images.device, non_blocking=True) if images.is_cuda else params.to(images.device)
+        )
 
         x = _to_float(images)
         x = _resized_crop(x, params[:, 0:4], params[:, 4], view.size)
@@ -251,7 +248,9 @@ class Augmenter:
         columns = [w, h, cx, cy, sign_x, *factors.unbind(1), gray.to(w.dtype)]
         return torch.cat([torch.stack(columns, dim=1), kernels], dim=1).float()
 
-    def _jitter_ops(self, cfg: AugmentConfig, channels: int) -> dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def _jitter_ops(
+        self, cfg: AugmentConfig, channels: int
+    ) -> dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         """The enabled jitter ops by index in torchvision's order (brightness, contrast, saturation, hue)."""
         ops: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         if cfg.brightness > 0:

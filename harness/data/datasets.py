@@ -123,7 +123,10 @@ def load_dataset(
         **streaming_options,
     )
     if request.in_memory is False and name not in STREAMABLE:
-        raise BadInput(f"data.in_memory: false streams {' and '.join(STREAMABLE)} only; {name!r} is always held in memory (use auto or true)")
+        raise BadInput(
+            f"data.in_memory: false streams {' and '.join(STREAMABLE)} "
+            f"only; {name!r} is always held in memory (use auto or true)"
+        )
     return _REGISTRY[name](request)
 
 
@@ -184,7 +187,8 @@ def _finish(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> DataSplits:
-    """Subset to num_train/num_test (train with ``seed``, test with ``seed + 1``), fill mean/std from train if not given."""
+    """Subset to num_train/num_test (train with ``seed``, test with ``seed + 1``), fill mean/std from train if not
+    given."""
     train = _subset(train, request.num_train, request.seed, "num_train")
     test = _subset(test, request.num_test, request.seed + 1, "num_test")
     if mean is None or std is None:
@@ -235,7 +239,9 @@ def _load_digits(request: DatasetRequest) -> DataSplits:
     digits = load_digits()
     images = torch.from_numpy(np.rint(digits.images * (255 / 16)).astype(np.uint8))[:, None]  # (1797, 1, 8, 8)
     labels = torch.from_numpy(digits.target.astype(np.int64))
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=digits.target, random_state=0)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.25, stratify=digits.target, random_state=0
+    )
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
     images = resize_images(images, request.image_size)
     train = Split(images[train_idx], labels[train_idx])
@@ -278,10 +284,14 @@ def _require_files(folder: Path, expected: Sequence[str], title: str, layout: st
         raise DataNotFound(f"data.root: {title} not found at {folder} ({layout}); nothing is downloaded")
     missing = [name for name in expected if not (folder / name).is_file()]
     if missing:
-        raise DataNotFound(f"data.root: {title} at {folder} lacks {', '.join(missing)} ({layout}); nothing is downloaded")
+        raise DataNotFound(
+            f"data.root: {title} at {folder} lacks {', '.join(missing)} ({layout}); nothing is downloaded"
+        )
 
 
-def _load_cifar(request: DatasetRequest, reader: type[_CIFAR10], title: str, mean: tuple[float, ...], std: tuple[float, ...]) -> DataSplits:
+def _load_cifar(
+    request: DatasetRequest, reader: type[_CIFAR10], title: str, mean: tuple[float, ...], std: tuple[float, ...]
+) -> DataSplits:
     """CIFAR python version (Krizhevsky 2009): pickled batches of (n, 3072) uint8 rows, CHW order."""
     folder_name = reader.base_folder
     root = _require_root(request, folder_name)
@@ -294,7 +304,10 @@ def _load_cifar(request: DatasetRequest, reader: type[_CIFAR10], title: str, mea
         try:
             data = reader(root, train=train, verify_checksums=request.verify_checksums)
         except RuntimeError as err:
-            raise DataNotFound(f"data.root: {title} at {folder} failed torchvision's check ({err}); set data.verify_checksums=false to skip md5 sums") from None
+            raise DataNotFound(
+                f"data.root: {title} at {folder} failed torchvision's check "
+                f"({err}); set data.verify_checksums=false to skip md5 sums"
+            ) from None
         images = torch.from_numpy(np.ascontiguousarray(data.data)).permute(0, 3, 1, 2)  # HWC -> CHW
         labels = torch.as_tensor(data.targets, dtype=torch.int64)
         splits.append(Split(resize_images(images, request.image_size).contiguous(), labels))
@@ -351,7 +364,10 @@ def _load_stl10(request: DatasetRequest) -> DataSplits:
         try:
             data = _STL10(root, split=split, verify_checksums=request.verify_checksums)
         except RuntimeError as err:
-            raise DataNotFound(f"data.root: STL-10 at {folder} failed torchvision's check ({err}); set data.verify_checksums=false to skip md5 sums") from None
+            raise DataNotFound(
+                f"data.root: STL-10 at {folder} failed torchvision's check "
+                f"({err}); set data.verify_checksums=false to skip md5 sums"
+            ) from None
         images = torch.from_numpy(np.ascontiguousarray(data.data))  # (N, 3, 96, 96), already transposed to row-major
         labels = torch.from_numpy(data.labels.astype(np.int64))  # torchvision subtracts 1: 0-based
         splits.append(Split(resize_images(images, request.image_size), labels))
@@ -373,7 +389,10 @@ def _load_imagefolder(request: DatasetRequest) -> DataSplits:
     root = _require_root(request, "train/ and val/ class folders")
     for part in ("train", "val"):
         if not (root / part).is_dir():
-            raise DataNotFound(f"data.root: image folder split not found at {root / part} (expected {root}/train/<class>/*.png|jpg and {root}/val/<class>/...)")
+            raise DataNotFound(
+                f"data.root: image folder split not found at {root / part} (expected "
+                f"{root}/train/<class>/*.png|jpg and {root}/val/<class>/...)"
+            )
     train = streaming.folder_source(root / "train")
     extra = sorted({p.name for p in (root / "val").iterdir() if p.is_dir()} - set(train.classes))
     if extra:
@@ -390,11 +409,16 @@ def _load_shards(request: DatasetRequest) -> DataSplits:
     image and its ``.cls`` class index; held in memory or streamed as ``data.in_memory`` decides."""
     if request.shards is None or request.val_shards is None:
         missing = "data.shards" if request.shards is None else "data.val_shards"
-        raise BadInput(f"{missing}: dataset 'shards' needs data.shards and data.val_shards (a glob like /data/train-*.tar, or a folder of .tar files)")
+        raise BadInput(
+            f"{missing}: dataset 'shards' needs data.shards and data.val_shards "
+            "(a glob like /data/train-*.tar, or a folder of .tar files)"
+        )
     train = streaming.shard_source(request.shards, "data.shards")
     test = streaming.shard_source(request.val_shards, "data.val_shards")
     classes = tuple(str(c) for c in range(max(len(train.classes), len(test.classes))))
-    return _from_sources(request, dataclasses.replace(train, classes=classes), dataclasses.replace(test, classes=classes))
+    return _from_sources(
+        request, dataclasses.replace(train, classes=classes), dataclasses.replace(test, classes=classes)
+    )
 
 
 STREAMABLE = ("imagefolder", "shards")
@@ -402,7 +426,8 @@ STREAMABLE = ("imagefolder", "shards")
 
 
 def _from_sources(request: DatasetRequest, train: streaming.ImageSource, test: streaming.ImageSource) -> DataSplits:
-    """Subset the sources, then hold them in memory or stream them (``data.in_memory``; the choice is in ``storage``)."""
+    """Subset the sources, then hold them in memory or stream them (``data.in_memory``; the choice is in
+    ``storage``)."""
     train_rows = stratified_subset(train.labels, request.num_train, request.seed, "num_train")
     test_rows = stratified_subset(test.labels, request.num_test, request.seed + 1, "num_test")
     train = train if train_rows is None else train.subset(train_rows)
@@ -418,9 +443,15 @@ def _from_sources(request: DatasetRequest, train: streaming.ImageSource, test: s
     resize = request.eval_resize or round(size * 256 / 224)
     splits = []
     for source in (train, test):
-        streamed = streaming.StreamedImages(source, size, resize, threads=request.threads, skip_corrupt=request.skip_corrupt)
+        streamed = streaming.StreamedImages(
+            source, size, resize, threads=request.threads, skip_corrupt=request.skip_corrupt
+        )
         splits.append(_decode_all(source, size, request) if in_memory else Split(streamed, source.labels))
-    storage = f"in memory ({reason})" if in_memory else f"streamed from {'shards' if request.name == 'shards' else 'files'} ({reason})"
+    storage = (
+        f"in memory ({reason})"
+        if in_memory
+        else f"streamed from {'shards' if request.name == 'shards' else 'files'} ({reason})"
+    )
     return DataSplits(request.name, splits[0], splits[1], train.classes, IMAGENET_MEAN, IMAGENET_STD, storage=storage)
 
 

@@ -1,27 +1,13 @@
 """A deterministic procedural dataset: coloured geometric shapes on cluttered backgrounds.
 
-Each image shows one large shape (the label) drawn with a soft signed distance function,
-so edges are anti-aliased at any resolution. Everything else is a nuisance drawn per image:
-the shape's colour (from :data:`COLOURS`), a random background colour with a random
-linear gradient to a second colour, the shape's scale (:data:`RADIUS_RANGE`), position
-(it may reach a little past the border, :data:`MAX_OVERHANG`) and rotation, and Gaussian
-pixel noise with a random standard deviation. All shapes of one scale have the same area,
-so the amount of foreground is no cue to the class. The nuisances dominate pixel space
-(raw-pixel kNN is close to chance: ~0.32 for 6 classes at 32 px) while the shapes stay easy
-to tell apart by eye, so the dataset rewards representations that are invariant to colour
-and placement. Colour is the easiest shortcut for instance discrimination here (the shape
-colours are few and saturated): self-supervised methods need strong colour augmentation.
+Each image shows one large shape (the label), drawn with a soft signed distance function (Inigo Quilez, "2D distance
+functions", https://iquilezles.org/articles/distfunctions2d/), so edges are anti-aliased at any resolution. Colour,
+gradient background, scale, position, rotation and pixel noise are nuisances drawn per image; all shapes of one scale
+have the same area. The nuisances dominate pixel space while the shapes stay easy to tell apart, so the dataset
+rewards representations invariant to colour and placement (self-supervised methods need strong colour augmentation).
 
-    images, labels, attributes = generate_shapes(1000, image_size=32, seed=0)
-    images.shape, images.dtype       # (1000, 3, 32, 32), torch.uint8
-    attributes[0]                    # {"shape": "star", "colour": "red", "size": "small", "position": "top left"}
-
-Images are generated in fixed-size chunks, each from its own ``torch.Generator`` seeded
-from ``(seed, chunk index)``: the same ``(n, image_size, seed)`` always gives identical
-tensors, and the first ``k`` images do not depend on ``n``.
-
-The distance functions follow Inigo Quilez, "2D distance functions"
-(https://iquilezles.org/articles/distfunctions2d/).
+Images are generated in fixed-size chunks, each from a generator seeded by ``(seed, chunk index)``: the same
+``(n, image_size, seed)`` always gives identical tensors, and the first ``k`` images do not depend on ``n``.
 """
 
 from __future__ import annotations
@@ -82,7 +68,9 @@ pixel space, while leaving almost all of every shape in view."""
 _PIXELS_PER_CHUNK = 2**19
 
 
-def generate_shapes(n: int, image_size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, str]]]:
+def generate_shapes(
+    n: int, image_size: int = 32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, str]]]:
     """Generate ``n`` shape images.
 
     Returns ``(images, labels, attributes)``: images uint8 ``(n, 3, S, S)``, labels int64
@@ -170,7 +158,10 @@ def _render(p: dict[str, torch.Tensor], image_size: int) -> torch.Tensor:
     # Contrast: the background is linear, so its extremes under the shape lie at centre +- r * direction.
     fg = torch.tensor(list(COLOURS.values()))[p["colour"]]  # (B, 3)
     cx, cy, r = p["centre"][:, 0], p["centre"][:, 1], p["radius"]
-    ends = [ramp((cx + s * r * direction[:, 0])[:, None, None], (cy + s * r * direction[:, 1])[:, None, None]) for s in (-1, 1)]
+    ends = [
+        ramp((cx + s * r * direction[:, 0])[:, None, None], (cy + s * r * direction[:, 1])[:, None, None])
+        for s in (-1, 1)
+    ]
     under = [p["bg_from"] + step[:, :, 0, 0] * e[:, 0] for e in ends]  # (B, 3) each
     contrast = torch.minimum(*[(fg - u).norm(dim=1) for u in under])
     contrast_inverted = torch.minimum(*[(fg - (1 - u)).norm(dim=1) for u in under])

@@ -1,33 +1,17 @@
 """Streamed images: image folders and tar shards read image by image, never held in memory as a whole.
 
-Large datasets (ImageNet at 224 px is ~19 GB decoded per process for 100 classes) are not
-decoded into one tensor. A :class:`ImageSource` lists the images (paths in a folder, or
-members of WebDataset-style tar shards) with their labels and reads one image's bytes;
-two consumers read from it:
+A :class:`ImageSource` lists the images (paths in a folder, or members of WebDataset-style tar shards) with their
+labels and reads one image's bytes, for large datasets that are not decoded into one tensor. Two consumers:
 
-* pretraining, through :class:`TrainLoader`: DataLoader worker processes read and decode
-  each image of a step, take every view's random resized crop from the *original* image
-  (the papers' crop: 8-100% of the image, resized to the view side, antialiased) and send
-  only view-sized uint8 crops; the rest of the recipe (flip, colour jitter, grayscale,
-  blur, normalisation) runs on the training device in :class:`harness.data.augment.Augmenter`
-  (``cropped=True``). Crops use the keyed draws of :class:`harness.data.augment.KeyedDraws`, so an
-  image's views depend on (seed, epoch, image, view) alone: the same with any number of
-  loader workers or distributed ranks, and the same as the augmenter would draw.
-* evaluation, through :class:`StreamedImages`, a lazy stand-in for a split's uint8 image
-  tensor: indexing it decodes those images with the linear protocol's transform (shorter
-  side resized to ``eval_resize``, centre crop of ``image_size``) in a thread pool.
+* pretraining, :class:`TrainLoader`: DataLoader workers decode each image and take every view's random resized crop
+  from the original (antialiased), keyed as :class:`harness.data.augment.KeyedDraws` draws, so an image's views
+  depend on (seed, epoch, image, view) alone; the rest of the recipe runs on the training device
+  (:class:`harness.data.augment.Augmenter` with ``cropped=True``);
+* evaluation, :class:`StreamedImages`: a lazy stand-in for a split's uint8 tensor that decodes the indexed images
+  with the linear protocol's transform (resize to ``eval_resize``, centre crop) in a thread pool.
 
-    source = folder_source(Path("~/imagenet100/train"))        # or shard_source("/data/in100-train-*.tar")
-    images = StreamedImages(source, image_size=224, eval_resize=256)
-    images[torch.tensor([3, 1])].shape                           # (2, 3, 224, 224) uint8, decoded now
-    loader = TrainLoader(source, views, augment_cfg, num_workers=8)
-    for rows, crops in loader.epoch(key, batches): ...           # one (rows, [view crops]) per step
-
-Shards follow the WebDataset layout: a tar of samples whose members share a key
-(``n01440764_10026.jpg`` + ``n01440764_10026.cls``, the class index as text). They are
-indexed once (member offsets, read with :mod:`tarfile`) and then read by random access, so
-an epoch's order is one seeded permutation like every other dataset's; they must sit on a
-file system (local or shared), not in an object store.
+Shards (``n01440764_10026.jpg`` + ``n01440764_10026.cls``, the class index as text) are indexed once and read by
+random access, so an epoch's order is one seeded permutation; they must sit on a file system, not an object store.
 """
 
 from __future__ import annotations
@@ -53,7 +37,15 @@ from core.views import CX, CY, NUM_DRAWS, RATIO, SCALE, View, crop_box
 from harness.config.schema import AugmentConfig
 from harness.data.augment import KeyedDraws
 
-__all__ = ["IMAGE_SUFFIXES", "CorruptImage", "ImageSource", "StreamedImages", "TrainLoader", "folder_source", "shard_source"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "CorruptImage",
+    "ImageSource",
+    "StreamedImages",
+    "TrainLoader",
+    "folder_source",
+    "shard_source",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +61,9 @@ class CorruptImage(RunFailed):
 
 
 def corrupt_message(name: str, err: BaseException) -> str:
-    return f"data: cannot read image {name} ({type(err).__name__}: {err}); set data.skip_corrupt=true to skip such images"
+    return (
+        f"data: cannot read image {name} ({type(err).__name__}: {err}); set data.skip_corrupt=true to skip such images"
+    )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -94,7 +88,9 @@ class ImageSource:
 
     def subset(self, rows: Sequence[int] | torch.Tensor | np.ndarray) -> ImageSource:
         rows = [int(r) for r in rows]
-        return ImageSource([self.names[r] for r in rows], self.labels[rows], [self.locations[r] for r in rows], self.classes)
+        return ImageSource(
+            [self.names[r] for r in rows], self.labels[rows], [self.locations[r] for r in rows], self.classes
+        )
 
     def read(self, i: int) -> bytes:
         """The encoded bytes of image ``i`` (shards: one seek + read on a handle kept per process and thread)."""
@@ -143,9 +139,15 @@ def folder_source(folder: Path, class_to_idx: dict[str, int] | None = None) -> I
 def shard_files(pattern: str, key: str) -> list[Path]:
     """The ``.tar`` files of ``pattern`` (a glob, or a folder of ``.tar``), sorted; BadInput naming ``key`` if none."""
     path = Path(pattern).expanduser()
-    files = sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path(p) for p in glob.glob(str(path)) if p.endswith(".tar"))
+    files = (
+        sorted(path.glob("*.tar"))
+        if path.is_dir()
+        else sorted(Path(p) for p in glob.glob(str(path)) if p.endswith(".tar"))
+    )
     if not files:
-        raise DataNotFound(f"{key}: {pattern} matches no .tar shards (give a glob like /data/train-*.tar or a folder of .tar files)")
+        raise DataNotFound(
+            f"{key}: {pattern} matches no .tar shards (give a glob like /data/train-*.tar or a folder of .tar files)"
+        )
     return files
 
 
@@ -167,7 +169,9 @@ def shard_source(pattern: str, key: str = "data.shards") -> ImageSource:
                 for member in members:
                     if not member.isfile():
                         continue
-                    folder, _, base = member.name.rpartition("/")  # WebDataset: the key ends at the file name's first dot
+                    folder, _, base = member.name.rpartition(
+                        "/"
+                    )  # WebDataset: the key ends at the file name's first dot
                     base_stem, _, suffix = base.partition(".")
                     stem = f"{folder}/{base_stem}" if folder else base_stem
                     if f".{suffix.lower()}" in IMAGE_SUFFIXES:
@@ -176,7 +180,10 @@ def shard_source(pattern: str, key: str = "data.shards") -> ImageSource:
                         classes[stem] = member
                 for stem, member in images.items():
                     if stem not in classes:
-                        raise BadInput(f"{key}: shard {shard} has {member.name} without a label ({stem}{LABEL_SUFFIX}, the class index as text)")
+                        raise BadInput(
+                            f"{key}: shard {shard} has {member.name} without a "
+                            f"label ({stem}{LABEL_SUFFIX}, the class index as text)"
+                        )
                     labels.append(_read_label(tar, classes[stem], shard, key))
                     names.append(f"{shard}:{member.name}")
                     locations.append((str(shard), member.offset_data, member.size))
@@ -195,7 +202,9 @@ def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: Path, key:
     try:
         label = int(text)
     except ValueError:
-        raise BadInput(f"{key}: shard {shard} member {member.name} holds {text[:20]!r}, expected a class index (an integer >= 0)") from None
+        raise BadInput(
+            f"{key}: shard {shard} member {member.name} holds {text[:20]!r}, expected a class index (an integer >= 0)"
+        ) from None
     if label < 0:
         raise BadInput(f"{key}: shard {shard} member {member.name} holds {label}, expected a class index >= 0")
     return label
@@ -204,7 +213,9 @@ def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: Path, key:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode(source: ImageSource, i: int, draft: Callable[[int, int], tuple[int, int] | None] | None = None) -> tuple[Image.Image, int, int]:
+def decode(
+    source: ImageSource, i: int, draft: Callable[[int, int], tuple[int, int] | None] | None = None
+) -> tuple[Image.Image, int, int]:
     """Image ``i`` decoded to RGB, with its original (width, height).
 
     ``draft(width, height)`` may name the smallest (width, height) the caller needs: a JPEG is
@@ -229,7 +240,8 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def eval_view(source: ImageSource, i: int, size: int, resize: int) -> torch.Tensor:
-    """The linear protocol's view of image ``i``: shorter side resized to ``resize`` (antialiased), centre crop ``size``.
+    """The linear protocol's view of image ``i``: shorter side resized to ``resize`` (antialiased), centre crop
+    ``size``.
 
     uint8 (3, size, size).
     """
@@ -245,14 +257,18 @@ def eval_view(source: ImageSource, i: int, size: int, resize: int) -> torch.Tens
     return _to_tensor(_resize(image, width, height, box, size))
 
 
-def _resize(image: Image.Image, width: int, height: int, box: tuple[float, float, float, float], size: int) -> Image.Image:
+def _resize(
+    image: Image.Image, width: int, height: int, box: tuple[float, float, float, float], size: int
+) -> Image.Image:
     """The region ``box`` of the original (width, height) image, resized to (size, size); ``image`` may be a draft."""
     sx, sy = image.size[0] / width, image.size[1] / height
     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
-def crop_views(source: ImageSource, i: int, uniforms: Sequence[torch.Tensor], views: Sequence[View], cfg: AugmentConfig) -> list[torch.Tensor]:
+def crop_views(
+    source: ImageSource, i: int, uniforms: Sequence[torch.Tensor], views: Sequence[View], cfg: AugmentConfig
+) -> list[torch.Tensor]:
     """Image ``i``'s random resized crop for each view, from the original image: the crop of
     :func:`core.views.crop_box` for the view's uniforms (13,) and this image's sides, resized to the view's
     side (bilinear, antialiased). uint8 (3, s, s) each.
@@ -262,7 +278,9 @@ def crop_views(source: ImageSource, i: int, uniforms: Sequence[torch.Tensor], vi
     def needed(width: int, height: int) -> tuple[int, int] | None:
         for u, spec in zip(uniforms, views, strict=True):
             v = u.tolist()  # Python floats: the tensor version's ~20 tiny ops cost as much as decoding a JPEG
-            boxes.append(crop_box(v[SCALE], v[RATIO], v[CX], v[CY], spec.scale or cfg.crop_scale, cfg.crop_ratio, height, width))
+            boxes.append(
+                crop_box(v[SCALE], v[RATIO], v[CX], v[CY], spec.scale or cfg.crop_scale, cfg.crop_ratio, height, width)
+            )
         reduce = min(min(w * width, h * height) / spec.size for (w, h, _, _), spec in zip(boxes, views, strict=True))
         if reduce < 2:
             return None
@@ -274,7 +292,9 @@ def crop_views(source: ImageSource, i: int, uniforms: Sequence[torch.Tensor], vi
     out = []
     for (w, h, cx, cy), spec in zip(boxes, views, strict=True):
         left, top = (cx + 1) / 2 * width - w * width / 2, (cy + 1) / 2 * height - h * height / 2
-        out.append(_to_tensor(_resize(image, width, height, (left, top, left + w * width, top + h * height), spec.size)))
+        out.append(
+            _to_tensor(_resize(image, width, height, (left, top, left + w * width, top + h * height), spec.size))
+        )
     return out
 
 
@@ -307,7 +327,9 @@ class StreamedImages:
     dtype = torch.uint8
     ndim = 4
 
-    def __init__(self, source: ImageSource, image_size: int, eval_resize: int, *, threads: int = 4, skip_corrupt: bool = False) -> None:
+    def __init__(
+        self, source: ImageSource, image_size: int, eval_resize: int, *, threads: int = 4, skip_corrupt: bool = False
+    ) -> None:
         self.source, self.image_size, self.eval_resize = source, image_size, eval_resize
         self.threads, self.skip_corrupt = max(1, threads), skip_corrupt
         self.skipped: list[str] = []
@@ -326,10 +348,20 @@ class StreamedImages:
 
     def subset(self, rows: Sequence[int] | torch.Tensor | np.ndarray) -> StreamedImages:
         """The images of ``rows`` only, still streamed."""
-        return StreamedImages(self.source.subset(rows), self.image_size, self.eval_resize, threads=self.threads, skip_corrupt=self.skip_corrupt)
+        return StreamedImages(
+            self.source.subset(rows),
+            self.image_size,
+            self.eval_resize,
+            threads=self.threads,
+            skip_corrupt=self.skip_corrupt,
+        )
 
     def __getitem__(self, index: slice | torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
-        rows = range(len(self))[index] if isinstance(index, slice) else [int(r) for r in torch.as_tensor(index).reshape(-1)]
+        rows = (
+            range(len(self))[index]
+            if isinstance(index, slice)
+            else [int(r) for r in torch.as_tensor(index).reshape(-1)]
+        )
         size = self.image_size
 
         def decode(row: int) -> torch.Tensor:
@@ -347,7 +379,6 @@ class StreamedImages:
         else:
             images = [decode(row) for row in rows]
         return torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
-
 
     def crops(self, rows: torch.Tensor, uniforms: torch.Tensor, view: View, cfg: AugmentConfig) -> torch.Tensor:
         """The random resized crops of ``rows`` for uniforms (B, NUM_DRAWS), from the original images
@@ -404,7 +435,13 @@ class _TrainSet(torch.utils.data.Dataset[_Batch]):
         try:
             for k, row in enumerate(rows.tolist()):
                 own = [u[k] for u in uniforms]  # a substitute image gets the draws of the row it stands in for
-                made = _substitute(self.source, row, lambda j, own=own: crop_views(self.source, j, own, self.views, self.cfg), self.skip_corrupt, skipped)
+                made = _substitute(
+                    self.source,
+                    row,
+                    lambda j, own=own: crop_views(self.source, j, own, self.views, self.cfg),
+                    self.skip_corrupt,
+                    skipped,
+                )
                 for v, crop in enumerate(made):
                     out[v][k] = crop
         except CorruptImage as err:
@@ -463,7 +500,12 @@ class TrainLoader:
         self.skipped: list[str] = []
         kw: dict[str, Any] = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init} if num_workers else {}
         self.loader = torch.utils.data.DataLoader(
-            _TrainSet(source, views, cfg, skip_corrupt), batch_sampler=self.sampler, collate_fn=_identity, num_workers=num_workers, pin_memory=pin_memory, **kw
+            _TrainSet(source, views, cfg, skip_corrupt),
+            batch_sampler=self.sampler,
+            collate_fn=_identity,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            **kw,
         )
 
     def epoch(self, key: int, steps: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:

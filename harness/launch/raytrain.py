@@ -1,20 +1,13 @@
 """Ray Train behind one small module: the rest of the harness never imports ``ray.train``.
 
-A multi-worker trial is a ``TorchTrainer`` fitted from the process that owns the trial's
-MLflow run: ``harness run ... distributed.workers=W`` (on a local Ray) or a sweep's Tune
-trial (Ray's supported "train driver" pattern: a Tune function that builds and fits a
-``TorchTrainer``; a trainer is never passed to ``Tuner``).
+A multi-worker trial is a ``TorchTrainer`` fitted (:func:`fit`) from the process that owns the trial's MLflow run:
+``harness run ... distributed.workers=W`` on a local Ray, or a sweep's Tune trial (Ray's "train driver" pattern: a
+Tune function that builds and fits a ``TorchTrainer``; a trainer is never passed to ``Tuner``).
 
-    fit(worker_fn, job, workers=2, cpus_per_worker=1, gpus_per_worker=0, backend="gloo",
-        name="run-<id>", storage=Path(...), max_failures=1, in_tune=False)
-    # in every worker (the process group is set up by Ray Train):
-    report({"train/loss": 4.1})            # in a Tune trial: forwarded to Tune (rank 0's)
-
-Facts this module relies on (Ray 2.60, Train V2): every worker must call :func:`report`
-the same number of times (it is a barrier); ``TuneReportCallback`` forwards rank 0's
-metrics as one Tune result per report; a failed worker group raises ``TrainingFailedError``
-(``WorkerGroupError`` holds each failed rank's exception); with ``max_failures`` the whole
-group restarts and calls the worker function again (it resumes from its own checkpoint).
+Facts this module relies on (Ray 2.60, Train V2): every worker must call :func:`report` the same number of times (it
+is a barrier); ``TuneReportCallback`` forwards rank 0's metrics as one Tune result per report; a failed worker group
+raises ``TrainingFailedError`` (``WorkerGroupError`` holds each failed rank's exception); with ``max_failures`` the
+whole group restarts and calls the worker function again (it resumes from its own checkpoint).
 """
 
 from __future__ import annotations
@@ -30,7 +23,15 @@ from harness import signals
 PLACEMENT_GROUP_FILE = "placement_group"
 """Written by rank 0 next to a multi-worker trial's checkpoint: the id of its workers' placement group."""
 
-__all__ = ["PLACEMENT_GROUP_FILE", "WorkerFailed", "current_placement_group", "describe_failure", "fit", "remove_placement_group", "report"]
+__all__ = [
+    "PLACEMENT_GROUP_FILE",
+    "WorkerFailed",
+    "current_placement_group",
+    "describe_failure",
+    "fit",
+    "remove_placement_group",
+    "report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ def fit(
         worker_fn,
         train_loop_config=job,
         torch_config=TorchConfig(backend=backend, timeout_s=3600),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(  # type: ignore[call-arg]  # Train V2 RunConfig at run time, V1 in the stubs
             name=name,
             storage_path=str(storage.resolve()),
@@ -102,7 +105,9 @@ def describe_failure(err: BaseException) -> str:
 
 
 def _is_peer_failure(line: str) -> bool:
-    return any(s in line for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "timed out"))
+    return any(
+        s in line for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "timed out")
+    )
 
 
 def _last_line(err: BaseException) -> str:

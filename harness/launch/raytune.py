@@ -1,18 +1,12 @@
 """Ray Tune behind one small module: the rest of the harness never imports ray.
 
-The driver side (:func:`run_trials`) starts or joins Ray, runs one Tune trial per
-trial key and tells a :class:`TrialEvents` what happened to each trial; the trial
-side (:func:`report`, :func:`restored_checkpoint`) is what a trainable calls.
+The driver side (:func:`run_trials`) starts or joins Ray, runs one Tune trial per trial key and tells a
+:class:`TrialEvents` what happened to each trial; the trial side (:func:`report`, :func:`restored_checkpoint`) is
+what a trainable calls.
 
-    outcome = run_trials(trainable, specs, name="temperature", storage=Path("outputs/sweeps/temperature"), ...)
-    # inside the trainable:
-    ckpt = restored_checkpoint()          # a folder, when Tune restarts a trial that had reported one
-    report({"train/loss": 4.1}, checkpoint_dir=folder)
-
-Facts this module relies on (Ray 2.60): every :func:`report` is one
-``training_iteration``; when a scheduler stops a trial, the current
-:func:`report` raises ``SystemExit`` inside the trial, so code after the
-training loop does not run there; ``Tuner.fit`` does not raise when trials fail.
+Facts this module relies on (Ray 2.60): every :func:`report` is one ``training_iteration``; when a scheduler stops a
+trial, the current :func:`report` raises ``SystemExit`` inside the trial, so code after the training loop does not
+run there; ``Tuner.fit`` does not raise when trials fail.
 """
 
 from __future__ import annotations
@@ -72,7 +66,10 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
     except OSError as err:
-        raise BadInput(f"address: Ray cluster at {address!r} does not answer ({err.strerror or err}); start one with `ray start --head` or leave address unset for a local instance") from None
+        raise BadInput(
+            f"address: Ray cluster at {address!r} does not answer ({err.strerror or err}); "
+            "start one with `ray start --head` or leave address unset for a local instance"
+        ) from None
 
 
 def cluster_address(configured: str | None) -> str | None:
@@ -98,8 +95,8 @@ def init(address: str | None, min_cpus: int = 1) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one node, never preempted (it warns on start)
     context = ray.init(
-        num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, object_store_memory=2**28, logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": "harness.launch.raytune.quiet_worker"},
+        num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, object_store_memory=2**28,
+        logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": "harness.launch.raytune.quiet_worker"},
     )  # fmt: skip
     session_dir = getattr(context, "address_info", {}).get("session_dir")
     if session_dir:  # its processes end with this one, even after kill -9
@@ -162,8 +159,12 @@ def run_trials(
     """
     from ray import tune
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one checkpoint per epoch is by design
-    if not verbose:  # Tune's own progress output (result paths, TensorBoard hints, trial tables) stays out of the terminal
+    os.environ.setdefault(
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"
+    )  # one checkpoint per epoch is by design
+    if (
+        not verbose
+    ):  # Tune's own progress output (result paths, TensorBoard hints, trial tables) stays out of the terminal
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A scheduler's metric may be one reported only at some epochs (online/*, every eval.online.every epochs): Tune's
     # own check would fail a trial on the first report without it, while ASHA just decides at the next report holding
@@ -185,7 +186,12 @@ def run_trials(
         tuner = tune.Tuner(
             fn,
             param_space={_TRIAL_KEY: tune.grid_search(keys)},
-            tune_config=tune.TuneConfig(scheduler=_scheduler(scheduler), max_concurrent_trials=max_concurrent, num_samples=1, reuse_actors=reuse_actors),
+            tune_config=tune.TuneConfig(
+                scheduler=_scheduler(scheduler),
+                max_concurrent_trials=max_concurrent,
+                num_samples=1,
+                reuse_actors=reuse_actors,
+            ),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage.resolve()),

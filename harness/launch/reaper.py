@@ -30,7 +30,11 @@ def watch(session_dir: str) -> None:
     global _watcher
     if not Path("/proc/self/fd").is_dir():
         return
-    _watcher = subprocess.Popen([sys.executable, "-m", "harness.launch.reaper", str(os.getpid()), session_dir], start_new_session=True, stdin=subprocess.DEVNULL)
+    _watcher = subprocess.Popen(
+        [sys.executable, "-m", "harness.launch.reaper", str(os.getpid()), session_dir],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def release() -> None:

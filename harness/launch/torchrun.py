@@ -48,9 +48,14 @@ def torchrun_world(environ: dict[str, str] | None = None) -> TorchrunWorld | Non
     try:
         rank, size, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     except ValueError:
-        raise BadInput(f"torchrun environment: RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}, LOCAL_RANK={env['LOCAL_RANK']!r} must be integers") from None
+        raise BadInput(
+            f"torchrun environment: RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}, "
+            f"LOCAL_RANK={env['LOCAL_RANK']!r} must be integers"
+        ) from None
     if not (size >= 1 and 0 <= rank < size and local >= 0):
-        raise BadInput(f"torchrun environment: RANK={rank} must lie in [0, WORLD_SIZE={size}) and LOCAL_RANK={local} be >= 0")
+        raise BadInput(
+            f"torchrun environment: RANK={rank} must lie in [0, WORLD_SIZE={size}) and LOCAL_RANK={local} be >= 0"
+        )
     return TorchrunWorld(rank, size, local)
 
 
@@ -62,6 +67,12 @@ def check_launch(cfg: RunConfig, world: TorchrunWorld | None) -> None:
         return
     workers, batch = cfg.distributed.workers, cfg.pretrain.batch_size
     if workers not in (1, world.size):
-        raise BadInput(f"distributed.workers: {workers}, but torchrun started WORLD_SIZE={world.size} workers; leave distributed.workers unset under torchrun")
+        raise BadInput(
+            f"distributed.workers: {workers}, but torchrun started WORLD_SIZE={world.size} "
+            "workers; leave distributed.workers unset under torchrun"
+        )
     if batch % world.size:
-        raise BadInput(f"pretrain.batch_size: the global batch {batch} does not split over torchrun's WORLD_SIZE={world.size} workers; give a multiple of {world.size}")
+        raise BadInput(
+            f"pretrain.batch_size: the global batch {batch} does not split over "
+            f"torchrun's WORLD_SIZE={world.size} workers; give a multiple of {world.size}"
+        )

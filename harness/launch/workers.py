@@ -49,22 +49,42 @@ def run_workers(cfg: RunConfig, *, parent_run_id: str | None = None) -> dict[str
     backend = distributed.backend_for(d.backend, trial.device)
     gpus = 1.0 if trial.device.type == "cuda" else 0.0
     if gpus and not raytune.cluster_address(None) and d.workers > torch.cuda.device_count():
-        raise BadInput(f"distributed.workers: {d.workers} workers x 1 GPU need {d.workers} GPUs, this machine has {torch.cuda.device_count()}")
+        raise BadInput(
+            f"distributed.workers: {d.workers} workers x 1 GPU need "
+            f"{d.workers} GPUs, this machine has {torch.cuda.device_count()}"
+        )
     started = raytune.init(None, min_cpus=math.ceil(d.workers * d.cpus))
     signals.install()  # ray.init replaced the SIGTERM handler: a stop signal ends the run KILLED, resumable
     try:
         check_capacity(d.workers, d.cpus, gpus)
         with start_run(
-            cfg.tracking.experiment, run_name=default_run_name(cfg), tags=run_tags(cfg), uri=cfg.tracking.uri, parent_run_id=parent_run_id, resume=run_to_resume(cfg)
+            cfg.tracking.experiment,
+            run_name=default_run_name(cfg),
+            tags=run_tags(cfg),
+            uri=cfg.tracking.uri,
+            parent_run_id=parent_run_id,
+            resume=run_to_resume(cfg),
         ) as mlrun:
-            base = Path(cfg.pretrain.checkpoint_dir or Path("outputs") / cfg.tracking.experiment / mlrun.run_id).resolve()
+            base = Path(
+                cfg.pretrain.checkpoint_dir or Path("outputs") / cfg.tracking.experiment / mlrun.run_id
+            ).resolve()
             if cfg.pretrain.resume is not None and not (base / "checkpoint.pt").is_file():
                 base.mkdir(parents=True, exist_ok=True)  # --resume: the workers continue from the given checkpoint
                 shutil.copyfile(cfg.pretrain.resume, base / "checkpoint.pt")
             checkpoint = base / "checkpoint.pt"
             uri = absolute_uri(tracking_uri(cfg.tracking.uri))
             try:
-                fit_workers(cfg, mlrun, checkpoint, uri=uri, name=f"run-{mlrun.run_id}", storage=base / "ray", max_failures=d.max_failures, gpus_per_worker=gpus, backend=backend)
+                fit_workers(
+                    cfg,
+                    mlrun,
+                    checkpoint,
+                    uri=uri,
+                    name=f"run-{mlrun.run_id}",
+                    storage=base / "ray",
+                    max_failures=d.max_failures,
+                    gpus_per_worker=gpus,
+                    backend=backend,
+                )
             except KeyboardInterrupt as stop:  # the run ends KILLED, resumable from its last checkpoint
                 raise Interrupted(checkpoint if checkpoint.is_file() else None) from stop
             except raytrain.WorkerFailed as err:
@@ -80,9 +100,15 @@ def check_capacity(workers: int, cpus: float, gpus: float) -> None:
     """A trial of ``workers`` x (cpus, gpus) must fit the Ray cluster: BadInput naming both numbers otherwise."""
     have_cpus, have_gpus = raytune.cluster_capacity()
     if workers * gpus > have_gpus:
-        raise BadInput(f"distributed.workers: {workers} workers x {gpus:g} GPU need {workers * gpus:g} GPUs, the Ray cluster has {have_gpus:g}")
+        raise BadInput(
+            f"distributed.workers: {workers} workers x {gpus:g} GPU need "
+            f"{workers * gpus:g} GPUs, the Ray cluster has {have_gpus:g}"
+        )
     if workers * cpus > have_cpus:
-        raise BadInput(f"distributed.workers: {workers} workers x {cpus:g} CPU need {workers * cpus:g} CPUs, the Ray cluster has {have_cpus:g}")
+        raise BadInput(
+            f"distributed.workers: {workers} workers x {cpus:g} CPU need "
+            f"{workers * cpus:g} CPUs, the Ray cluster has {have_cpus:g}"
+        )
 
 
 def fit_workers(
@@ -121,8 +147,9 @@ def fit_workers(
         "log_level": logging.getLogger("harness").getEffectiveLevel(),
     }
     raytrain.fit(
-        worker_main, job, workers=cfg.distributed.workers, cpus_per_worker=cfg.distributed.cpus, gpus_per_worker=gpus_per_worker,
-        backend=backend, name=name, storage=storage, max_failures=max_failures, in_tune=in_tune,
+        worker_main, job, workers=cfg.distributed.workers, cpus_per_worker=cfg.distributed.cpus,
+        gpus_per_worker=gpus_per_worker, backend=backend, name=name, storage=storage, max_failures=max_failures,
+        in_tune=in_tune,
     )  # fmt: skip
 
 
@@ -157,14 +184,23 @@ def worker_main(job: dict[str, Any]) -> None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             (checkpoint.parent / raytrain.PLACEMENT_GROUP_FILE).write_text(group)
         mlrun = open_run(job["run_id"], job["uri"])
-        mlrun.set_tags({"harness.workers": ", ".join(f"rank {r}: pid {pid} on {host}" for r, (host, pid) in enumerate(where))})
+        mlrun.set_tags(
+            {"harness.workers": ", ".join(f"rank {r}: pid {pid} on {host}" for r, (host, pid) in enumerate(where))}
+        )
         if restarted:
             mlrun.set_tags({"harness.resumed": f"from {checkpoint} after a restart ({world.size} workers)"})
         metrics = execute(trial, mlrun, on_epoch_end=on_epoch_end if tune else None)
         if tune:
             raytrain.report({**last, **metrics, "epoch": cfg.pretrain.epochs, **job["final"]})
     else:
-        pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device, on_epoch_end=on_epoch_end if tune else None)
+        pretrain(
+            trial.method,
+            trial.data.train.images,
+            cfg,
+            trial.augmenter,
+            trial.device,
+            on_epoch_end=on_epoch_end if tune else None,
+        )
         if tune:
             raytrain.report({})  # every worker reports as often as rank 0; only rank 0's metrics reach Tune
 

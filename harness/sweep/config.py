@@ -1,23 +1,10 @@
 """A sweep's YAML: its schema, command-line overrides, and its expansion into one run config per trial.
 
-    # sweeps/temperature.yaml
-    name: temperature                      # the MLflow experiment and the results/ folder
-    base: ../configs/simclr_shapes.yaml    # a run config (relative to this file)
-    run: {pretrain: {epochs: 8}}           # overrides on top of base
-    space:
-      method.temperature: {grid: [0.05, 0.1, 0.2, 0.5, 1.0]}
-    seeds: [0, 1]                          # every point runs once per seed
-
-    sweep = load_sweep("sweeps/temperature.yaml", ["pretrain.epochs=2"])
-    sweep.keys                             # one trial key per (point, seed)
-    sweep.configs[key]                     # its resolved RunConfig
-
-A swept key is any dotted key of the run config. Domains: ``grid`` (every value),
-``choice`` (drawn), ``uniform`` and ``loguniform`` (drawn), ``cases`` (a grid whose
-points set several keys at once, :class:`Domain`); ``num_samples`` draws
-of the random domains are crossed with the grids, and every point is repeated
-for each seed. Everything is validated (every trial's run config built) here, before
-Ray starts. Running a sweep is :mod:`harness.sweep.driver`.
+A sweep names a ``base`` run config, ``run`` overrides on top of it, a ``space`` of swept dotted keys and the
+``seeds`` every point runs with. Domains: ``grid`` (every value), ``choice``, ``uniform`` and ``loguniform`` (drawn),
+``cases`` (a grid whose points set several keys at once, :class:`Domain`); ``num_samples`` draws of the random domains
+are crossed with the grids, and every point is repeated for each seed. Everything is validated (every trial's run
+config built) here, before Ray starts. Running a sweep is :mod:`harness.sweep.driver`.
 """
 
 from __future__ import annotations
@@ -37,7 +24,18 @@ from core.metrics import ONLINE_METRICS
 from harness.config.loading import build_config, first_error, parse_overrides, read_yaml, set_values
 from harness.config.schema import RunConfig, Section
 
-__all__ = ["Domain", "Resources", "SchedulerConfig", "Sweep", "SweepConfig", "TableConfig", "TrialSpec", "apply_sweep_overrides", "expand", "load_sweep"]
+__all__ = [
+    "Domain",
+    "Resources",
+    "SchedulerConfig",
+    "Sweep",
+    "SweepConfig",
+    "TableConfig",
+    "TrialSpec",
+    "apply_sweep_overrides",
+    "expand",
+    "load_sweep",
+]
 
 
 class Domain(Section):
@@ -68,14 +66,19 @@ class Domain(Section):
         if isinstance(v, list):
             return {"grid": v}
         if not isinstance(v, dict):
-            raise ValueError("expected {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {cases: [{key: value, ...}, ...]}")
+            raise ValueError(
+                "expected {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, "
+                "{loguniform: [lo, hi]} or {cases: [{key: value, ...}, ...]}"
+            )
         return v
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Domain:
         given = [k for k in ("grid", "choice", "uniform", "loguniform", "cases") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, cases (got {', '.join(given) or 'none'})")
+            raise ValueError(
+                f"give exactly one of grid, choice, uniform, loguniform, cases (got {', '.join(given) or 'none'})"
+            )
         if self.cases is not None and any(not case for case in self.cases):
             raise ValueError("cases: every case sets at least one run key")
         if self.uniform is not None and not self.uniform[0] < self.uniform[1]:
@@ -126,7 +129,8 @@ class Resources(Section):
     one), each with ``cpus`` CPUs (also its torch threads) and ``gpus`` GPUs (fractions share one GPU)."""
 
     workers: int = Field(1, ge=1)
-    """Data-parallel workers per trial; the trials' ``pretrain.batch_size`` (the global batch) must be divisible by it."""
+    """Data-parallel workers per trial; the trials' ``pretrain.batch_size`` (the global batch) must be divisible by
+    it."""
     cpus: float = Field(1.0, gt=0)
     """Per worker."""
     gpus: float = Field(0.0, ge=0)
@@ -157,7 +161,8 @@ class TableConfig(Section):
 
     columns: list[str] | None = Field(None, min_length=1)
     """Metric names, in order, e.g. ``[eval/knn/top1, time/pretrain_s]``; default (None): kNN, linear, 1% and 10%
-    top-1, Recall@1, RankMe, pretraining time and peak memory, those the runs logged (``harness.tables.DEFAULT_COLUMNS``)."""
+    top-1, Recall@1, RankMe, pretraining time and peak memory, those the runs logged
+    (``harness.tables.DEFAULT_COLUMNS``)."""
 
     @field_validator("columns")
     @classmethod
@@ -218,7 +223,10 @@ class SweepConfig(Section):
     @model_validator(mode="after")
     def _samples_need_randomness(self) -> SweepConfig:
         if self.num_samples > 1 and not any(d.random for d in self.space.values()):
-            raise ValueError(f"num_samples: {self.num_samples} draws need a choice, uniform or loguniform domain in space (seeds repeat grid points)")
+            raise ValueError(
+                f"num_samples: {self.num_samples} draws need a choice, uniform "
+                "or loguniform domain in space (seeds repeat grid points)"
+            )
         return self
 
 
@@ -256,7 +264,8 @@ class Sweep:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
-    """Read, override and validate a sweep YAML, expand it and build every trial's run config (ConfigError on anything wrong)."""
+    """Read, override and validate a sweep YAML, expand it and build every trial's run config (ConfigError on anything
+    wrong)."""
     path = Path(path)
     raw = read_yaml(path)
     raw = apply_sweep_overrides(raw, overrides)
@@ -268,14 +277,18 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     run_raw = set_values(run_raw, {"tracking.experiment": cfg.name}, RunConfig)
     run_raw = _workers_from_resources(run_raw, cfg.resources)
     if (run_raw.get("eval") or {}).get("baselines_cache") is None:  # trials sharing data, seed and backbone share them
-        run_raw = set_values(run_raw, {"eval.baselines_cache": str(cfg.storage.resolve() / cfg.name / "baselines")}, RunConfig)
+        run_raw = set_values(
+            run_raw, {"eval.baselines_cache": str(cfg.storage.resolve() / cfg.name / "baselines")}, RunConfig
+        )
     sweep = Sweep(cfg, path, path.read_text(), expand(cfg))
     for key, domain in cfg.space.items():  # every value (or both ends of a range) must make a valid run config
         for value in domain.bounds():
             _build(run_raw, domain.run_values(key, value), f"space.{key}")
     for trial in sweep.trials:
         values = {k: v for key, value in trial.point.items() for k, v in cfg.space[key].run_values(key, value).items()}
-        sweep.configs[trial.key] = _build(run_raw, {**values, "seed": trial.seed, "tracking.run_name": trial.key}, "space")
+        sweep.configs[trial.key] = _build(
+            run_raw, {**values, "seed": trial.seed, "tracking.run_name": trial.key}, "space"
+        )
     _check_scheduler_metric(cfg.scheduler, list(sweep.configs.values()))
     return sweep
 
@@ -285,11 +298,19 @@ def _workers_from_resources(run_raw: dict[str, Any], resources: Resources) -> di
     another worker count is refused (it would be silently ignored)."""
     asked = (run_raw.get("distributed") or {}).get("workers")
     if resources.workers > 1 and (run_raw.get("distributed") or {}).get("backend") == "nccl" and not resources.gpus:
-        raise ConfigError("run.distributed.backend: nccl needs GPUs, and resources.gpus is 0; give resources.gpus (per worker) or use distributed.backend=gloo or auto")
+        raise ConfigError(
+            "run.distributed.backend: nccl needs GPUs, and resources.gpus is 0; give "
+            "resources.gpus (per worker) or use distributed.backend=gloo or auto"
+        )
     if asked not in (None, 1, resources.workers):
-        raise ConfigError(f"run.distributed.workers: {asked}, but resources.workers is {resources.workers}; a sweep's trials take their workers from resources.workers")
+        raise ConfigError(
+            f"run.distributed.workers: {asked}, but resources.workers is "
+            f"{resources.workers}; a sweep's trials take their workers from resources.workers"
+        )
     try:
-        return set_values(run_raw, {"distributed.workers": resources.workers, "distributed.cpus": resources.cpus}, RunConfig)
+        return set_values(
+            run_raw, {"distributed.workers": resources.workers, "distributed.cpus": resources.cpus}, RunConfig
+        )
     except ConfigError as err:
         raise ConfigError(f"resources.workers: {err}") from None
 
@@ -303,19 +324,39 @@ _FINAL_ONLY = ("train/final_loss", "train/images_per_s_mean")
 
 
 def _check_scheduler_metric(scheduler: SchedulerConfig, configs: list[RunConfig]) -> None:
-    """ASHA's metric must be one the trials report during training: refused (naming it and the accepted ones) otherwise."""
+    """ASHA's metric must be one the trials report during training: refused (naming it and the accepted ones)
+    otherwise."""
     metric = scheduler.metric
     if scheduler.name != "asha" or metric is None:
         return
     online = all(c.eval.online.enabled for c in configs)
-    if metric in EPOCH_METRICS or (metric in ONLINE_METRICS and online) or (metric.startswith("train/") and metric != "train/" and metric not in _FINAL_ONLY):
+    if (
+        metric in EPOCH_METRICS
+        or (metric in ONLINE_METRICS and online)
+        or (metric.startswith("train/") and metric != "train/" and metric not in _FINAL_ONLY)
+    ):
         return
     if metric in ONLINE_METRICS:
-        raise ConfigError(f"scheduler.metric: {metric!r} is reported only by trials with eval.online.enabled=true, and some of these trials disable it")
-    accepted = [*EPOCH_METRICS[:-1], "train/<a key the method logs>", *(ONLINE_METRICS if online else ()), EPOCH_METRICS[-1]]
-    why = "reported only at the end of a trial" if metric.startswith(("eval/", "baseline/", "time/", "memory/")) or metric in _FINAL_ONLY else "not reported by the trials"
+        raise ConfigError(
+            f"scheduler.metric: {metric!r} is reported only by trials with "
+            "eval.online.enabled=true, and some of these trials disable it"
+        )
+    accepted = [
+        *EPOCH_METRICS[:-1],
+        "train/<a key the method logs>",
+        *(ONLINE_METRICS if online else ()),
+        EPOCH_METRICS[-1],
+    ]
+    why = (
+        "reported only at the end of a trial"
+        if metric.startswith(("eval/", "baseline/", "time/", "memory/")) or metric in _FINAL_ONLY
+        else "not reported by the trials"
+    )
     hint = suggest(metric, [m for m in accepted if "<" not in m], n=1)
-    raise ConfigError(f"scheduler.metric: {metric!r} is {why}{hint}; ASHA can stop trials on a metric reported during training: {', '.join(accepted)}")
+    raise ConfigError(
+        f"scheduler.metric: {metric!r} is {why}{hint}; ASHA can stop trials "
+        f"on a metric reported during training: {', '.join(accepted)}"
+    )
 
 
 def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -340,12 +381,16 @@ def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str,
 
 
 def expand(cfg: SweepConfig) -> list[TrialSpec]:
-    """Every (point, seed): the grids' product crossed with ``num_samples`` draws of the random domains, times the seeds."""
+    """Every (point, seed): the grids' product crossed with ``num_samples`` draws of the random domains, times the
+    seeds."""
     grid_keys = [k for k, d in cfg.space.items() if not d.random]
     random_keys = [k for k, d in cfg.space.items() if d.random]
     rng = np.random.default_rng(cfg.sample_seed)
     draws = [{k: cfg.space[k].draw(rng) for k in random_keys} for _ in range(cfg.num_samples)]
-    combos = [dict(zip(grid_keys, values, strict=True)) for values in itertools.product(*(cfg.space[k].points() for k in grid_keys))]
+    combos = [
+        dict(zip(grid_keys, values, strict=True))
+        for values in itertools.product(*(cfg.space[k].points() for k in grid_keys))
+    ]
     points = [{k: {**combo, **draw}[k] for k in cfg.space} for draw in draws for combo in combos]
     labelled = [(point, {k: cfg.space[k].label(k, v) for k, v in point.items()}) for point in points]
     return [TrialSpec(point, seed, labels) for point, labels in labelled for seed in cfg.seeds]

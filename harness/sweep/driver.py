@@ -1,14 +1,11 @@
-"""Running a sweep: the driver. One trial per point and seed, scheduled by Ray Tune, logged to MLflow parent and child runs.
+"""Running a sweep: the driver. One trial per point and seed, scheduled by Ray Tune, logged to MLflow parent and
+child runs.
 
-    sweep = load_sweep("sweeps/temperature.yaml")       # harness.sweep.config: schema and expansion
-    outcome = run_sweep(sweep, resume=False)             # then tables (harness.tables)
-
-The driver opens the parent run and one child run per trial (status SCHEDULED)
-before any trial starts (:mod:`harness.sweep.state`); each trial
-(:func:`harness.sweep.trial.train_trial`) logs into its child; the driver sets each
-child's final status (FINISHED, FAILED, or KILLED when stopped early or
-interrupted), so no run is left RUNNING and none is duplicated across retries or
-``--resume``.
+The driver opens the parent run and one child run per trial (status SCHEDULED) before any trial starts
+(:mod:`harness.sweep.state`); each trial (:func:`harness.sweep.trial.train_trial`) logs into its child; the driver
+sets each child's final status (FINISHED, FAILED, or KILLED when stopped early or interrupted), so no run is left
+RUNNING and none is duplicated across retries or ``--resume``. The sweep comes from
+:func:`harness.sweep.config.load_sweep`; its tables are :mod:`harness.tables`.
 """
 
 from __future__ import annotations
@@ -93,17 +90,32 @@ def _concurrency(configured: int | None, workers: int, cpus: float, gpus: float)
         return configured
     have_cpus, have_gpus = raytune.cluster_capacity()
     if workers * gpus > have_gpus:
-        raise BadInput(f"resources: {workers} workers x {gpus:g} GPU need {workers * gpus:g} GPUs per trial, the Ray cluster has {have_gpus:g}")
+        raise BadInput(
+            f"resources: {workers} workers x {gpus:g} GPU need {workers * gpus:g} "
+            f"GPUs per trial, the Ray cluster has {have_gpus:g}"
+        )
     per_trial = workers * cpus + DRIVER_CPUS
     if per_trial > have_cpus:
-        raise BadInput(f"resources: {workers} workers x {cpus:g} CPU (+{DRIVER_CPUS:g} for the trial's driver) need {per_trial:g} CPUs per trial, the Ray cluster has {have_cpus:g}")
+        raise BadInput(
+            f"resources: {workers} workers x {cpus:g} CPU (+{DRIVER_CPUS:g} for the trial's "
+            f"driver) need {per_trial:g} CPUs per trial, the Ray cluster has {have_cpus:g}"
+        )
     fits = int(have_cpus // per_trial)
     if gpus:
         fits = min(fits, int(have_gpus // (workers * gpus)))
     return min(configured, fits) if configured else fits
 
 
-def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: Path, resume: bool, verbose: int, max_concurrent: int | None) -> SweepOutcome:
+def _run(
+    sweep: Sweep,
+    state: dict[str, Any],
+    uri: str,
+    root: Path,
+    state_path: Path,
+    resume: bool,
+    verbose: int,
+    max_concurrent: int | None,
+) -> SweepOutcome:
     cfg = sweep.cfg
     parent = open_run(state["parent_run_id"], uri)
     children = {key: open_run(run_id, uri) for key, run_id in state["trials"].items()}
@@ -113,7 +125,8 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
         children[key].set_status("SCHEDULED")
     specs = {
         key: {
-            "run": _trial_run_dict(sweep.configs[key]), "run_id": children[key].run_id, "uri": uri, "cpus": cfg.resources.cpus,
+            "run": _trial_run_dict(sweep.configs[key]), "run_id": children[key].run_id, "uri": uri,
+            "cpus": cfg.resources.cpus,
             "workers": {"gpus": cfg.resources.gpus, "max_failures": cfg.max_failures, "storage": str(root / "workers")},
         }
         for key in sweep.keys
@@ -156,7 +169,9 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
                 say(key, "finished  " + "  ".join(f"{m} {result[m]:.4f}" for m in cfg.headline if m in result))
         else:
             stopped.append(key)
-            children[key].set_tags({"harness.stopped": f"stopped early by the scheduler after epoch {result.get('epoch', '?')}"})
+            children[key].set_tags(
+                {"harness.stopped": f"stopped early by the scheduler after epoch {result.get('epoch', '?')}"}
+            )
             children[key].end("KILLED")
             say(key, f"stopped early by the scheduler after epoch {result.get('epoch', '?')}")
 
@@ -189,8 +204,8 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
     try:
         outcome = raytune.run_trials(
             train_trial, sweep.keys, name=state["tune_name"], storage=root, cpus=trial_cpus, gpus=trial_gpus,
-            max_concurrent=max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures if r.workers == 1 else 0, events=events,
-            resume=resume, reuse_actors=r.workers == 1, specs=specs,
+            max_concurrent=max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures if r.workers == 1 else 0,
+            events=events, resume=resume, reuse_actors=r.workers == 1, specs=specs,
         )  # fmt: skip
     except Exception as err:  # Tune itself failed: no trial may stay SCHEDULED or RUNNING
         for key in todo:
@@ -202,7 +217,9 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
         raise RunFailed(f"sweep {cfg.name!r} failed: {raytune.one_line(err)}") from err
     except KeyboardInterrupt:  # a stop signal outside Tune's own handling: nothing may stay RUNNING
         for key in pending:
-            children[key].set_tags({"harness.stopped": f"{signals.stop_reason()}: sweep interrupted; resume with --resume"})
+            children[key].set_tags(
+                {"harness.stopped": f"{signals.stop_reason()}: sweep interrupted; resume with --resume"}
+            )
             children[key].end("KILLED")
         parent.set_tags({"harness.stopped": signals.stop_reason()})
         parent.end("KILLED")
@@ -215,14 +232,20 @@ def _run(sweep: Sweep, state: dict[str, Any], uri: str, root: Path, state_path: 
     for key in interrupted:  # never started, or cut off by a stop signal: resumable
         if key in pending:
             pending.discard(key)
-            reason = "SIGTERM to the trial's worker" if key in preempted else f"{signals.stop_reason()}: sweep interrupted"
+            reason = (
+                "SIGTERM to the trial's worker" if key in preempted else f"{signals.stop_reason()}: sweep interrupted"
+            )
             children[key].set_tags({"harness.stopped": f"{reason}; resume with --resume"})
             children[key].end("KILLED")
     for key, error in failed.items():  # the callback may not have run for a trial whose error surfaced at the end
         on_error(key, error)
-    parent.log_metrics({"sweep/trials_finished": len(finished), "sweep/trials_failed": len(failed), "sweep/wall_s": outcome.wall_s})
+    parent.log_metrics(
+        {"sweep/trials_finished": len(finished), "sweep/trials_failed": len(failed), "sweep/wall_s": outcome.wall_s}
+    )
     if interrupted:
-        parent.set_tags({"harness.stopped": "SIGTERM" if preempted and signals.received() is None else signals.stop_reason()})
+        parent.set_tags(
+            {"harness.stopped": "SIGTERM" if preempted and signals.received() is None else signals.stop_reason()}
+        )
     parent.end("KILLED" if interrupted else ("FAILED" if failed else "FINISHED"))
     state["complete"] = not interrupted
     write_json(state_path, state)
@@ -236,7 +259,14 @@ def _check_preparable(sweep: Sweep) -> None:
 
     seen: set[str] = set()
     for cfg in sweep.configs.values():
-        sig = json.dumps([cfg.data.model_dump(mode="json"), cfg.backbone.model_dump(mode="json"), cfg.method["name"], cfg.pretrain.batch_size])
+        sig = json.dumps(
+            [
+                cfg.data.model_dump(mode="json"),
+                cfg.backbone.model_dump(mode="json"),
+                cfg.method["name"],
+                cfg.pretrain.batch_size,
+            ]
+        )
         if sig not in seen:
             seen.add(sig)
             prepare(cfg)

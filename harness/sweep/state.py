@@ -37,7 +37,13 @@ def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
 
     cfg = sweep.cfg
     swept = list(cfg.space)
-    tags = {TAG_SWEEP: cfg.name, TAG_SWEPT_KEYS: json.dumps(swept), "harness.headline": json.dumps(cfg.headline), "git_commit": git_commit(), "harness.role": "sweep"}
+    tags = {
+        TAG_SWEEP: cfg.name,
+        TAG_SWEPT_KEYS: json.dumps(swept),
+        "harness.headline": json.dumps(cfg.headline),
+        "git_commit": git_commit(),
+        "harness.role": "sweep",
+    }
     tags["harness.table_columns"] = json.dumps(cfg.table.columns)  # what `table EXPERIMENT` shows (null: the default)
     parent = create_run(cfg.name, run_name=f"{cfg.name} sweep", uri=uri, tags=tags)
     parent.log_params({
@@ -47,7 +53,9 @@ def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
         "sweep.resources.cpus": cfg.resources.cpus, "sweep.resources.gpus": cfg.resources.gpus,
     })  # fmt: skip
     parent.log_text(sweep.text, f"sweep/{sweep.source.name if sweep.source else 'sweep.yaml'}")
-    parent.log_text(yaml.safe_dump(sweep.configs[sweep.keys[0]].as_dict(), sort_keys=False), "sweep/first_trial_config.yaml")
+    parent.log_text(
+        yaml.safe_dump(sweep.configs[sweep.keys[0]].as_dict(), sort_keys=False), "sweep/first_trial_config.yaml"
+    )
     trials = {}
     for trial in sweep.trials:
         run_cfg = sweep.configs[trial.key]
@@ -57,7 +65,15 @@ def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
         log_run_inputs(child, run_cfg)
         child.set_status("SCHEDULED")
         trials[trial.key] = child.run_id
-    state = {"sweep": cfg.name, "tune_name": time.strftime("%Y%m%d-%H%M%S"), "parent_run_id": parent.run_id, "uri": uri, "trials": trials, "digest": _digest(sweep), "complete": False}
+    state = {
+        "sweep": cfg.name,
+        "tune_name": time.strftime("%Y%m%d-%H%M%S"),
+        "parent_run_id": parent.run_id,
+        "uri": uri,
+        "trials": trials,
+        "digest": _digest(sweep),
+        "complete": False,
+    }
     write_json(root / STATE_FILE, state)
     return state
 
@@ -69,14 +85,29 @@ def load_state(state_path: Path, sweep: Sweep, uri: str) -> dict[str, Any]:
         raise BadInput(f"--resume: nothing to resume for sweep {name!r}: no saved state at {state_path}")
     state = json.loads(state_path.read_text())
     if state.get("digest") != _digest(sweep):
-        raise BadInput(f"--resume: sweep {name!r} changed since it started (its trials or their configs differ); run it without --resume to start again")
+        raise BadInput(
+            f"--resume: sweep {name!r} changed since it started (its trials "
+            "or their configs differ); run it without --resume to start again"
+        )
     if state["uri"] != uri:
-        raise BadInput(f"--resume: sweep {name!r} logged to {state['uri']}, not {uri}; set tracking.uri or MLFLOW_TRACKING_URI to it")
-    statuses = {r["run_id"]: r["status"] for r in search_runs(name, uri, f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")}
+        raise BadInput(
+            f"--resume: sweep {name!r} logged to {state['uri']}, not "
+            f"{uri}; set tracking.uri or MLFLOW_TRACKING_URI to it"
+        )
+    statuses = {
+        r["run_id"]: r["status"]
+        for r in search_runs(name, uri, f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    }
     if statuses and all(statuses.get(run_id) == "FINISHED" for run_id in state["trials"].values()):
-        raise BadInput(f"--resume: nothing to resume for sweep {name!r}: all {len(state['trials'])} trials finished; run it without --resume to start again")
+        raise BadInput(
+            f"--resume: nothing to resume for sweep {name!r}: all {len(state['trials'])} "
+            "trials finished; run it without --resume to start again"
+        )
     if not raytune.can_restore(state_path.parent / state["tune_name"]):
-        raise BadInput(f"--resume: nothing to resume for sweep {name!r}: no Ray Tune state at {state_path.parent / state['tune_name']}")
+        raise BadInput(
+            f"--resume: nothing to resume for sweep {name!r}: no Ray "
+            f"Tune state at {state_path.parent / state['tune_name']}"
+        )
     return state
 
 

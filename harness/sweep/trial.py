@@ -96,12 +96,15 @@ def _fit_workers(cfg: RunConfig, mlrun: Run, spec: dict[str, Any]) -> None:
     storage = Path(workers["storage"])
     checkpoint = worker_folder(storage, mlrun.run_id) / "checkpoint.pt"
     gpus = float(workers["gpus"])
-    backend = distributed.backend_for(cfg.distributed.backend, torch.device("cuda" if gpus > 0 else "cpu"))  # nccl without GPUs: refused in sweep_config
+    backend = distributed.backend_for(
+        cfg.distributed.backend, torch.device("cuda" if gpus > 0 else "cpu")
+    )  # nccl without GPUs: refused in sweep_config
     cfg.pretrain.progress = False
     mlrun.set_status("RUNNING")
     if checkpoint.is_file():
         mlrun.set_tags({"harness.resumed": "from the trial's last checkpoint"})
     fit_workers(
-        cfg, mlrun, checkpoint, uri=spec["uri"], name=f"trial-{mlrun.run_id}", storage=worker_folder(storage, mlrun.run_id) / "ray", max_failures=int(workers["max_failures"]),
+        cfg, mlrun, checkpoint, uri=spec["uri"], name=f"trial-{mlrun.run_id}",
+        storage=worker_folder(storage, mlrun.run_id) / "ray", max_failures=int(workers["max_failures"]),
         gpus_per_worker=gpus, backend=backend, in_tune=True, final={FINISHED_KEY: 1},
     )  # fmt: skip

@@ -5,9 +5,32 @@ from harness.tables.build import build
 from harness.tables.format import Cell, Table, column_format, full_table, headline_table
 from harness.tables.plots import curves, learning_curves
 from harness.tables.render import to_latex, to_markdown
-from harness.tables.runs import DEFAULT_COLUMNS, TAG_COLUMNS, SweepRuns, aggregate, collect, metric_columns, table_columns
+from harness.tables.runs import (
+    DEFAULT_COLUMNS,
+    TAG_COLUMNS,
+    SweepRuns,
+    aggregate,
+    collect,
+    metric_columns,
+    table_columns,
+)
 
 __all__ = [
-    "DEFAULT_COLUMNS", "TAG_COLUMNS", "Cell", "SweepRuns", "Table", "aggregate", "build", "collect", "column_format", "curves",
-    "full_table", "headline_table", "learning_curves", "metric_columns", "table_columns", "to_latex", "to_markdown",
+    "DEFAULT_COLUMNS",
+    "TAG_COLUMNS",
+    "Cell",
+    "SweepRuns",
+    "Table",
+    "aggregate",
+    "build",
+    "collect",
+    "column_format",
+    "curves",
+    "full_table",
+    "headline_table",
+    "learning_curves",
+    "metric_columns",
+    "table_columns",
+    "to_latex",
+    "to_markdown",
 ]

@@ -19,7 +19,8 @@ from harness.tables.runs import TAG_COLUMNS, aggregate, collect, table_columns
 
 
 def build(experiment: str, out_dir: Path, uri: str | None = None, table: TableConfig | None = None) -> list[Path]:
-    """Write the tables and plots of ``experiment`` into ``out_dir``; log them to the sweep's parent run. Returns the files.
+    """Write the tables and plots of ``experiment`` into ``out_dir``; log them to the sweep's parent run. Returns the
+    files.
 
     ``table`` is the sweep's ``table`` section (from its YAML); without it, the one the sweep's parent run recorded.
     A ``table.columns`` entry no run logged is a BadInput, raised before anything is written."""
@@ -34,9 +35,20 @@ def build(experiment: str, out_dir: Path, uri: str | None = None, table: TableCo
     frame.to_csv(written[0], index=False, float_format="%.6g")
     note = "mean ± std over seeds; best of each varying column in bold"
     headline = headline_table(frame, runs.keys, metrics)
-    written[1].write_text(to_markdown(headline, title=f"{experiment}: {note}; every metric in table_full.md and table.csv"), encoding="utf-8")
-    written[2].write_text(to_latex(headline, caption=f"{tex_escape(experiment)}: mean $\\pm$ std over seeds; best of each varying column in bold."), encoding="utf-8")
-    written[3].write_text(to_markdown(full_table(frame, runs.keys), title=f"{experiment}: every metric; {note}"), encoding="utf-8")
+    written[1].write_text(
+        to_markdown(headline, title=f"{experiment}: {note}; every metric in table_full.md and table.csv"),
+        encoding="utf-8",
+    )
+    written[2].write_text(
+        to_latex(
+            headline,
+            caption=f"{tex_escape(experiment)}: mean $\\pm$ std over seeds; best of each varying column in bold.",
+        ),
+        encoding="utf-8",
+    )
+    written[3].write_text(
+        to_markdown(full_table(frame, runs.keys), title=f"{experiment}: every metric; {note}"), encoding="utf-8"
+    )
     written += plot(frame, runs.swept, runs.headline, out_dir)
     written += curves(runs, frame, out_dir, uri)
     if runs.parent is not None:

@@ -47,6 +47,7 @@ MEGABYTES = re.compile(r"(^memory/|_mb$)")
 
 MISSING = "–"
 
+
 @dataclass(frozen=True)
 class Format:
     """How a metric column prints: ``value * scale`` with the format ``spec``, and the unit its header names."""
@@ -58,6 +59,7 @@ class Format:
     def __call__(self, value: float) -> str:
         text = format(value * self.scale, self.spec)
         return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0"
+
 
 def column_format(metric: str, means: np.ndarray) -> Format:
     """Percent with one decimal for accuracies and recalls in [0, 1]; one decimal for RankMe and effective rank;
@@ -78,6 +80,7 @@ def column_format(metric: str, means: np.ndarray) -> Format:
         return Format(1.0, ".2f")
     return Format(1.0, ".4f" if top >= 0.01 or top == 0 else ".3g")
 
+
 def best_rows(frame: pd.DataFrame, metric: str, fmt: Format | None = None) -> set[int]:
     """Row positions holding the best mean of ``metric`` as printed; none for a column that is a setting, a
     baseline, or the same on every row."""
@@ -92,10 +95,12 @@ def best_rows(frame: pd.DataFrame, metric: str, fmt: Format | None = None) -> se
     target = min(distinct) if LOWER_IS_BETTER.search(metric) else max(distinct)
     return {i for i, v in enumerate(shown) if v == target}
 
+
 @dataclass(frozen=True)
 class Cell:
     text: str
     bold: bool = False
+
 
 @dataclass
 class Table:
@@ -105,6 +110,7 @@ class Table:
     numeric: list[bool]
     rows: list[list[Cell]]
     below: list[list[Cell]] = field(default_factory=list)
+
 
 def metric_cells(frame: pd.DataFrame, metric: str) -> tuple[list[Cell], Format]:
     """``mean ± std`` of ``metric`` per row at its column's precision, bold where best; ``failed`` for a point
@@ -121,11 +127,14 @@ def metric_cells(frame: pd.DataFrame, metric: str) -> tuple[list[Cell], Format]:
     for i in range(n):
         if math.isnan(means[i]):
             failed = "failed" in frame["status"].iloc[i] and frame["seeds"].iloc[i] == 0
-            hidden = "collapsed" in frame.columns and frame["collapsed"].iloc[i] > 0 and not metric.startswith("baseline/")
+            hidden = (
+                "collapsed" in frame.columns and frame["collapsed"].iloc[i] > 0 and not metric.startswith("baseline/")
+            )
             cells.append(Cell("failed" if failed else "collapsed" if hidden else MISSING))
         else:
             cells.append(Cell(fmt(means[i]) + ("" if math.isnan(stds[i]) else f" ± {fmt(stds[i])}"), i in best))
     return cells, fmt
+
 
 def headline_table(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> Table:
     """The swept keys, the taxonomy, seeds and status, then ``metrics``; the baselines as rows below."""
@@ -145,25 +154,39 @@ def headline_table(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> 
             below.append([label] + [Cell("")] * (len(plain) + 1) + [Cell(text if m == target else "") for m in metrics])
     return Table(header, [False] * (len(plain) + 2) + [True] * len(metrics), rows, below)
 
+
 def full_table(frame: pd.DataFrame, keys: list[str]) -> Table:
     """Every metric column of ``frame`` (baselines included), headed by its name and unit."""
     plain = [*keys, *TAXONOMY]
     metrics = metric_columns(frame)
     columns = [metric_cells(frame, m) for m in metrics]
-    header = [*keys, *(TAXONOMY_HEADERS[k] for k in TAXONOMY), "seeds", "status", *(_with_unit(m, fmt) for m, (_, fmt) in zip(metrics, columns, strict=True))]
+    header = [
+        *keys,
+        *(TAXONOMY_HEADERS[k] for k in TAXONOMY),
+        "seeds",
+        "status",
+        *(_with_unit(m, fmt) for m, (_, fmt) in zip(metrics, columns, strict=True)),
+    ]
     rows = [_plain_cells(frame, i, plain) + [cells[i] for cells, _ in columns] for i in range(len(frame))]
     return Table(header, [False] * (len(plain) + 2) + [True] * len(metrics), rows)
 
+
 def _plain_cells(frame: pd.DataFrame, i: int, plain: list[str]) -> list[Cell]:
-    return [Cell(fmt_value(frame[c].iloc[i])) for c in plain] + [Cell(str(frame["seeds"].iloc[i])), Cell(str(frame["status"].iloc[i]))]
+    return [Cell(fmt_value(frame[c].iloc[i])) for c in plain] + [
+        Cell(str(frame["seeds"].iloc[i])),
+        Cell(str(frame["status"].iloc[i])),
+    ]
+
 
 def _with_unit(label: str, fmt: Format) -> str:
     return f"{label} ({fmt.unit})" if fmt.unit else label
+
 
 def _baseline_target(base: str) -> str | None:
     """``baseline/random_init/knn_top1`` -> ``eval/knn/top1``: the column a baseline belongs in."""
     evaluation, _, metric = base.rsplit("/", 1)[-1].partition("_")
     return f"eval/{evaluation}/{metric}" if metric else None
+
 
 def _baseline_text(frame: pd.DataFrame, base: str, fmt: Format) -> str | None:
     """The baseline as its column prints it: one ``mean ± std`` when every point has the same (at that precision),
@@ -179,10 +202,13 @@ def _baseline_text(frame: pd.DataFrame, base: str, fmt: Format) -> str | None:
     std = frame[f"{base} std"].iloc[i]
     return fmt(frame[base].iloc[i]) + ("" if math.isnan(std) else f" ± {fmt(std)}")
 
+
 def fmt_value(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return MISSING
-    if isinstance(v, dict) and "name" in v:  # a swept mapping (e.g. a whole method): its name; the rest is in the params
+    if (
+        isinstance(v, dict) and "name" in v
+    ):  # a swept mapping (e.g. a whole method): its name; the rest is in the params
         return str(v["name"])
     if isinstance(v, (bool, np.bool_)):
         return "yes" if v else "no"

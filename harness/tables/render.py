@@ -25,6 +25,7 @@ def to_markdown(table: Table, title: str = "") -> str:
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in [*table.rows, *table.below]]
     return head + "\n".join(lines) + "\n"
 
+
 def to_latex(table: Table, caption: str = "") -> str:
     r"""A booktabs ``table`` environment (needs ``\usepackage{booktabs,graphicx}``): a header's unit on a second
     line, the baselines below a rule, shrunk to the line width only when wider; ``caption`` is LaTeX already."""
@@ -64,7 +65,20 @@ def to_latex(table: Table, caption: str = "") -> str:
     ]
     return "\n".join(lines) + "\n"
 
-_TEX_SPECIAL = {"\\": "\\textbackslash{}", "{": "\\{", "}": "\\}", "_": "\\_", "%": "\\%", "&": "\\&", "#": "\\#", "$": "\\$", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+
+_TEX_SPECIAL = {
+    "\\": "\\textbackslash{}",
+    "{": "\\{",
+    "}": "\\}",
+    "_": "\\_",
+    "%": "\\%",
+    "&": "\\&",
+    "#": "\\#",
+    "$": "\\$",
+    "~": "\\textasciitilde{}",
+    "^": "\\textasciicircum{}",
+}
+
 
 def tex_escape(text: str) -> str:
     return re.sub(r"[\\{}_%&#$~^]", lambda m: _TEX_SPECIAL[m.group(0)], text)

@@ -40,6 +40,7 @@ COLLAPSED = COLLAPSED_METRIC
 
 METRIC_ORDER = ("eval/", "baseline/", "collapse/", "train/", "time/", "memory/")
 
+
 @dataclass
 class SweepRuns:
     """The runs a table is built from."""
@@ -57,11 +58,15 @@ class SweepRuns:
         """What names a row: the swept keys, or for plain runs method, backbone and dataset."""
         return self.swept or ["method", "backbone", "dataset"]
 
+
 def collect(experiment: str, uri: str | None = None) -> SweepRuns:
     """The newest sweep of ``experiment`` (its parent's children), or, without a sweep, all its top-level runs."""
     runs = search_runs(experiment, uri)
     if not runs:
-        raise BadInput(f"table: experiment {experiment!r} has no runs in this MLflow store; run the sweep first (python -m harness sweep ...)")
+        raise BadInput(
+            f"table: experiment {experiment!r} has no runs in this MLflow "
+            "store; run the sweep first (python -m harness sweep ...)"
+        )
     parents = [r for r in runs if r["tags"].get("harness.role") == "sweep"]
     if parents:
         parent = parents[0]  # newest first
@@ -73,15 +78,21 @@ def collect(experiment: str, uri: str | None = None) -> SweepRuns:
     top = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
     return SweepRuns(experiment, None, top, [], ["eval/knn/top1"])
 
+
 def aggregate(runs: SweepRuns) -> pd.DataFrame:
     """One row per point: swept keys, taxonomy, ``seeds``, ``status``, and ``<metric>`` / ``<metric> std`` columns."""
     keys = runs.keys
     groups = by_point(runs)
-    metrics = sorted({m for members in groups.values() for rec in members if rec["status"] == "FINISHED" for m in rec["metrics"]}, key=_metric_sort_key)
+    metrics = sorted(
+        {m for members in groups.values() for rec in members if rec["status"] == "FINISHED" for m in rec["metrics"]},
+        key=_metric_sort_key,
+    )
     rows = []
     for members in groups.values():
         row: dict[str, Any] = dict(members[0]["point"])
-        row.update({k: next((m["taxonomy"][k] for m in members if m["taxonomy"][k] is not None), None) for k in TAXONOMY})
+        row.update(
+            {k: next((m["taxonomy"][k] for m in members if m["taxonomy"][k] is not None), None) for k in TAXONOMY}
+        )
         done = [m for m in members if m["status"] == "FINISHED"]
         row["seeds"] = len(done)
         row["collapsed"] = sum(1 for m in done if m["metrics"].get(COLLAPSED, 0.0) >= 0.5)
@@ -92,11 +103,15 @@ def aggregate(runs: SweepRuns) -> pd.DataFrame:
             row[f"{metric} std"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
         rows.append(row)
     metrics = [m for m in metrics if m != COLLAPSED]  # in the status column instead
-    frame = pd.DataFrame(rows, columns=[*keys, *TAXONOMY, "seeds", "collapsed", "status", *(c for m in metrics for c in (m, f"{m} std"))])
+    frame = pd.DataFrame(
+        rows, columns=[*keys, *TAXONOMY, "seeds", "collapsed", "status", *(c for m in metrics for c in (m, f"{m} std"))]
+    )
     return frame.sort_values(keys, key=lambda col: col.map(sortable), kind="stable").reset_index(drop=True)
+
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if f"{c} std" in frame.columns]
+
 
 def table_columns(runs: SweepRuns, frame: pd.DataFrame, columns: list[str] | None) -> list[str]:
     """The headline table's metrics: ``columns`` (each must have been logged by some run, else BadInput naming
@@ -106,9 +121,14 @@ def table_columns(runs: SweepRuns, frame: pd.DataFrame, columns: list[str] | Non
     logged = sorted({m for r in runs.children for m in r["metrics"]})
     for name in columns:
         if name not in logged:
-            hint = suggest(name, logged, n=1) or (f" (logged: {', '.join(logged[:6])}{', ...' if len(logged) > 6 else ''})" if logged else " (no run logged any metric)")
+            hint = suggest(name, logged, n=1) or (
+                f" (logged: {', '.join(logged[:6])}{', ...' if len(logged) > 6 else ''})"
+                if logged
+                else " (no run logged any metric)"
+            )
             raise BadInput(f"table.columns: no run logged {name!r}{hint}")
     return list(columns)
+
 
 def by_point(runs: SweepRuns) -> dict[str, list[dict[str, Any]]]:
     """The runs grouped by point (JSON of the key values, in the runs' order), each as a record: ``run_id``,
@@ -121,9 +141,17 @@ def by_point(runs: SweepRuns) -> dict[str, list[dict[str, Any]]]:
         else:  # plain runs: one row per (method, backbone, dataset)
             point = {"method": tags.get("method"), "backbone": tags.get("backbone"), "dataset": tags.get("dataset")}
         taxonomy = {k: _load(tags.get(f"taxonomy.{k}")) for k in TAXONOMY}
-        record = {"run_id": r["run_id"], "point": point, "taxonomy": taxonomy, "status": r["status"], "stopped": "harness.stopped" in tags, "metrics": r["metrics"]}
+        record = {
+            "run_id": r["run_id"],
+            "point": point,
+            "taxonomy": taxonomy,
+            "status": r["status"],
+            "stopped": "harness.stopped" in tags,
+            "metrics": r["metrics"],
+        }
         groups.setdefault(json.dumps([point[k] for k in runs.keys]), []).append(record)
     return groups
+
 
 def point_status(members: list[dict[str, Any]], collapsed: int = 0) -> str:
     n = len(members)
@@ -141,11 +169,13 @@ def point_status(members: list[dict[str, Any]], collapsed: int = 0) -> str:
         parts.append(f"{other}/{n} unfinished")
     return ", ".join(parts)
 
+
 def _metric_sort_key(name: str) -> tuple[int, str]:
     for i, prefix in enumerate(METRIC_ORDER):
         if name.startswith(prefix):
             return (i, name)
     return (len(METRIC_ORDER), name)
+
 
 def _load(text: str | None) -> Any:
     if text is None:
@@ -156,6 +186,7 @@ def _load(text: str | None) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
 
 def sortable(value: Any) -> tuple[int, Any]:
     if isinstance(value, bool) or value is None:

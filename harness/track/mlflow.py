@@ -1,18 +1,10 @@
 """MLflow behind one small module: the rest of the harness never imports mlflow.
 
-    with start_run("harness", run_name="simclr-shapes", tags={...}) as run:
-        run.log_params(flatten(cfg.as_dict()))
-        run.log_metrics({"train/loss": 4.1}, step=1)
-    # FINISHED on success; FAILED on an exception; KILLED on Ctrl-C
-
-The store is MLflow's own default, ``sqlite:///mlflow.db`` in the working
-directory (so plain ``mlflow ui`` there shows the runs), unless the config's
-``tracking.uri`` or ``MLFLOW_TRACKING_URI`` names another (an MLflow server,
-``http://HOST:PORT``, beyond one machine).
-
-A SQLite store is created and migrated once per process under a file lock
-(``<db>.lock``), so any number of processes may start on a new store together;
-one that cannot be opened or migrated is :class:`BadInput` naming the file.
+:func:`start_run` opens a run that ends FINISHED on success, FAILED on an exception and KILLED on Ctrl-C. The store
+is MLflow's own default, ``sqlite:///mlflow.db`` in the working directory (so plain ``mlflow ui`` there shows the
+runs), unless ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` names another (an MLflow server beyond one machine). A
+SQLite store is created and migrated once per process under a file lock (``<db>.lock``), so any number of processes
+may start on a new store together; one that cannot be opened or migrated is :class:`BadInput` naming the file.
 """
 
 from __future__ import annotations
@@ -162,7 +154,9 @@ def _client(uri: str) -> Any:
         client = MlflowClient(tracking_uri=uri)
     else:  # the first open creates or migrates the schema: one process at a time
         if not path.parent.is_dir():
-            raise BadInput(f"tracking.uri: the folder of {path} does not exist; create it or point tracking.uri elsewhere")
+            raise BadInput(
+                f"tracking.uri: the folder of {path} does not exist; create it or point tracking.uri elsewhere"
+            )
         with open(path.with_name(path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -170,7 +164,10 @@ def _client(uri: str) -> Any:
                 _retry(lambda: client.search_experiments(max_results=1))
             except Exception as err:  # noqa: BLE001 - any failure to open or migrate is the same bad store
                 reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                raise BadInput(f"tracking.uri: {path} is not a usable MLflow store ({type(err).__name__}: {reason}); move it away or use another tracking.uri") from None
+                raise BadInput(
+                    f"tracking.uri: {path} is not a usable MLflow store ({type(err).__name__}: "
+                    f"{reason}); move it away or use another tracking.uri"
+                ) from None
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     _READY.add(uri)
@@ -191,7 +188,14 @@ def experiment_id(client: Any, name: str) -> str:
         return exp.experiment_id
 
 
-def create_run(experiment: str, *, run_name: str | None = None, tags: dict[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None) -> Run:
+def create_run(
+    experiment: str,
+    *,
+    run_name: str | None = None,
+    tags: dict[str, Any] | None = None,
+    uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> Run:
     """Create a run (status RUNNING) in ``experiment``, nested under ``parent_run_id`` if given."""
     client = _client(tracking_uri(uri))
     exp_id = experiment_id(client, experiment)
@@ -219,10 +223,17 @@ def find_run(run_id: str, uri: str | None = None) -> Run | None:
 
 @contextmanager
 def start_run(
-    experiment: str, *, run_name: str | None = None, tags: dict[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None, resume: Run | None = None
+    experiment: str,
+    *,
+    run_name: str | None = None,
+    tags: dict[str, Any] | None = None,
+    uri: str | None = None,
+    parent_run_id: str | None = None,
+    resume: Run | None = None,
 ) -> Iterator[Run]:
     """Open a run (or continue ``resume``, set RUNNING again); it ends FINISHED when the block completes, FAILED on
-    an exception, KILLED on a stop signal (SIGINT, SIGTERM) or SystemExit, tagged ``harness.stopped`` with the signal."""
+    an exception, KILLED on a stop signal (SIGINT, SIGTERM) or SystemExit, tagged ``harness.stopped`` with the
+    signal."""
     if resume is not None:
         run = resume
         run.set_status("RUNNING")
@@ -252,7 +263,16 @@ def search_runs(experiment: str, uri: str | None = None, filter_string: str = ""
         return []
     runs, token = [], None
     while True:
-        page = _retry(partial(client.search_runs, [exp.experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1000, page_token=token))
+        page = _retry(
+            partial(
+                client.search_runs,
+                [exp.experiment_id],
+                filter_string,
+                order_by=["attributes.start_time DESC"],
+                max_results=1000,
+                page_token=token,
+            )
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -292,14 +312,30 @@ def experiment_ids(uri: str) -> dict[str, str]:
 
 def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
     """The command that serves MLflow's UI for ``uri`` (a local store or a server's URI)."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", str(workers)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
 
 
-def server_command(store: str, artifacts: Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
+def server_command(
+    store: str, artifacts: Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 1
+) -> list[str]:
     """The command of a tracking server for a cluster: runs and artifacts over HTTP (``tracking.uri: http://HOST:PORT``)."""
     return [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination", str(artifacts),
-        "--serve-artifacts", "--host", host, "--port", str(port), "--workers", str(workers),
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+        "--artifacts-destination", str(artifacts), "--serve-artifacts",
+        "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
 
 

@@ -15,10 +15,27 @@ from harness.config.schema import RunConfig
 from methods.base import Method
 
 #: Keys that may differ between a checkpoint's config and the config resuming from it.
-RESUMABLE_DIFFERENCES = ("pretrain.resume", "pretrain.compile", "pretrain.checkpoint_dir", "pretrain.progress", "tracking.", "eval.", "device", "distributed.")
+RESUMABLE_DIFFERENCES = (
+    "pretrain.resume",
+    "pretrain.compile",
+    "pretrain.checkpoint_dir",
+    "pretrain.progress",
+    "tracking.",
+    "eval.",
+    "device",
+    "distributed.",
+)
 
 
-def save_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], cfg: RunConfig, provenance: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    losses: list[float],
+    cfg: RunConfig,
+    provenance: dict[str, Any],
+) -> None:
     """Write weights, optimiser state, epoch, resolved config and provenance atomically (tmp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +79,9 @@ def read_checkpoint(path: Path, cfg: RunConfig | None = None, key: str = "pretra
     return dict(state)
 
 
-def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer | None, cfg: RunConfig | None) -> tuple[int, list[float]]:
+def load_checkpoint(
+    path: Path, method: Method, optimizer: torch.optim.Optimizer | None, cfg: RunConfig | None
+) -> tuple[int, list[float]]:
     """Load a checkpoint (:func:`read_checkpoint`) into ``method`` (and ``optimizer``); return (epoch, losses)."""
     state = read_checkpoint(path, cfg)
     method.load_state_dict(state["model"])
@@ -73,7 +92,12 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
 
 def _check_same_experiment(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
     old, new = flatten(saved), flatten(cfg.as_dict())
-    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_DIFFERENCES))
+    differ = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_DIFFERENCES)
+    )
     if differ:
         k = differ[0]
-        raise BadInput(f"pretrain.resume: {path} was trained with {k}={old.get(k)!r}, this config has {new.get(k)!r} ({len(differ)} key(s) differ)")
+        raise BadInput(
+            f"pretrain.resume: {path} was trained with {k}={old.get(k)!r}, "
+            f"this config has {new.get(k)!r} ({len(differ)} key(s) differ)"
+        )

@@ -84,7 +84,10 @@ def backend_for(spec: str, device: torch.device) -> str:
     if spec == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if spec == "nccl" and device.type != "cuda":
-        raise BadInput(f"distributed.backend: nccl needs CUDA, and this run trains on {device}; use distributed.backend=gloo or auto")
+        raise BadInput(
+            "distributed.backend: nccl needs CUDA, and this run "
+            f"trains on {device}; use distributed.backend=gloo or auto"
+        )
     return spec
 
 

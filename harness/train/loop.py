@@ -1,24 +1,14 @@
 """The pretraining loop. It owns optimisation, precision, devices, seeding, distribution and checkpoints; methods
 own losses.
 
-Same config and seed, same numbers on the CPU: every epoch shuffles with a generator
-seeded by (seed, epoch), and an image's views are keyed by (seed, epoch, image, view)
-(:class:`harness.data.augment.KeyedDraws`), so an epoch resumed from a checkpoint sees exactly
-the batches and views it would have seen.
-
-One loop for every world size. ``pretrain.batch_size`` is the global batch: with W
-workers (:mod:`harness.train.distributed`) each takes its contiguous slice of the step's rows
-of the same permutation, so the union of the slices is the one-process batch and every
-image gets the views it would get in one process. Gradients are averaged over the
-workers after ``backward`` (:func:`methods.distributed.average_gradients`), the methods
-gather what their losses couple, and the logged loss is the workers' mean. Rank 0 alone
-runs ``epoch_metrics``, logs and writes the checkpoint; every rank calls ``on_epoch_end``.
-
-Each step, between ``backward`` and ``optimizer.step()``: the gradients of the modules the method
-freezes at this step are dropped (:meth:`methods.base.Method.frozen_modules`), the rest averaged
-over the workers, then clipped to ``pretrain.clip_grad`` (global norm). The lr and the weight decay
-of the decaying group are pure functions of the step (:mod:`core.schedules`), logged per epoch
-(``train/lr``, ``train/weight_decay``: their values at the epoch's last step).
+Same config and seed, same numbers on the CPU: each epoch shuffles with a generator seeded by (seed, epoch) and an
+image's views are keyed by (seed, epoch, image, view) (:class:`harness.data.augment.KeyedDraws`), so a resumed epoch
+sees the batches and views it would have seen. ``pretrain.batch_size`` is the global batch: each of W workers
+(:mod:`harness.train.distributed`) takes its contiguous slice of the step's rows, gradients are averaged after
+``backward`` (:func:`methods.distributed.average_gradients`), and rank 0 alone logs and checkpoints. Between
+``backward`` and ``optimizer.step()`` the frozen modules' gradients are dropped
+(:meth:`methods.base.Method.frozen_modules`), the rest averaged and clipped to ``pretrain.clip_grad`` (global norm);
+lr and weight decay are functions of the step (:mod:`core.schedules`), logged at each epoch's last step.
 """
 
 from __future__ import annotations
@@ -57,7 +47,8 @@ LOSS_CHECK_EVERY = 50
 
 EpochCallback = Callable[[int, dict[str, float], Path | None], None]
 EpochMetrics = Callable[[int], dict[str, float]]
-"""``epoch_metrics(epoch)`` (1-based) -> extra metrics of that epoch (``{}`` when it has none), e.g. the online monitor's."""
+"""``epoch_metrics(epoch)`` (1-based) -> extra metrics of that epoch (``{}`` when it has none), e.g. the online
+monitor's."""
 
 
 @dataclass
@@ -84,7 +75,8 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def data_workers(cfg: RunConfig) -> int:
-    """Processes (threads, in evaluation) that decode streamed images: ``data.num_workers``, default the trial's CPUs."""
+    """Processes (threads, in evaluation) that decode streamed images: ``data.num_workers``, default the trial's
+    CPUs."""
     return cfg.data.num_workers if cfg.data.num_workers is not None else torch.get_num_threads()
 
 
@@ -141,7 +133,10 @@ def pretrain(
     n = images.shape[0]
     check_batch_size(p.batch_size, n)
     if p.batch_size % world.size:
-        raise BadInput(f"pretrain.batch_size: the global batch {p.batch_size} does not split over {world.size} workers; give a multiple of {world.size}")
+        raise BadInput(
+            f"pretrain.batch_size: the global batch {p.batch_size} does not "
+            f"split over {world.size} workers; give a multiple of {world.size}"
+        )
     cuda = device.type == "cuda"
 
     method.to(device)
@@ -160,7 +155,22 @@ def pretrain(
         log.info("resumed from %s after epoch %d", p.resume, start_epoch)
     distributed.broadcast_module(method)  # every worker starts from rank 0's weights
     try:
-        _train_epochs(method, images, cfg, augmenter, device, optimizer, result, start_epoch, world, checkpoint_path, provenance, log_metrics, on_epoch_end, epoch_metrics)
+        _train_epochs(
+            method,
+            images,
+            cfg,
+            augmenter,
+            device,
+            optimizer,
+            result,
+            start_epoch,
+            world,
+            checkpoint_path,
+            provenance,
+            log_metrics,
+            on_epoch_end,
+            epoch_metrics,
+        )
     finally:
         if sync_bn:
             distributed.from_sync_batchnorm(method)
@@ -214,7 +224,10 @@ def _train_epochs(
             wd = cosine_weight_decay(step, total_steps, p.weight_decay, p.weight_decay_end)
             set_schedule(optimizer, lr, wd)
             draws = KeyedDraws(key, idx, i)
-            xs = [augmenter(x, spec, draws.view(v), cropped=batches.cropped) for v, (x, spec) in enumerate(zip(raw, views, strict=True))]
+            xs = [
+                augmenter(x, spec, draws.view(v), cropped=batches.cropped)
+                for v, (x, spec) in enumerate(zip(raw, views, strict=True))
+            ]
             if cuda and p.channels_last:
                 xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
             info = StepInfo(epoch=epoch, step=step, total_steps=total_steps, indices=idx)
@@ -226,7 +239,9 @@ def _train_epochs(
                 epoch_loss += sum(losses)
                 result.step_losses.extend(losses)
                 checked = i + 1
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{(seen + p.batch_size) / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(
+                    loss=f"{losses[-1]:.4f}", img_s=f"{(seen + p.batch_size) / (time.perf_counter() - t0):.0f}"
+                )
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             drop_gradients(method, method.frozen_modules(info))  # the same on every worker: a function of the step
@@ -247,7 +262,12 @@ def _train_epochs(
         mean_loss = epoch_loss / steps_per_epoch
         result.losses.append(mean_loss)
         epoch_time = time.perf_counter() - epoch_t0
-        metrics = {"train/loss": mean_loss, "train/lr": lr, "train/weight_decay": wd, "train/images_per_s": steps_per_epoch * p.batch_size / epoch_time}
+        metrics = {
+            "train/loss": mean_loss,
+            "train/lr": lr,
+            "train/weight_decay": wd,
+            "train/images_per_s": steps_per_epoch * p.batch_size / epoch_time,
+        }
         if p.clip_grad:
             metrics["train/grad_norm"] = grad_norm.item() / steps_per_epoch
         metrics.update({f"train/{k}": float(v) for k, v in out.logs.items()})
@@ -255,7 +275,14 @@ def _train_epochs(
             hook_t0 = time.perf_counter()
             metrics.update(epoch_metrics(epoch + 1))
             hook_s += time.perf_counter() - hook_t0
-        log.info("epoch %d/%d  loss %.4f  lr %.4g  %.0f img/s", epoch + 1, p.epochs, mean_loss, lr, metrics["train/images_per_s"])
+        log.info(
+            "epoch %d/%d  loss %.4f  lr %.4g  %.0f img/s",
+            epoch + 1,
+            p.epochs,
+            mean_loss,
+            lr,
+            metrics["train/images_per_s"],
+        )
         if log_metrics is not None:
             log_metrics(metrics, epoch + 1)
         if checkpoint_path is not None:
@@ -275,7 +302,10 @@ def compile_modules(method: Method) -> None:
     """``torch.compile`` each of the method's top-level modules in place (``nn.Module.compile``: parameter names,
     checkpoints and the method's own code are unchanged); compilation happens on the first call."""
     if not torch._dynamo.is_dynamo_supported():  # noqa: SLF001 (no public equivalent)
-        raise BadInput(f"pretrain.compile: true, but torch.compile does not support this Python ({sys.version.split()[0]}) with torch {torch.__version__}; set pretrain.compile=false")
+        raise BadInput(
+            "pretrain.compile: true, but torch.compile does not support this Python "
+            f"({sys.version.split()[0]}) with torch {torch.__version__}; set pretrain.compile=false"
+        )
     for module in method.children():
         module.compile()
 
@@ -320,13 +350,22 @@ class _InMemory:
 
 
 class _Streamed:
-    """Every step's views as crops from the original images, made by DataLoader workers (:mod:`harness.data.streaming`)."""
+    """Every step's views as crops from the original images, made by DataLoader workers
+    (:mod:`harness.data.streaming`)."""
 
     cropped = True
 
     def __init__(self, images: StreamedImages, views: list[View], cfg: RunConfig, device: torch.device) -> None:
         cuda = device.type == "cuda"
-        self.loader = TrainLoader(images.source, views, cfg.augment, num_workers=data_workers(cfg), prefetch=cfg.data.prefetch, pin_memory=cuda, skip_corrupt=cfg.data.skip_corrupt)
+        self.loader = TrainLoader(
+            images.source,
+            views,
+            cfg.augment,
+            num_workers=data_workers(cfg),
+            prefetch=cfg.data.prefetch,
+            pin_memory=cuda,
+            skip_corrupt=cfg.data.skip_corrupt,
+        )
         self.device = device
 
     def epoch(self, key: int, steps: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:

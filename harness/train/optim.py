@@ -32,8 +32,8 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: NoDecayRule | 
     """Two groups of the trainable parameters: those with decay, and those ``no_decay(name, param)`` leaves out.
 
     ``no_decay`` defaults to biases and norm parameters (:func:`is_bias_or_norm`). The no-decay group is also
-    excluded from LARS adaptation
-    (SimCLR, BYOL). Each group carries ``decay`` (True for the first), the flag :func:`set_schedule` reads.
+    excluded from LARS adaptation (SimCLR, BYOL). Each group carries ``decay`` (True for the first), the flag
+    :func:`set_schedule` reads.
     """
     no_decay = no_decay or is_bias_or_norm
     decay: list[nn.Parameter] = []
@@ -64,7 +64,9 @@ def _parameters_of(module: nn.Module, name: str) -> list[nn.Parameter]:
     try:
         return [module.get_parameter(name)]
     except AttributeError:
-        raise ValueError(f"{type(module).__name__}.frozen_modules names {name!r}, which is neither a submodule nor a parameter") from None
+        raise ValueError(
+            f"{type(module).__name__}.frozen_modules names {name!r}, which is neither a submodule nor a parameter"
+        ) from None
 
 
 def drop_gradients(module: nn.Module, names: Iterable[str]) -> None:
@@ -99,7 +101,9 @@ class LARS(torch.optim.Optimizer):
     then heavy-ball momentum: ``v <- m v + g``; ``w <- w - lr v``.
     """
 
-    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001) -> None:
+    def __init__(
+        self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001
+    ) -> None:
         if lr < 0 or eta <= 0:
             raise ValueError(f"LARS needs lr >= 0 and eta > 0, got lr={lr}, eta={eta}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
@@ -116,7 +120,9 @@ class LARS(torch.optim.Optimizer):
                     g = g.add(p, alpha=group["weight_decay"])
                 if group["lars"]:
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
+                    )
                     g = g * trust
                 state = self.state[p]
                 buf = state.get("momentum_buffer")

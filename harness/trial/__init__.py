@@ -1,1 +1,2 @@
-"""One trial: set up and checked (``prepare``), run into an MLflow run (``run``), evaluated (``evaluate``, ``monitor``)."""
+"""One trial: set up and checked (``prepare``), run into an MLflow run (``run``), evaluated (``evaluate``,
+``monitor``)."""

@@ -1,10 +1,9 @@
 """The evaluation battery of a trained trial, and the baselines it is read against.
 
 Embeddings are extracted once (model in eval mode) from what the method says it embeds
-(:meth:`methods.base.Method.eval_inputs`), then every enabled evaluation of
-:mod:`evaluations` runs on them; the method's own evaluations
-(:meth:`methods.base.Method.extra_evaluations`) and semi-supervised fine-tuning of its
-trunk follow. Nothing here depends on which method runs.
+(:meth:`methods.base.Method.evaluation`, a :class:`core.contract.Evaluation`), then every enabled evaluation of
+:mod:`evaluations` runs on them; the method's own evaluations (``Evaluation.extra``) and semi-supervised fine-tuning
+of its trunk follow. Nothing here depends on which method runs.
 """
 
 from __future__ import annotations
@@ -63,10 +62,14 @@ def evaluate(trial: Trial, mlrun: Run | None = None, final_loss: float | None = 
     if cfg.eval.collapse.enabled:
         views = embed_views(trial)
         projections = _projections(method, train_x, trial.device)
-    battery, figures = evaluate_embeddings(cfg.eval, train_x, ytr, test_x, yte, views=views, projections=projections, seed=cfg.seed, device=trial.device)
+    battery, figures = evaluate_embeddings(
+        cfg.eval, train_x, ytr, test_x, yte, views=views, projections=projections, seed=cfg.seed, device=trial.device
+    )
     metrics.update(battery)
     limit = method.collapse_loss(cfg.pretrain.batch_size)
-    metrics["eval/collapsed"] = float(collapsed(final_loss, limit, battery.get("eval/rank/std_of_normalized"), train_x.shape[1]))
+    metrics["eval/collapsed"] = float(
+        collapsed(final_loss, limit, battery.get("eval/rank/std_of_normalized"), train_x.shape[1])
+    )
     ks = tuple(cfg.eval.retrieval.ks) if cfg.eval.retrieval.enabled else None
     context = EvalContext(data, test_x, _extractor(trial, method), ks)
     for name, extra in method.evaluation().extra.items():
@@ -96,7 +99,11 @@ def collapsed(final_loss: float | None, collapse_loss: float | None, std_of_norm
     """Whether a run collapsed: its final training loss at the method's closed-form collapse value (within
     :data:`COLLAPSE_LOSS_TOLERANCE`), or the per-dimension std of its L2-normalised embeddings near 0 (below
     :data:`COLLAPSE_STD_RATIO` / sqrt(d); healthy embeddings have about 1/sqrt(d))."""
-    if final_loss is not None and collapse_loss is not None and final_loss >= (1 - COLLAPSE_LOSS_TOLERANCE) * collapse_loss:
+    if (
+        final_loss is not None
+        and collapse_loss is not None
+        and final_loss >= (1 - COLLAPSE_LOSS_TOLERANCE) * collapse_loss
+    ):
         return True
     return std_of_normalized is not None and dim > 0 and std_of_normalized * math.sqrt(dim) < COLLAPSE_STD_RATIO
 
@@ -104,10 +111,10 @@ def collapsed(final_loss: float | None, collapse_loss: float | None, std_of_norm
 def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
     """Fine-tune the method's trunk + a linear head on each balanced label fraction; the subsets' indices are logged.
 
-    The trunk is what the method fine-tunes from (:meth:`methods.base.Method.trunk`, ``eval.semi.from_projector_layer``).
-    With ``distill_epochs`` > 0 each fine-tuned model then teaches a student on all training images, without
-    labels (SimCLRv2's self-distillation, which applies to any fine-tuned model), logged as
-    ``distilled_top1``/``distilled_top5`` next to its own numbers."""
+    The trunk is what the method fine-tunes from (:meth:`methods.base.Method.trunk`,
+    ``eval.semi.from_projector_layer``). With ``distill_epochs`` > 0 each fine-tuned model then teaches a student on
+    all training images, without labels (SimCLRv2's self-distillation, which applies to any fine-tuned model), logged
+    as ``distilled_top1``/``distilled_top5`` next to its own numbers."""
     cfg, data, method = trial.cfg, trial.data, trial.method
     semi = cfg.eval.semi
     trunk, dim = method.trunk(semi.from_projector_layer)
@@ -127,28 +134,45 @@ def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
         name = f"semi_{fraction * 100:g}pct"
         subset = balanced_subset(data.train.labels.numpy(), fraction, cfg.seed)
         if mlrun is not None:
-            mlrun.log_dict({"fraction": fraction, "seed": cfg.seed, "dataset": cfg.data.name, "num_train": len(data.train), "indices": subset.tolist()}, f"eval/{name}_indices.json")
+            mlrun.log_dict(
+                {
+                    "fraction": fraction,
+                    "seed": cfg.seed,
+                    "dataset": cfg.data.name,
+                    "num_train": len(data.train),
+                    "indices": subset.tolist(),
+                },
+                f"eval/{name}_indices.json",
+            )
         result = finetune_subset(
-            trunk, dim, data.train.images, data.train.labels, subset, data.test.images, data.test.labels, augment, augmenter.normalize,
-            epochs=n_epochs, batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed, device=trial.device,
+            trunk, dim, data.train.images, data.train.labels, subset, data.test.images, data.test.labels, augment,
+            augmenter.normalize, epochs=n_epochs, batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed,
+            device=trial.device,
         )  # fmt: skip
         out.update({f"eval/{name}/{k}": v for k, v in result.metrics.items()})
         if semi.distill_epochs:
             student = self_distill(
-                result.model, classifier(trunk, dim, result.num_classes), data.train.images, augment, epochs=semi.distill_epochs,
-                batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed, device=trial.device, temperature=semi.distill_temperature,
+                result.model, classifier(trunk, dim, result.num_classes), data.train.images, augment,
+                epochs=semi.distill_epochs, batch_size=semi.batch_size, lr=semi.lr, seed=cfg.seed, device=trial.device,
+                temperature=semi.distill_temperature,
             )  # fmt: skip
-            distilled = classification_accuracy(student, data.test.images, data.test.labels, augmenter.normalize, trial.device)
+            distilled = classification_accuracy(
+                student, data.test.images, data.test.labels, augmenter.normalize, trial.device
+            )
             out.update({f"eval/{name}/distilled_{k}": v for k, v in distilled.items()})
     return out
 
 
-def embed_splits(trial: Trial, encoder: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+def embed_splits(
+    trial: Trial, encoder: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module
+) -> tuple[np.ndarray, np.ndarray]:
     """Train and test embeddings of what the method embeds, by a frozen encoder in eval mode (extracted once,
     reused by every evaluation)."""
     module.to(trial.device)
     extract = _extractor(trial, module)
-    train, test = (eval_inputs(trial.method, split, trial.augmenter.normalize) for split in (trial.data.train, trial.data.test))
+    train, test = (
+        eval_inputs(trial.method, split, trial.augmenter.normalize) for split in (trial.data.train, trial.data.test)
+    )
     return extract(encoder, train), extract(encoder, test)
 
 
@@ -182,7 +206,9 @@ def embed_views(trial: Trial) -> tuple[np.ndarray, np.ndarray]:
 
 def knn_top1(cfg: RunConfig, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
     """kNN top-1 with the run's protocol (the baselines' and the learning curve's number)."""
-    return knn_evaluate(train_x, train_y, test_x, test_y, k=cfg.eval.knn.k, temperature=cfg.eval.knn.temperature)["top1"]
+    return knn_evaluate(train_x, train_y, test_x, test_y, k=cfg.eval.knn.k, temperature=cfg.eval.knn.temperature)[
+        "top1"
+    ]
 
 
 def baselines(trial: Trial) -> dict[str, float]:
@@ -244,8 +270,14 @@ def _baselines(trial: Trial) -> dict[str, float]:
     name, inputs = method.evaluation().baseline or ("raw_pixels", _images)
     train, test = (inputs(split, trial.augmenter.normalize) for split in (data.train, data.test))
     if data.streamed:  # N x 3 x S x S floats would not fit: the pixels of a streamed dataset are pooled first
-        train, test = (EvalInputs(inputs.data, _pooled(inputs.prepare, STREAMED_RAW_PIXELS_SIDE)) for inputs in (train, test))
-    out = {f"baseline/{name}/knn_top1": knn_top1(cfg, raw_pixels(train.data, train.prepare), ytr, raw_pixels(test.data, test.prepare), yte)}
+        train, test = (
+            EvalInputs(inputs.data, _pooled(inputs.prepare, STREAMED_RAW_PIXELS_SIDE)) for inputs in (train, test)
+        )
+    out = {
+        f"baseline/{name}/knn_top1": knn_top1(
+            cfg, raw_pixels(train.data, train.prepare), ytr, raw_pixels(test.data, test.prepare), yte
+        )
+    }
     untrained = copy.deepcopy(method.backbone)
     train_x, test_x = embed_splits(trial, untrained, untrained)
     out["baseline/random_init/knn_top1"] = knn_top1(cfg, train_x, ytr, test_x, yte)

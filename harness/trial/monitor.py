@@ -1,24 +1,12 @@
 """The online monitor: whether the representation improves during pretraining, every few epochs.
 
-After each epoch of ``eval.online.schedule(epochs)`` (every ``eval.online.every``-th and the
-last one) it embeds fixed subsets of the train and test splits exactly as the final battery
-does (:func:`harness.trial.evaluate.embed_splits`: the method's ``eval_inputs`` + ``embed``, the
-model in eval mode) and returns
-
-- ``online/knn_top1``: weighted kNN top-1 of the test subset against the train subset, with
-  the run's ``eval.knn`` k and temperature (:func:`harness.trial.evaluate.knn_top1`);
-- ``online/rankme``: RankMe (Garrido et al. 2023, :func:`evaluations.collapse.rankme`) of the
-  train subset's embeddings, as ``eval/rank/rankme`` is of the whole train split's.
-
-Peer libraries have the same curve (solo-learn's and lightly's online kNN, stable-pretraining's
-OnlineKNN); this one trains nothing. It reads the model and changes nothing a training step
-sees: eval mode (BatchNorm on its running statistics, which it does not update; dropout off),
-inference mode, and no global random generator (the subsets come from their own generator,
-drawn once from ``data.seed``, so every trial seed of a sweep is scored on the same items).
-A run's training numbers are the same with and without it.
-
-    monitor = OnlineMonitor.build(trial)
-    pretrain(..., epoch_metrics=monitor)    # {"online/knn_top1": .., "online/rankme": ..} at its epochs, {} otherwise
+After each epoch of ``eval.online.schedule(epochs)`` it embeds fixed subsets of the train and test splits exactly as
+the final battery does (:func:`harness.trial.evaluate.embed_splits`: the method's :class:`core.contract.Evaluation`
+inputs and ``embed``, in eval mode) and returns ``online/knn_top1`` (weighted kNN top-1 of the test subset against the
+train subset, :func:`harness.trial.evaluate.knn_top1`) and ``online/rankme`` (:func:`evaluations.collapse.rankme` of
+the train subset). As solo-learn's and lightly's online kNN, but it trains nothing and changes nothing a training step
+sees (eval and inference mode, no global random generator: the subsets are drawn once from ``data.seed``), so a run's
+training numbers are the same with and without it.
 """
 
 from __future__ import annotations
@@ -54,13 +42,16 @@ def subset_indices(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
 def _take(split: Split, idx: np.ndarray) -> Split:
     rows = idx.tolist()
     attributes = [split.attributes[i] for i in rows] if split.attributes is not None else None
-    images = split.images.subset(idx) if isinstance(split.images, StreamedImages) else split.images[idx]  # streamed: stays streamed
+    images = (
+        split.images.subset(idx) if isinstance(split.images, StreamedImages) else split.images[idx]
+    )  # streamed: stays streamed
     return Split(images, split.labels[idx], attributes)
 
 
 @dataclass
 class OnlineMonitor:
-    """``monitor(epoch)`` -> the online metrics after ``epoch`` (1-based) when it is one of :attr:`epochs`, else ``{}``."""
+    """``monitor(epoch)`` -> the online metrics after ``epoch`` (1-based) when it is one of :attr:`epochs`, else
+    ``{}``."""
 
     trial: Trial
     """The run's trial with its data restricted to the subsets (same method, config and device)."""
@@ -81,7 +72,12 @@ class OnlineMonitor:
         train_idx = subset_indices(len(data.train), online.num_train, rng)
         test_idx = subset_indices(len(data.test), online.num_test, rng)
         subsets = dataclasses.replace(data, train=_take(data.train, train_idx), test=_take(data.test, test_idx))
-        return cls(dataclasses.replace(trial, data=subsets), train_idx, test_idx, frozenset(online.schedule(cfg.pretrain.epochs)))
+        return cls(
+            dataclasses.replace(trial, data=subsets),
+            train_idx,
+            test_idx,
+            frozenset(online.schedule(cfg.pretrain.epochs)),
+        )
 
     def __call__(self, epoch: int) -> dict[str, float]:
         if epoch not in self.epochs:
@@ -89,7 +85,13 @@ class OnlineMonitor:
         t0 = time.perf_counter()
         metrics = self.evaluate()
         self.seconds.append(time.perf_counter() - t0)
-        log.info("epoch %d  online kNN top-1 %.4f  RankMe %.1f  (%.2f s)", epoch, metrics[KNN_TOP1], metrics[RANKME], self.seconds[-1])
+        log.info(
+            "epoch %d  online kNN top-1 %.4f  RankMe %.1f  (%.2f s)",
+            epoch,
+            metrics[KNN_TOP1],
+            metrics[RANKME],
+            self.seconds[-1],
+        )
         return metrics
 
     def evaluate(self) -> dict[str, float]:

@@ -54,7 +54,9 @@ def prepare(cfg: RunConfig) -> Trial:
             try:
                 balanced_subset(data.train.labels.numpy(), fraction, cfg.seed)
             except ValueError as err:
-                raise ConfigError(f"eval.semi.fractions: {fraction} on {d.name} ({len(data.train)} training images): {err}") from None
+                raise ConfigError(
+                    f"eval.semi.fractions: {fraction} on {d.name} ({len(data.train)} training images): {err}"
+                ) from None
     b = cfg.backbone
     factory = functools.partial(create_backbone, b.name, img_size=data.image_size, cifar_stem=b.cifar_stem, **b.kwargs)
     factory = functools.partial(factory, in_chans=data.channels)  # the data's channels, unless a method asks for others

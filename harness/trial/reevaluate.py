@@ -1,6 +1,6 @@
 """``harness eval``: re-run the battery on a trained model, into the MLflow run that trained it.
 
-    run_id, metrics = reevaluate("3f2a...", ["eval.knn.k=200"])     # an MLflow run id, or a checkpoint file
+run_id, metrics = reevaluate("3f2a...", ["eval.knn.k=200"])     # an MLflow run id, or a checkpoint file
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def reevaluate(target: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
         try:
             tags = open_run(run_id).info()["tags"]
         except Exception:  # noqa: BLE001 - MLflow raises its own error types for unknown ids
-            raise BadInput(f"eval: {target!r} is neither a checkpoint file nor an MLflow run id in {tracking_uri()}") from None
+            raise BadInput(
+                f"eval: {target!r} is neither a checkpoint file nor an MLflow run id in {tracking_uri()}"
+            ) from None
         if "checkpoint" not in tags:
             raise BadInput(f"eval: run {target} has no checkpoint tag; give the checkpoint file instead")
         path = Path(tags["checkpoint"])
@@ -54,4 +56,3 @@ def reevaluate(target: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
     mlrun.log_metrics(metrics)
     mlrun.log_text(yaml.safe_dump(cfg.as_dict()["eval"], sort_keys=False), "eval/protocol.yaml")
     return run_id, metrics
-

@@ -34,19 +34,34 @@ log = logging.getLogger(__name__)
 
 def run_tags(cfg: RunConfig) -> dict[str, str]:
     """The tags every run carries, for filtering in the MLflow UI."""
-    return {"method": cfg.method["name"], "backbone": cfg.backbone.name, "dataset": cfg.data.name, "seed": str(cfg.seed), "git_commit": git_commit()}
+    return {
+        "method": cfg.method["name"],
+        "backbone": cfg.backbone.name,
+        "dataset": cfg.data.name,
+        "seed": str(cfg.seed),
+        "git_commit": git_commit(),
+    }
 
 
 def default_run_name(cfg: RunConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.method['name']}-{cfg.backbone.name}-{cfg.data.name}-s{cfg.seed}"
 
 
-def run(cfg: RunConfig, *, on_epoch_end: EpochCallback | None = None, parent_run_id: str | None = None) -> dict[str, float]:
+def run(
+    cfg: RunConfig, *, on_epoch_end: EpochCallback | None = None, parent_run_id: str | None = None
+) -> dict[str, float]:
     """Pretrain, evaluate and log one trial; returns its final metrics. The MLflow run ends FAILED on any error,
     KILLED on a stop signal (:class:`Interrupted`). Resuming from a checkpoint (``pretrain.resume``) continues the
     MLflow run that wrote it, when it is in this store."""
     trial = prepare(cfg)
-    with start_run(cfg.tracking.experiment, run_name=default_run_name(cfg), tags=run_tags(cfg), uri=cfg.tracking.uri, parent_run_id=parent_run_id, resume=run_to_resume(cfg)) as mlrun:
+    with start_run(
+        cfg.tracking.experiment,
+        run_name=default_run_name(cfg),
+        tags=run_tags(cfg),
+        uri=cfg.tracking.uri,
+        parent_run_id=parent_run_id,
+        resume=run_to_resume(cfg),
+    ) as mlrun:
         return execute(trial, mlrun, on_epoch_end=on_epoch_end)
 
 
@@ -94,7 +109,12 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
 
     monitor = OnlineMonitor.build(trial) if cfg.eval.online.enabled else None
 
-    provenance = {"git_commit": git_commit(), "mlflow_run_id": mlrun.run_id, "tracking_uri": tracking_uri(cfg.tracking.uri), **library_versions()}
+    provenance = {
+        "git_commit": git_commit(),
+        "mlflow_run_id": mlrun.run_id,
+        "tracking_uri": tracking_uri(cfg.tracking.uri),
+        **library_versions(),
+    }
     try:
         result = pretrain(
             method, data.train.images, cfg, trial.augmenter, device,
@@ -114,7 +134,12 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     except KeyboardInterrupt as stop:
         raise Interrupted(checkpoint_path if checkpoint_path.is_file() else None) from stop
     if data.streamed:  # unreadable images met in training, evaluation or fine-tuning, each once
-        skipped |= {name for split in (data.train, data.test) if isinstance(split.images, StreamedImages) for name in split.images.skipped}
+        skipped |= {
+            name
+            for split in (data.train, data.test)
+            if isinstance(split.images, StreamedImages)
+            for name in split.images.skipped
+        }
         metrics["data/skipped_images"] = len(skipped)
     metrics["memory/peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":

@@ -1,6 +1,6 @@
 """Small method parameters for the tests, by method name: heads of a few units, and the backbone a method needs
 when the tests' small ResNet will not do (``"_backbone"``). A new method adds its entry here;
-``tests/test_methods.py`` fails for a registered method without one.
+``tests/methods/test_methods.py`` fails for a registered method without one.
 
     spec = small_backbone_spec("mae")                 # {"name": "vit_tiny_patch16_224", "patch_size": 4, ...}
     method = create_method("mae", create_backbone(spec.pop("name"), img_size=16, **spec), **small_params("mae"))

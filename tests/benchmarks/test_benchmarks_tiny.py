@@ -1,11 +1,10 @@
 """The rest of the benchmark scripts run at a tiny size (``--tiny``), so that none can rot: each test runs one in a
 subprocess, parses the figures it prints and checks that they are numbers in range and that every printed ratio is
-the ratio of the printed figures, within the rounding of the three numbers (tests/test_benchmarks.py has the others)."""
+the ratio of the printed figures, within the rounding of the three numbers (tests/benchmarks/test_benchmarks.py has the others)."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -14,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.runs import REPO, env_for
+
 NUMBER = r"([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
 """A printed number, kept as text so that its rounding is known."""
 
 
 def run_script(tmp_path: Path, name: str, *args: str, timeout: int = 300) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = env_for()
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout

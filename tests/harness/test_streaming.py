@@ -35,8 +35,8 @@ from harness.track.mlflow import search_runs
 from harness.train.distributed import World, shard
 from harness.train.loop import batch_indices, epoch_seed
 from tests.helpers.image_files import image, write_folder, write_imagefolder, write_shards
+from tests.helpers.runs import REPO, env_for
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "simclr_shapes.yaml"
 EXPERIMENT = "streaming-test"
 
@@ -55,7 +55,7 @@ def harness_run(workdir: Path, *overrides: str) -> tuple[subprocess.CompletedPro
     workdir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     args = [f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", f"pretrain.checkpoint_dir={workdir / 'ckpt'}", *BASE, *overrides]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = env_for()
     proc = subprocess.run([sys.executable, "-m", "harness", "-q", "run", str(CONFIG), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     return proc, uri
 

@@ -11,20 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from harness.cli import main
-from tests.test_sweep import write_sweep
+from tests.helpers.processes import answers, free_port, wait_until
+from tests.helpers.runs import REPO, env_for, write_sweep
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -35,12 +32,6 @@ if CHROMIUM is None and not os.environ.get("CI"):
     pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def api(base: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
@@ -49,17 +40,10 @@ def api(base: str, path: str, body: dict | None = None) -> dict:
 
 
 def wait_for(base: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            api(base, "/api/2.0/mlflow/experiments/search", {"max_results": 1})
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"MLflow UI at {base} did not answer within {timeout_s} s")
+    wait_until(lambda: answers(base), timeout_s, f"MLflow UI at {base} did not answer", every_s=0.5)
 
 
-def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri) -> None:
+def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri, ray_address) -> None:
     from playwright.sync_api import sync_playwright
 
     path = write_sweep(tmp_path, space={"method.temperature": [0.2]}, seeds=[0, 1], max_concurrent=2)
@@ -67,7 +51,7 @@ def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri) -> None:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = env_for()
     server = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         printed = [server.stdout.readline() for _ in range(2)]  # the header, then one link per experiment

@@ -315,3 +315,31 @@ def test_the_crop_geometry_gives_the_same_box_on_tensors_and_on_python_floats() 
         expected = torch.stack(crop_box(u[:, SCALE], u[:, RATIO], u[:, CX], u[:, CY], (0.08, 1.0), (3 / 4, 4 / 3), height, width), dim=1)
         got = torch.tensor([crop_box(r[SCALE], r[RATIO], r[CX], r[CY], (0.08, 1.0), (3 / 4, 4 / 3), height, width) for r in u.tolist()], dtype=torch.float64)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_views_own_recipe_is_the_config_with_its_values_over_it() -> None:
+    """A view that sets blur_p and grayscale_p draws exactly what an augmenter whose config has those values draws
+    for a plain view; the config's other values stay, and a plain view of the same augmenter is unchanged."""
+    x = _images()
+    base = _cfg(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+    own = View(16, recipe={"blur_p": 1.0, "grayscale_p": 1.0})
+    got = Augmenter(base, MEAN, STD)(x, own, _gen(3))
+    expected = Augmenter(base.model_copy(update={"blur_p": 1.0, "grayscale_p": 1.0}), MEAN, STD)(x, View(16), _gen(3))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    plain = Augmenter(base, MEAN, STD)
+    assert plain.recipe(View(16)) is base and plain.recipe(own).jitter_p == 0.8
+    torch.testing.assert_close(plain(x, View(16), _gen(3)), Augmenter(base, MEAN, STD)(x, View(16), _gen(3)), rtol=0, atol=0)
+    assert not torch.equal(got, plain(x, View(16), _gen(3)))
+
+
+@pytest.mark.parametrize(
+    "recipe,message",
+    [
+        ({"solarise_p": 0.2}, "unknown key 'solarise_p'; accepted: hflip_p, jitter_p"),
+        ({"blur_p": 1.5}, "blur_p must be a probability in \\[0, 1\\], got 1.5"),
+        ({"hue": float("inf")}, "hue must be a finite value >= 0, got inf"),
+    ],
+)
+def test_a_bad_view_recipe_names_the_key_and_what_is_accepted(recipe: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        View(16, recipe=recipe)

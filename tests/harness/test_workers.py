@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,47 +20,39 @@ import pytest
 from harness.cli import main
 from harness.sweep.driver import child_runs, latest_parent
 from harness.track.mlflow import metric_history, search_runs
-from tests.conftest import TINY
-from tests.test_sweep import write_sweep
+from tests.helpers.processes import started, stop, wait_for_runs
+from tests.helpers.runs import CONFIG, TINY, env_for, harness_cmd, write_sweep
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "simclr_shapes.yaml")
 TWO = [*TINY, "eval.baselines=false", "eval.semi.enabled=false", "tracking.experiment=workers"]
 
 
-def _env(uri: str) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def _env(uri: str, ray_address: str | None = None) -> dict[str, str]:
+    return env_for(uri, OMP_NUM_THREADS="1", **({"RAY_ADDRESS": ray_address} if ray_address else {}))
 
 
-def _start_run(tmp_path: Path, uri: str, *overrides: str) -> subprocess.Popen:
-    search_runs("workers", uri)  # create the store before the workers
-    cmd = [sys.executable, "-m", "harness", "-q", "run", CONFIG, *TWO, "distributed.workers=2", "pretrain.epochs=6", "data.num_train=256", *overrides]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _run_cmd(*overrides: str) -> list[str]:
+    return harness_cmd("-q", "run", CONFIG, *TWO, "distributed.workers=2", "pretrain.epochs=6", "data.num_train=256", *overrides)
 
 
 def _kill_rank_after_an_epoch(proc: subprocess.Popen, uri: str, rank: int) -> dict:
     """Wait for the run's first logged epoch, kill -9 the given rank's process; return the run as it was then."""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        runs = search_runs("workers", uri)
-        if runs and "harness.workers" in runs[0]["tags"] and metric_history(runs[0]["run_id"], "train/loss", uri):
-            pids = dict(re.findall(r"rank (\d+): pid (\d+)", runs[0]["tags"]["harness.workers"]))
-            os.kill(int(pids[str(rank)]), signal.SIGKILL)
-            return runs[0]
-    out = proc.communicate(timeout=60)[0] if proc.poll() is not None else ""
-    raise AssertionError(f"the run logged no epoch in time:\n{out}")
+
+    def trained_an_epoch(runs: list[dict]) -> dict | None:
+        ok = runs and "harness.workers" in runs[0]["tags"] and metric_history(runs[0]["run_id"], "train/loss", uri)
+        return runs[0] if ok else None
+
+    run = wait_for_runs("workers", uri, proc, trained_an_epoch, 240, "the run logged no epoch")
+    pids = dict(re.findall(r"rank (\d+): pid (\d+)", run["tags"]["harness.workers"]))
+    os.kill(int(pids[str(rank)]), signal.SIGKILL)
+    return run
 
 
 @pytest.mark.slow  # Ray Train jobs of 2 worker processes
-def test_a_killed_worker_is_restarted_from_the_checkpoint(tmp_path, tracking_uri) -> None:
-    proc = _start_run(tmp_path, tracking_uri, "distributed.max_failures=1")
-    try:
+def test_a_killed_worker_is_restarted_from_the_checkpoint(tmp_path, tracking_uri, ray_address) -> None:
+    search_runs("workers", tracking_uri)  # create the store before the workers
+    with started(_run_cmd("distributed.max_failures=1"), cwd=tmp_path, env=_env(tracking_uri, ray_address)) as proc:
         run = _kill_rank_after_an_epoch(proc, tracking_uri, rank=1)
         out, _ = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, out
     after = search_runs("workers", tracking_uri)
     assert len(after) == 1 and after[0]["run_id"] == run["run_id"] and after[0]["status"] == "FINISHED"
@@ -71,14 +62,11 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint(tmp_path, tracking_uri
 
 
 @pytest.mark.slow  # Ray Train jobs of 2 worker processes
-def test_a_killed_worker_fails_the_run_naming_its_rank(tmp_path, tracking_uri) -> None:
-    proc = _start_run(tmp_path, tracking_uri)
-    try:
+def test_a_killed_worker_fails_the_run_naming_its_rank(tmp_path, tracking_uri, ray_address) -> None:
+    search_runs("workers", tracking_uri)
+    with started(_run_cmd(), cwd=tmp_path, env=_env(tracking_uri, ray_address)) as proc:
         run = _kill_rank_after_an_epoch(proc, tracking_uri, rank=1)
         out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 1, out
     failed = search_runs("workers", tracking_uri)
     assert len(failed) == 1 and failed[0]["run_id"] == run["run_id"] and failed[0]["status"] == "FAILED"
@@ -109,7 +97,8 @@ def test_a_half_set_torchrun_environment_is_bad_input(tmp_path, tracking_uri) ->
     assert not search_runs("workers", tracking_uri)
 
 
-def test_more_gpus_per_trial_than_the_cluster_has_is_bad_input(tmp_path, tracking_uri, capsys) -> None:
+@pytest.mark.slow  # asks the Ray cluster what it has
+def test_more_gpus_per_trial_than_the_cluster_has_is_bad_input(tmp_path, tracking_uri, ray_address, capsys) -> None:
     path = write_sweep(tmp_path, space={"method.temperature": [0.1]}, seeds=[0], resources={"workers": 2, "cpus": 1, "gpus": 1})
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -117,7 +106,8 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_bad_input(tmp_path, trackin
     assert not search_runs("unit", tracking_uri)
 
 
-def test_a_sweep_batch_that_does_not_split_over_its_workers_is_bad_input(tmp_path, tracking_uri, capsys) -> None:
+@pytest.mark.slow  # asks the Ray cluster what it has
+def test_a_sweep_batch_that_does_not_split_over_its_workers_is_bad_input(tmp_path, tracking_uri, ray_address, capsys) -> None:
     path = write_sweep(tmp_path, space={"method.temperature": [0.1]}, seeds=[0], resources={"workers": 3})
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -125,7 +115,7 @@ def test_a_sweep_batch_that_does_not_split_over_its_workers_is_bad_input(tmp_pat
 
 
 @pytest.mark.slow  # Ray Train jobs of 2 worker processes
-def test_a_sweep_of_two_worker_trials_asha_stops_some_and_the_sweep_goes_on(tmp_path, tracking_uri) -> None:
+def test_a_sweep_of_two_worker_trials_asha_stops_some_and_the_sweep_goes_on(tmp_path, tracking_uri, ray_address) -> None:
     """A sweep whose trials are Ray Train jobs of 2 workers: one MLflow run per trial (none per worker), each with its
     whole history. A trial ASHA stops ends its Ray Train job (workers and placement group): the next trials still
     get the CPUs."""
@@ -155,20 +145,15 @@ def test_a_sweep_of_two_worker_trials_asha_stops_some_and_the_sweep_goes_on(tmp_
 
 @pytest.mark.slow  # Ray Train jobs of 2 worker processes
 def test_sigterm_to_a_multi_worker_run_leaves_it_killed_and_resumable(tmp_path, tracking_uri) -> None:
-    proc = _start_run(tmp_path, tracking_uri, "pretrain.epochs=40")
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            runs = search_runs("workers", tracking_uri)
-            if runs and metric_history(runs[0]["run_id"], "train/loss", tracking_uri):
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, out
+    search_runs("workers", tracking_uri)
+
+    def trained(runs: list[dict]) -> bool:
+        return bool(runs) and bool(metric_history(runs[0]["run_id"], "train/loss", tracking_uri))
+
+    with started(_run_cmd("pretrain.epochs=40"), cwd=tmp_path, env=_env(tracking_uri)) as proc:  # its own local Ray
+        wait_for_runs("workers", tracking_uri, proc, trained, 240, "the run logged no epoch")
+        code, out = stop(proc, signal.SIGTERM)
+    assert code == 143, out
     runs = search_runs("workers", tracking_uri)
     assert len(runs) == 1 and runs[0]["status"] == "KILLED" and runs[0]["tags"]["harness.stopped"] == "SIGTERM", runs
     assert "interrupted by SIGTERM: the MLflow run is KILLED; continue it with: python -m harness run" in out and "--resume " in out, out

@@ -4,7 +4,6 @@ loss, and their bad input."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +19,10 @@ from methods import create_method
 from methods.autoencoder import corrupt, reconstruction_loss
 from methods.mae import masked_mse, normalize_patches, patchify, random_masking
 from tests.helpers.method_params import small_backbone_spec, small_params
+from tests.helpers.runs import REPO
 
 SMALL_DECODER = small_params("mae")
 """MAE's small decoder (its ``test_params``)."""
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_vit(img_size: int = 16, **kwargs) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 then --resume into the same run, SIGTERM and kill -9 to `ui`, a half-written checkpoint, a store that cannot be
 opened, a bad --resume, and Ray's processes after kill -9 of the process that started them.
 
-Sweeps under SIGTERM and kill -9, and a sweep logging to a tracking server, are in tests/test_sweep_ray.py.
+Sweeps under SIGTERM and kill -9, and a sweep logging to a tracking server, are in tests/harness/test_sweep_ray.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,34 +22,8 @@ import torch
 from harness.cli import main
 from harness.launch import reaper
 from harness.track.mlflow import metric_history, search_runs
-from tests.conftest import TINY
-
-REPO = Path(__file__).resolve().parents[1]
-FAST_EVAL = ["eval.linear.enabled=false", "eval.semi.enabled=false", "eval.retrieval.enabled=false", "eval.collapse.enabled=false"]
-
-
-def harness_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "harness", *args]
-
-
-def env_for(uri: str) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} within {timeout_s} s")
-
+from tests.helpers.processes import answers, free_port, pids_with, started, stop, wait_until
+from tests.helpers.runs import FAST_EVAL, REPO, TINY, env_for, harness_cmd
 
 # ----------------------------------------------------------------------------- concurrent writers
 
@@ -94,15 +66,10 @@ def test_sigterm_to_run_marks_it_killed_and_resume_continues_the_same_run(tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ckpt_dir = tmp_path / "ckpt"
     args = ["run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "data.num_train=512", "pretrain.epochs=6", "tracking.experiment=term", f"pretrain.checkpoint_dir={ckpt_dir}"]
-    proc = subprocess.Popen(harness_cmd("-q", *args), cwd=tmp_path, env=env_for(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with started(harness_cmd("-q", *args), cwd=tmp_path, env=env_for(uri)) as proc:
         wait_until(lambda: (ckpt_dir / "checkpoint.pt").is_file() or proc.poll() is not None, 300, "no checkpoint")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
+        code, err = stop(proc, signal.SIGTERM)
+    assert code == 143, err
     assert "interrupted by SIGTERM" in err and f"--resume {ckpt_dir / 'checkpoint.pt'}" in err
     (killed,) = search_runs("term", uri)
     assert killed["status"] == "KILLED" and killed["tags"]["harness.stopped"] == "SIGTERM"
@@ -167,43 +134,19 @@ def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tm
 # ----------------------------------------------------------------------------- processes the harness starts
 
 
-def _pids_with(text: str) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(entry.name))
-            except OSError:
-                pass
-    return out
-
-
-def answers(base: str) -> bool:
-    """Whether an MLflow server at ``base`` (http://HOST:PORT) answers its health check."""
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.mark.slow  # MLflow's UI server
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_ui_leaves_no_process_and_frees_the_port(tmp_path, sig) -> None:
     port = free_port()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.Popen(harness_cmd("ui", "--port", str(port)), cwd=tmp_path, env=env_for(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}"), 120, "the UI did not answer")
-        assert len(_pids_with(f"--port {port}")) >= 2  # mlflow's process and its server's
-        proc.send_signal(sig)
-        code = proc.wait(timeout=60)
-        wait_until(lambda: not _pids_with(f"--port {port}"), 30, f"processes left: {_pids_with(f'--port {port}')}")
+        with started(harness_cmd("ui", "--port", str(port)), cwd=tmp_path, env=env_for(uri), output=False) as proc:
+            wait_until(lambda: answers(f"http://127.0.0.1:{port}"), 120, "the UI did not answer")
+            assert len(pids_with(f"--port {port}")) >= 2  # mlflow's process and its server's
+            code, _ = stop(proc, sig, 60)
+            wait_until(lambda: not pids_with(f"--port {port}"), 30, f"processes left: {pids_with(f'--port {port}')}")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in _pids_with(f"--port {port}"):
+        for pid in pids_with(f"--port {port}"):
             os.kill(pid, signal.SIGKILL)
     assert code == (143 if sig == signal.SIGTERM else -9)
     assert not answers(f"http://127.0.0.1:{port}")

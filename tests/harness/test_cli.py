@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from harness.cli import main
 from harness.track.mlflow import search_runs
 from methods.simclr import SimCLR
+from tests.helpers.runs import env_for
 
 EXPERIMENT = "cli-test"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(args, capsys):
@@ -105,7 +103,7 @@ def test_bad_input_is_one_line_on_stderr_from_a_fresh_process(tmp_path, yaml_tex
     """As a user sees it, logging as configured by default: the one line and nothing else (no library's log)."""
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+    env = env_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     proc = subprocess.run([sys.executable, "-m", "harness", "run", str(path), *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stdout == ""

@@ -16,7 +16,7 @@ from harness import tables
 from harness.cli import main
 from harness.sweep.config import SweepConfig, TableConfig
 from harness.track.mlflow import create_run, search_runs
-from tests.test_sweep import write_sweep
+from tests.helpers.runs import write_sweep
 
 # ----------------------------------------------------------------------------- a sweep in a real MLflow store
 

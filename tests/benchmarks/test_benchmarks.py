@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.runs import REPO, env_for
 
 
 def test_online_monitor_cost_prints_both_times_and_their_ratio(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = env_for()
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "online_monitor_cost.py"), "--tiny"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
@@ -28,7 +26,7 @@ def test_online_monitor_cost_prints_both_times_and_their_ratio(tmp_path) -> None
 
 @pytest.mark.slow  # a local Ray and a Ray Train job
 def test_data_parallel_prints_both_layouts_their_ratio_and_the_start_up_cost(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = env_for()
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_parallel.py"), "--tiny"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
@@ -40,7 +38,7 @@ def test_data_parallel_prints_both_layouts_their_ratio_and_the_start_up_cost(tmp
 
 
 def test_streamed_throughput_prints_both_pipelines_their_ratio_and_decode_rates(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = env_for()
     folder = tmp_path / "jpegs"
     cmd = [sys.executable, str(REPO / "benchmarks" / "streamed_throughput.py"), "--tiny", "--folder", str(folder)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

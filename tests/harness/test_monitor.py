@@ -27,7 +27,7 @@ from harness.trial.prepare import prepare
 from harness.trial.run import run
 from methods import list_methods
 from tests.helpers.method_params import small_backbone_spec, small_params
-from tests.test_sweep import write_sweep
+from tests.helpers.runs import write_sweep
 
 # ----------------------------------------------------------------------------- schedule
 

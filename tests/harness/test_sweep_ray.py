@@ -10,30 +10,17 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from harness.cli import main
-from harness.launch import raytune
 from harness.sweep.driver import child_runs, latest_parent
 from harness.track.mlflow import metric_history, search_runs
-from tests.test_sweep import tiny_run, write_sweep
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.processes import answers, children, free_port, started, stop, wait_for_runs, wait_until
+from tests.helpers.runs import env_for, harness_cmd, tiny_run, write_sweep
 
 pytestmark = pytest.mark.slow  # every test starts a local Ray (or two) and runs real trials
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    """One local Ray for the module's in-process sweeps (a sweep leaves a running instance alone)."""
-    started = raytune.init(None)
-    yield
-    if started:
-        raytune.shutdown()
 
 
 def children_by_name(experiment: str, uri: str) -> dict[str, dict]:
@@ -42,7 +29,7 @@ def children_by_name(experiment: str, uri: str) -> dict[str, dict]:
     return {r["run_name"]: r for r in child_runs(experiment, parent["run_id"], uri)}
 
 
-def test_a_failing_trial_does_not_stop_the_others(ray_instance, tmp_path, tracking_uri, capsys) -> None:
+def test_a_failing_trial_does_not_stop_the_others(ray_address, tmp_path, tracking_uri, capsys) -> None:
     # a learning rate of 1e12 makes the loss non-finite within the first epoch
     path = write_sweep(tmp_path, space={"pretrain.base_lr": [0.3, 1.0e12]}, seeds=[0, 1], max_concurrent=2)
     assert main(["sweep", str(path), "--results", str(tmp_path / "results")]) == 1
@@ -65,7 +52,7 @@ def test_a_failing_trial_does_not_stop_the_others(ray_instance, tmp_path, tracki
     assert "2/2 failed" in table and "| ok |" in table
 
 
-def test_asha_stops_trials_and_no_run_is_left_running(ray_instance, tmp_path, tracking_uri) -> None:
+def test_asha_stops_trials_and_no_run_is_left_running(ray_address, tmp_path, tracking_uri) -> None:
     # train/lr is proportional to base_lr, so with trials run one at a time the lower ones lose at the first rung
     space = {"pretrain.base_lr": [0.4, 0.2, 0.1]}
     scheduler = {"name": "asha", "metric": "train/lr", "mode": "max", "grace_period": 1, "reduction_factor": 2}
@@ -83,7 +70,7 @@ def test_asha_stops_trials_and_no_run_is_left_running(ray_instance, tmp_path, tr
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
 
 
-def test_asha_on_the_online_knn_stops_trials_reported_every_other_epoch(ray_instance, tmp_path, tracking_uri) -> None:
+def test_asha_on_the_online_knn_stops_trials_reported_every_other_epoch(ray_address, tmp_path, tracking_uri) -> None:
     """online/knn_top1 is reported after epochs 2 and 3 only (not in epoch 1's report): ASHA decides at epoch 2.
 
     On digits the first trial's 128-item kNN bank scores about 0.7; the second's single-item bank predicts one class
@@ -108,25 +95,12 @@ def test_asha_on_the_online_knn_stops_trials_reported_every_other_epoch(ray_inst
 def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_uri, sig) -> None:
     """Ctrl-C, a scheduler's SIGTERM, or kill -9 of the driver after a trial finished; then --resume."""
     path = write_sweep(tmp_path, space={"method.temperature": [0.1, 0.2, 0.5]}, seeds=[0], max_concurrent=1)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "harness", "-q", "sweep", str(path), "pretrain.epochs=3"]
+    env = env_for(tracking_uri)
+    cmd = harness_cmd("-q", "sweep", str(path), "pretrain.epochs=3")
     assert search_runs("unit", tracking_uri) == []  # creates the store now: two processes must not both migrate it
-    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        finished: list[dict] = []
-        while time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(1)
-            runs = search_runs("unit", tracking_uri)
-            finished = [r for r in runs if r["status"] == "FINISHED" and "mlflow.parentRunId" in r["tags"]]
-            if finished:
-                break
-        assert finished, "no trial finished before the deadline"
-        driver.send_signal(sig)
-        out, _ = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    with started(cmd, cwd=tmp_path, env=env) as driver:
+        wait_for_runs("unit", tracking_uri, driver, lambda runs: children(runs, "FINISHED"), 240, "no trial finished")
+        code, out = stop(driver, sig)
     assert not (tmp_path / "results").exists()  # no half-written tables: they come with the completed sweep
     before = children_by_name("unit", tracking_uri)
     assert len(before) == 3
@@ -134,13 +108,13 @@ def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_u
     assert done_before
     history = {n: metric_history(r["run_id"], "train/loss", tracking_uri) for n, r in done_before.items()}
     if sig != signal.SIGKILL:  # a signal the driver handles: nothing left RUNNING, each run says what stopped it
-        assert driver.returncode == 128 + sig, out
+        assert code == 128 + sig, out
         assert "--resume" in out
         assert {r["status"] for r in before.values()} <= {"FINISHED", "KILLED"}, {n: r["status"] for n, r in before.items()}
         assert all(r["tags"]["harness.stopped"].startswith(sig.name) for r in before.values() if r["status"] == "KILLED")
         assert latest_parent("unit", tracking_uri)["status"] == "KILLED"
 
-    resumed = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "pretrain.epochs=3", "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(harness_cmd("sweep", str(path), "pretrain.epochs=3", "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     counters = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+) ", resumed.stdout, flags=re.M)]
     assert counters and all(done <= total == 3 for done, total in counters), resumed.stdout
@@ -163,19 +137,14 @@ def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_u
     assert json.loads((tmp_path / "outputs" / "sweeps" / "unit" / "state.json").read_text())["complete"] is True
 
 
-def test_a_sweep_logs_over_http_to_a_tracking_server(ray_instance, tmp_path, monkeypatch) -> None:
+def test_a_sweep_logs_over_http_to_a_tracking_server(ray_address, tmp_path, monkeypatch) -> None:
     """`harness server` (SQLite backend, local artifact root) on a loopback port; the trials log to it over HTTP."""
-    from tests.test_faults import answers, free_port, wait_until
-
     monkeypatch.chdir(tmp_path)
     port, store, artifacts = free_port(), tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts"
     store.parent.mkdir()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "harness", "server", "--port", str(port), "--store", f"sqlite:///{store}", "--artifacts", str(artifacts)],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    command = harness_cmd("server", "--port", str(port), "--store", f"sqlite:///{store}", "--artifacts", str(artifacts))
     uri = f"http://127.0.0.1:{port}"
-    try:
+    with started(command, cwd=tmp_path, env=env_for(), output=False) as server:
         wait_until(lambda: answers(uri), 120, "the tracking server did not answer")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         path = write_sweep(tmp_path, space={"method.temperature": [0.2]}, seeds=[0, 1], max_concurrent=2)
@@ -185,11 +154,7 @@ def test_a_sweep_logs_over_http_to_a_tracking_server(ray_instance, tmp_path, mon
         assert latest_parent("unit", uri)["status"] == "FINISHED"
         assert len(list(artifacts.rglob("config.yaml"))) == 2  # the trials' artifacts went through the server
         assert (tmp_path / "results" / "unit" / "table.md").is_file()
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 143
-    finally:
-        if server.poll() is None:
-            server.kill()
+        assert stop(server, signal.SIGTERM, 60)[0] == 143
     assert {r["run_id"] for r in search_runs("unit", f"sqlite:///{store}")} >= {r["run_id"] for r in runs.values()}  # in the server's store
 
 
@@ -197,23 +162,20 @@ def test_a_sweep_logs_over_http_to_a_tracking_server(ray_instance, tmp_path, mon
 def test_sigterm_to_a_trials_worker_leaves_it_killed_and_resumable(tmp_path, tracking_uri) -> None:
     """A node preempted under a running trial: that trial is KILLED (not FAILED), the others finish, --resume completes it."""
     path = write_sweep(tmp_path, space={"method.temperature": [0.1, 0.5]}, seeds=[0], max_concurrent=1)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "harness", "-q", "sweep", str(path), "pretrain.epochs=6"]
+    env = env_for(tracking_uri)
+    cmd = harness_cmd("-q", "sweep", str(path), "pretrain.epochs=6")
     search_runs("unit", tracking_uri)  # create the store before the driver
-    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline, worker = time.monotonic() + 240, None
-        while worker is None and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(1)
-            running = [r for r in search_runs("unit", tracking_uri) if r["status"] == "RUNNING" and "mlflow.parentRunId" in r["tags"]]
-            if running and metric_history(running[0]["run_id"], "train/loss", tracking_uri):
-                worker = next(iter(_trial_workers(tracking_uri)), None)
-        assert worker is not None, "no trial worker found running"
+
+    def a_training_worker(runs: list[dict]) -> int | None:
+        running = children(runs, "RUNNING")
+        if running and metric_history(running[0]["run_id"], "train/loss", tracking_uri):
+            return next(iter(_trial_workers(tracking_uri)), None)
+        return None
+
+    with started(cmd, cwd=tmp_path, env=env) as driver:
+        worker = wait_for_runs("unit", tracking_uri, driver, a_training_worker, 240, "no trial worker found running")
         os.kill(worker, signal.SIGTERM)  # the worker alone, as a preempted node's
         out, _ = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     assert driver.returncode == 143, out
     runs = children_by_name("unit", tracking_uri)
     killed = [r for r in runs.values() if r["status"] == "KILLED"]

@@ -12,29 +12,7 @@ import yaml
 from core.errors import ConfigError
 from harness.cli import main
 from harness.sweep.config import SweepConfig, expand, load_sweep
-from tests.conftest import TINY
-
-
-def tiny_run() -> dict:
-    """The TINY overrides as a nested ``run:`` mapping."""
-    run: dict = {"method": {"name": "simclr"}}
-    for item in TINY:
-        key, _, text = item.partition("=")
-        node = run
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(text)
-    return run
-
-
-def write_sweep(tmp_path: Path, **fields) -> Path:
-    body = {"name": "unit", "run": tiny_run(), "space": {"method.temperature": {"grid": [0.1, 0.5]}}, "seeds": [0, 1]}
-    body.update(fields)
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
-
+from tests.helpers.runs import write_sweep
 
 # ----------------------------------------------------------------------------- expansion
 

@@ -1,6 +1,6 @@
 """DINO: the loss against closed forms and its centring invariance, the teacher-temperature schedule, the centre's
 EMA (one process and two gloo workers), the multi-crop views and what the teacher sees, the last-layer freeze, ViTs,
-and bad input. The registry-wide contract (tests/test_methods.py) covers dino too."""
+and bad input. The registry-wide contract (tests/methods/test_methods.py) covers dino too."""
 
 from __future__ import annotations
 
@@ -323,6 +323,7 @@ def _worker(rank_: int, world: int) -> dict[str, Any]:
     return {"gather": _two_steps(), "own": _two_steps(gather=False)}
 
 
+@pytest.mark.slow  # two gloo training processes
 def test_two_workers_keep_the_single_process_centre(tmp_path) -> None:
     """The centre is the EMA of the global batch's mean on every worker; the second step (which uses it) gives the
     single-process loss (the mean of the workers' per-sample losses) and gradients. Without ``gather`` each worker

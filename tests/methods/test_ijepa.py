@@ -3,8 +3,6 @@ and bad input."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +17,8 @@ from harness.data.datasets import load_dataset
 from methods import create_method
 from methods.ijepa import block_shape, block_shapes, ijepa_loss, linear_momentum, sample_masks
 from tests.helpers.method_params import small_backbone_spec, small_params
+from tests.helpers.runs import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = small_params("ijepa")
 """I-JEPA's small predictor (its ``test_params``)."""
 PAPER = {"num_targets": 4, "target_scale": (0.15, 0.2), "target_aspect": (0.75, 1.5), "context_scale": (0.85, 1.0)}

@@ -48,6 +48,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(floor))
 
 
+@pytest.mark.slow  # two gloo training processes
 @pytest.mark.parametrize("method", ["simclr", "barlow_twins"])
 def test_two_workers_reproduce_one_process(method: str, tmp_path) -> None:
     raw = raw_config(method)
@@ -61,6 +62,7 @@ def test_two_workers_reproduce_one_process(method: str, tmp_path) -> None:
             assert _relative(two[rank]["state"][name], weight, floor=1e-2) < 1e-4, (rank, name)
 
 
+@pytest.mark.slow  # two gloo training processes
 def test_without_gathering_two_workers_differ(tmp_path) -> None:
     """The comparison above can fail: each worker contrasting only its own slice is a different objective."""
     raw = raw_config("simclr", gather=False)
@@ -75,6 +77,7 @@ def _world_and_shard(rank: int, world_size: int) -> dict:
     return {"rank": world.rank, "size": world.size, "rows": distributed.shard(rows, world), "mean": distributed.mean_over_workers(torch.tensor(float(rank)))}
 
 
+@pytest.mark.slow  # two gloo training processes
 def test_each_worker_takes_its_slice_and_the_slices_make_the_batch(tmp_path) -> None:
     results = run_distributed(_world_and_shard, tmp_path, world_size=2)
     assert [r["rank"] for r in results] == [0, 1] and all(r["size"] == 2 for r in results)
@@ -129,6 +132,7 @@ def _first_epoch_then_stop(rank: int, world_size: int, raw: dict, checkpoint: st
     return {}
 
 
+@pytest.mark.slow  # two gloo training processes
 def test_a_checkpoint_of_two_workers_resumes_on_one(tmp_path) -> None:
     """Epoch 1 on 2 workers, epoch 2 on 1 process from its checkpoint: the 2-epoch, 1-process run."""
     raw = raw_config("barlow_twins")

@@ -274,7 +274,7 @@ def test_the_queue_enters_the_codes_once_full(monkeypatch) -> None:
 # ----------------------------------------------------------------------------- the contract
 
 
-# The registry-wide contract (tests/test_methods.py::test_method_contract) covers swav too.
+# The registry-wide contract (tests/methods/test_methods.py::test_method_contract) covers swav too.
 
 
 def test_the_contract_with_the_queue_on(tmp_path) -> None:
