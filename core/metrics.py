@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-ONLINE_METRICS = ("online/knn_top1", "online/rankme")
+ONLINE_KNN, ONLINE_RANKME = "online/knn_top1", "online/rankme"
+ONLINE_METRICS = (ONLINE_KNN, ONLINE_RANKME)
 """What the online monitor (:mod:`harness.trial.monitor`) logs at each epoch it evaluates."""
 
 COLLAPSED_METRIC = "eval/collapsed"

@@ -368,13 +368,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> RunConfig:
-        batch, workers = self.pretrain.batch_size, self.distributed.workers
-        if batch % workers:
-            lower, upper = batch - batch % workers, batch + workers - batch % workers
-            raise ConfigError(
-                f"pretrain.batch_size: the global batch {batch} does not split over "
-                f"distributed.workers={workers}; give a multiple of {workers} (e.g. {lower or upper} or {upper})"
-            )
+        check_batch_splits(self.pretrain.batch_size, self.distributed.workers, "distributed.workers={}")
         return self
 
     @model_validator(mode="after")
@@ -386,6 +380,17 @@ class RunConfig(Section):
     def as_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe nested dict (paths as strings)."""
         return self.model_dump(mode="json")
+
+
+def check_batch_splits(batch: int, workers: int, over: str) -> None:
+    """ConfigError unless the global ``batch`` splits into equal slices over ``workers``: the one check of every
+    launcher (``over`` names where the count comes from, ``{}`` standing for it)."""
+    if batch % workers:
+        lower, upper = batch - batch % workers, batch + workers - batch % workers
+        raise ConfigError(
+            f"pretrain.batch_size: the global batch {batch} does not split over {over.format(workers)}; "
+            f"give a multiple of {workers} (e.g. {lower or upper} or {upper})"
+        )
 
 
 def compile_unavailable(device: str) -> str | None:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from core.errors import BadInput
-from harness.config.schema import RunConfig
+from harness.config.schema import RunConfig, check_batch_splits
 
 __all__ = ["TORCHRUN_VARIABLES", "TorchrunWorld", "check_launch", "torchrun_world"]
 
@@ -71,8 +71,4 @@ def check_launch(cfg: RunConfig, world: TorchrunWorld | None) -> None:
             f"distributed.workers: {workers}, but torchrun started WORLD_SIZE={world.size} "
             "workers; leave distributed.workers unset under torchrun"
         )
-    if batch % world.size:
-        raise BadInput(
-            f"pretrain.batch_size: the global batch {batch} does not split over "
-            f"torchrun's WORLD_SIZE={world.size} workers; give a multiple of {world.size}"
-        )
+    check_batch_splits(batch, world.size, "torchrun's WORLD_SIZE={} workers")

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError, suggest
-from core.metrics import ONLINE_METRICS
+from core.metrics import HEADLINE_METRIC, ONLINE_METRICS
 from harness.config.loading import build_config, first_error, parse_overrides, read_yaml, set_values
 from harness.config.schema import RunConfig, Section
 
@@ -201,7 +201,7 @@ class SweepConfig(Section):
     """An existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); else ``RAY_ADDRESS``; else a local instance."""
     storage: Path = Path("outputs/sweeps")
     """Where Ray Tune keeps trial state and checkpoints (a shared filesystem on a cluster)."""
-    headline: list[str] = Field(default_factory=lambda: ["eval/knn/top1"], min_length=1)
+    headline: list[str] = Field(default_factory=lambda: [HEADLINE_METRIC], min_length=1)
     """Metrics plotted against each numeric swept key."""
     table: TableConfig = Field(default_factory=TableConfig)
     """The metric columns of the headline table."""

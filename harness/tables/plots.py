@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from core.metrics import ONLINE_KNN
 from harness.track.mlflow import metric_history
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 from harness.tables.format import PERCENT, fmt_value
 from harness.tables.runs import SweepRuns, by_point, metric_columns, point_status, sortable
 
-ONLINE_METRIC = "online/knn_top1"
+ONLINE_METRIC = ONLINE_KNN
 
 BASELINE_STYLES = ("--", ":", "-.")
 """Line styles of the baselines (``baseline/*`` columns: raw pixels or bag of words, random init) in plots."""

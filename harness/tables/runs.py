@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import BadInput, suggest
-from core.metrics import COLLAPSED_METRIC
+from core.metrics import COLLAPSED_METRIC, HEADLINE_METRIC
 from harness.track.mlflow import search_runs
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 TAXONOMY = ("uses_negatives", "networks", "loss")
 
 DEFAULT_COLUMNS = (
-    "eval/knn/top1",
+    HEADLINE_METRIC,
     "eval/linear/top1",
     "eval/semi_1pct/top1",
     "eval/semi_10pct/top1",
@@ -72,11 +72,11 @@ def collect(experiment: str, uri: str | None = None) -> SweepRuns:
         parent = parents[0]  # newest first
         children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]]
         swept = json.loads(parent["tags"].get("harness.swept_keys", "[]"))
-        headline = json.loads(parent["tags"].get("harness.headline", '["eval/knn/top1"]'))
+        headline = json.loads(parent["tags"].get("harness.headline", json.dumps([HEADLINE_METRIC])))
         columns = json.loads(parent["tags"].get(TAG_COLUMNS, "null"))
         return SweepRuns(experiment, parent, children, swept, headline, columns)
     top = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
-    return SweepRuns(experiment, None, top, [], ["eval/knn/top1"])
+    return SweepRuns(experiment, None, top, [], [HEADLINE_METRIC])
 
 
 def aggregate(runs: SweepRuns) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from core.errors import BadInput, Diverged
 from core.schedules import cosine_lr, cosine_weight_decay
 from core.splits import Images
 from core.views import View
-from harness.config.schema import RunConfig
+from harness.config.schema import RunConfig, check_batch_splits
 from harness.data.augment import Augmenter, KeyedDraws
 from harness.data.streaming import StreamedImages, TrainLoader
 from harness.train import distributed
@@ -132,11 +132,7 @@ def pretrain(
     p = cfg.pretrain
     n = images.shape[0]
     check_batch_size(p.batch_size, n)
-    if p.batch_size % world.size:
-        raise BadInput(
-            f"pretrain.batch_size: the global batch {p.batch_size} does not "
-            f"split over {world.size} workers; give a multiple of {world.size}"
-        )
+    check_batch_splits(p.batch_size, world.size, "{} workers")
     cuda = device.type == "cuda"
 
     method.to(device)
@@ -154,45 +150,45 @@ def pretrain(
         start_epoch, result.losses = load_checkpoint(p.resume, method, optimizer, cfg)
         log.info("resumed from %s after epoch %d", p.resume, start_epoch)
     distributed.broadcast_module(method)  # every worker starts from rank 0's weights
+    setup = _Setup(method, images, cfg, augmenter, device, optimizer, world)
+    hooks = _EpochHooks(checkpoint_path, provenance or {}, log_metrics, on_epoch_end, epoch_metrics)
     try:
-        _train_epochs(
-            method,
-            images,
-            cfg,
-            augmenter,
-            device,
-            optimizer,
-            result,
-            start_epoch,
-            world,
-            checkpoint_path,
-            provenance,
-            log_metrics,
-            on_epoch_end,
-            epoch_metrics,
-        )
+        _train_epochs(setup, hooks, result, start_epoch)
     finally:
         if sync_bn:
             distributed.from_sync_batchnorm(method)
     return result
 
 
-def _train_epochs(
-    method: Method,
-    images: Images,
-    cfg: RunConfig,
-    augmenter: Augmenter,
-    device: torch.device,
-    optimizer: torch.optim.Optimizer,
-    result: TrainResult,
-    start_epoch: int,
-    world: distributed.World,
-    checkpoint_path: Path | None,
-    provenance: dict[str, Any] | None,
-    log_metrics: Callable[[dict[str, float], int], None] | None,
-    on_epoch_end: EpochCallback | None,
-    epoch_metrics: EpochMetrics | None,
-) -> None:
+@dataclass(frozen=True)
+class _Setup:
+    """What the epochs train, with what, where: fixed for the whole call."""
+
+    method: Method
+    images: Images
+    cfg: RunConfig
+    augmenter: Augmenter
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    world: distributed.World
+
+
+@dataclass(frozen=True)
+class _EpochHooks:
+    """What happens after each epoch (see :func:`pretrain`); rank 0's alone are used."""
+
+    checkpoint_path: Path | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    log_metrics: Callable[[dict[str, float], int], None] | None = None
+    on_epoch_end: EpochCallback | None = None
+    epoch_metrics: EpochMetrics | None = None
+
+
+def _train_epochs(setup: _Setup, hooks: _EpochHooks, result: TrainResult, start_epoch: int) -> None:
+    method, images, cfg, augmenter, device, optimizer, world = (
+        setup.method, setup.images, setup.cfg, setup.augmenter, setup.device, setup.optimizer, setup.world
+    )  # fmt: skip
+    checkpoint_path, epoch_metrics = hooks.checkpoint_path, hooks.epoch_metrics
     p = cfg.pretrain
     n = images.shape[0]
     steps_per_epoch = n // p.batch_size
@@ -283,12 +279,12 @@ def _train_epochs(
             lr,
             metrics["train/images_per_s"],
         )
-        if log_metrics is not None:
-            log_metrics(metrics, epoch + 1)
+        if hooks.log_metrics is not None:
+            hooks.log_metrics(metrics, epoch + 1)
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, method, optimizer, epoch + 1, result.losses, cfg, provenance or {})
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, metrics, checkpoint_path)
+            save_checkpoint(checkpoint_path, method, optimizer, epoch + 1, result.losses, cfg, hooks.provenance)
+        if hooks.on_epoch_end is not None:
+            hooks.on_epoch_end(epoch + 1, metrics, checkpoint_path)
     if isinstance(batches, _Streamed):
         result.skipped = list(batches.loader.skipped)
     result.time_s = time.perf_counter() - t0

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from core.contract import EvalContext, EvalInputs, Prepare
+from core.metrics import COLLAPSED_METRIC
 from core.splits import Images, Split
 from core.views import View
 from evaluations.battery import evaluate_embeddings
@@ -67,7 +68,7 @@ def evaluate(trial: Trial, mlrun: Run | None = None, final_loss: float | None = 
     )
     metrics.update(battery)
     limit = method.collapse_loss(cfg.pretrain.batch_size)
-    metrics["eval/collapsed"] = float(
+    metrics[COLLAPSED_METRIC] = float(
         collapsed(final_loss, limit, battery.get("eval/rank/std_of_normalized"), train_x.shape[1])
     )
     ks = tuple(cfg.eval.retrieval.ks) if cfg.eval.retrieval.enabled else None

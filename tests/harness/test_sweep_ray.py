@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -91,41 +90,49 @@ def test_asha_on_the_online_knn_stops_trials_reported_every_other_epoch(ray_addr
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
-def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_uri, sig) -> None:
-    """Ctrl-C, a scheduler's SIGTERM, or kill -9 of the driver after a trial finished; then --resume."""
-    path = write_sweep(tmp_path, space={"method.temperature": [0.1, 0.2, 0.5]}, seeds=[0], max_concurrent=1)
+def test_sigint_sigterm_and_kill_9_each_then_resume_rerun_nothing_that_finished(tmp_path, tracking_uri) -> None:
+    """Ctrl-C, a scheduler's SIGTERM and kill -9 of the driver, each after one more trial finished and each followed
+    by --resume: no finished trial is rerun, a handled signal leaves nothing RUNNING and says how to continue, and
+    the last --resume completes the sweep with one parent and one run per trial."""
+    path = write_sweep(tmp_path, space={"method.temperature": [0.1, 0.2, 0.3, 0.5, 1.0]}, seeds=[0], max_concurrent=1)
     env = env_for(tracking_uri)
     cmd = harness_cmd("-q", "sweep", str(path), "pretrain.epochs=3")
     assert search_runs("unit", tracking_uri) == []  # creates the store now: two processes must not both migrate it
-    with started(cmd, cwd=tmp_path, env=env) as driver:
-        wait_for_runs("unit", tracking_uri, driver, lambda runs: children(runs, "FINISHED"), 240, "no trial finished")
-        code, out = stop(driver, sig)
-    assert not (tmp_path / "results").exists()  # no half-written tables: they come with the completed sweep
-    before = children_by_name("unit", tracking_uri)
-    assert len(before) == 3
-    done_before = {n: r for n, r in before.items() if r["status"] == "FINISHED"}
-    assert done_before
-    history = {n: metric_history(r["run_id"], "train/loss", tracking_uri) for n, r in done_before.items()}
-    if sig != signal.SIGKILL:  # a signal the driver handles: nothing left RUNNING, each run says what stopped it
-        assert code == 128 + sig, out
-        assert "--resume" in out
-        assert {r["status"] for r in before.values()} <= {"FINISHED", "KILLED"}, {n: r["status"] for n, r in before.items()}
-        assert all(r["tags"]["harness.stopped"].startswith(sig.name) for r in before.values() if r["status"] == "KILLED")
-        assert latest_parent("unit", tracking_uri)["status"] == "KILLED"
+    done: dict[str, dict] = {}
+    history: dict[str, list] = {}
+    for round_, sig in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGKILL]):
+        more = len(done) + 1
+        with started([*cmd, "--resume"] if round_ else cmd, cwd=tmp_path, env=env) as driver:
+            wait_for_runs("unit", tracking_uri, driver, lambda runs, n=more: len(children(runs, "FINISHED")) >= n, 240, "no trial finished")
+            code, out = stop(driver, sig)
+        assert not (tmp_path / "results").exists()  # no half-written tables: they come with the completed sweep
+        now = children_by_name("unit", tracking_uri)
+        assert len(now) == 5
+        for name, run in done.items():  # not rerun: same end time, same logged losses and metrics
+            assert now[name]["status"] == "FINISHED" and now[name]["end_time"] == run["end_time"], name
+            assert now[name]["metrics"] == run["metrics"]
+            assert metric_history(run["run_id"], "train/loss", tracking_uri) == history[name]
+        done = {n: r for n, r in now.items() if r["status"] == "FINISHED"}
+        assert len(done) >= more
+        history = {n: metric_history(r["run_id"], "train/loss", tracking_uri) for n, r in done.items()}
+        if sig != signal.SIGKILL:  # a signal the driver handles: nothing left RUNNING, each run says what stopped it
+            assert code == 128 + sig, out
+            assert "--resume" in out
+            assert {r["status"] for r in now.values()} <= {"FINISHED", "KILLED"}, {n: r["status"] for n, r in now.items()}
+            assert all(r["tags"]["harness.stopped"].startswith(sig.name) for r in now.values() if r["status"] == "KILLED")
+            assert latest_parent("unit", tracking_uri)["status"] == "KILLED"
 
-    resumed = subprocess.run(harness_cmd("sweep", str(path), "pretrain.epochs=3", "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     counters = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+) ", resumed.stdout, flags=re.M)]
-    assert counters and all(done <= total == 3 for done, total in counters), resumed.stdout
+    assert counters and all(finished <= total == 5 for finished, total in counters), resumed.stdout
     after = children_by_name("unit", tracking_uri)
-    assert set(after) == set(before)  # no run duplicated
-    assert [r["run_id"] for r in after.values()] == [before[n]["run_id"] for n in after]
+    assert set(after) == set(now)  # no run duplicated
+    assert [r["run_id"] for r in after.values()] == [now[n]["run_id"] for n in after]
     assert all(r["status"] == "FINISHED" and "eval/knn/top1" in r["metrics"] for r in after.values())
-    for name, run in done_before.items():  # not rerun: same end time, same logged losses and metrics
+    for name, run in done.items():
         assert metric_history(run["run_id"], "train/loss", tracking_uri) == history[name]
-        assert after[name]["metrics"] == run["metrics"]
-        assert after[name]["end_time"] == run["end_time"]
+        assert after[name]["metrics"] == run["metrics"] and after[name]["end_time"] == run["end_time"]
     for run in after.values():  # no epoch and no final metric logged twice
         steps = [step for step, _ in metric_history(run["run_id"], "train/loss", tracking_uri)]
         assert steps == [1, 2, 3], steps
@@ -133,7 +140,7 @@ def test_interrupt_then_resume_reruns_nothing_that_finished(tmp_path, tracking_u
     assert len([r for r in search_runs("unit", tracking_uri) if r["tags"].get("harness.role") == "sweep"]) == 1
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
     table = (tmp_path / "results" / "unit" / "table.csv").read_text().splitlines()
-    assert len(table) == 1 + 3 and all(",ok," in line for line in table[1:])
+    assert len(table) == 1 + 5 and all(",ok," in line for line in table[1:])
     assert json.loads((tmp_path / "outputs" / "sweeps" / "unit" / "state.json").read_text())["complete"] is True
 
 
