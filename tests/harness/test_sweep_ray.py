@@ -6,6 +6,7 @@ Every test checks MLflow afterwards: one parent, one child per trial, none left 
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
