@@ -6,8 +6,8 @@ Every test checks MLflow afterwards: one parent, one child per trial, none left 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
