@@ -21,6 +21,12 @@ def tiny_overrides(tmp_path):
     return [*TINY, f"pretrain.checkpoint_dir={tmp_path / 'ckpt'}"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that share the session's Ray run last (in their order), so that its daemons, once started, take
+    no CPU from the tests that do not need them."""
+    items.sort(key=lambda item: "ray_address" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def ray_address():
     """One local Ray for every test that only needs a running Ray: sweeps in this process reuse it (a sweep leaves a

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from harness.sweep.config import TableConfig
@@ -33,7 +33,11 @@ def build(experiment: str, out_dir: Path, uri: str | None = None, table: TableCo
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / name for name in ("table.csv", "table.md", "table.tex", "table_full.md")]
     frame.to_csv(written[0], index=False, float_format="%.6g")
-    note = "mean ± std over seeds; best of each varying column in bold"
+    note = (
+        "a row per configuration (runs equal in every setting but the seed), mean ± std over its seeds; "
+        "best of each varying column in bold"
+    )
+    note += f"; runs of {produced_by(runs.children)}"
     headline = headline_table(frame, runs.keys, metrics)
     written[1].write_text(
         to_markdown(headline, title=f"{experiment}: {note}; every metric in table_full.md and table.csv"),
@@ -42,7 +46,8 @@ def build(experiment: str, out_dir: Path, uri: str | None = None, table: TableCo
     written[2].write_text(
         to_latex(
             headline,
-            caption=f"{tex_escape(experiment)}: mean $\\pm$ std over seeds; best of each varying column in bold.",
+            caption=f"{tex_escape(experiment)}: a row per configuration, mean $\\pm$ std over its seeds; "
+            f"best of each varying column in bold; runs of {tex_escape(produced_by(runs.children))}.",
         ),
         encoding="utf-8",
     )
@@ -58,3 +63,13 @@ def build(experiment: str, out_dir: Path, uri: str | None = None, table: TableCo
         for path in written:
             parent.log_artifact(str(path), "results")
     return written
+
+
+def produced_by(children: list[dict[str, Any]]) -> str:
+    """The commits the runs were made with (their ``git_commit`` tag), ``-dirty`` marking uncommitted changes: a
+    table names the code behind its numbers."""
+    commits = sorted({str(r["tags"].get("git_commit", "unknown")) for r in children})
+    named = [
+        c if c == "unknown" else c[:10] + (" with uncommitted changes" if c.endswith("-dirty") else "") for c in commits
+    ]
+    return ("commit " if len(named) == 1 else "commits ") + ", ".join(named) if named else "no runs"

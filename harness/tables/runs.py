@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,10 +13,6 @@ import pandas as pd
 from core.errors import BadInput, suggest
 from core.metrics import COLLAPSED_METRIC, HEADLINE_METRIC
 from harness.track.mlflow import search_runs
-
-if TYPE_CHECKING:
-    pass
-
 
 TAXONOMY = ("uses_negatives", "networks", "loss")
 
@@ -36,7 +32,21 @@ TAG_COLUMNS = "harness.table_columns"
 """The sweep parent's tag holding its ``table.columns`` (JSON; null for the default)."""
 
 COLLAPSED = COLLAPSED_METRIC
-"""The metric the trials log during pretraining (step = epoch), drawn as learning curves."""
+
+LOCATING = (
+    "seed",
+    "pretrain.checkpoint_dir",
+    "pretrain.resume",
+    "pretrain.progress",
+    "tracking.",
+    "eval.baselines_cache",
+    "pretrain.lr",  # the effective lr: a function of base_lr and the batch, which are compared themselves
+)
+"""Params that say which seed ran, only locate things, or follow from others: runs that differ in these alone are
+seeds of one row."""
+
+NAMED_BY_TAGS = ("method.name", "backbone.name", "data.name")
+"""Params a row of plain runs shows already, as its method, backbone and dataset columns."""
 
 METRIC_ORDER = ("eval/", "baseline/", "collapse/", "train/", "time/", "memory/")
 
@@ -52,11 +62,32 @@ class SweepRuns:
     headline: list[str]
     columns: list[str] | None = None
     """The sweep's ``table.columns`` as its parent run recorded them (None: the default)."""
+    varying: list[str] = field(default_factory=list)
+    """Params (besides the swept keys) whose values differ between the runs: each is a key column too."""
 
     @property
     def keys(self) -> list[str]:
-        """What names a row: the swept keys, or for plain runs method, backbone and dataset."""
-        return self.swept or ["method", "backbone", "dataset"]
+        """What names a row: the swept keys (for plain runs method, backbone and dataset), then every other param
+        that differs between the runs, so that a row is one configuration."""
+        return [*(self.swept or ["method", "backbone", "dataset"]), *self.varying]
+
+
+def configuration(run: dict[str, Any]) -> dict[str, str]:
+    """A run's params without the :data:`LOCATING` ones: what two seeds of one configuration share."""
+    return {k: v for k, v in run["params"].items() if not k.startswith(LOCATING)}
+
+
+def varying_params(children: list[dict[str, Any]], swept: list[str]) -> list[str]:
+    """The params whose values differ between ``children`` (missing counts as a value), sorted; the swept keys and
+    what they contain are left out (they are key columns already), and for plain runs the params named by tags."""
+    configs = [configuration(r) for r in children]
+    names = sorted({k for c in configs for k in c})
+    shown = [*swept] if swept else list(NAMED_BY_TAGS)
+    return [
+        k
+        for k in names
+        if len({c.get(k) for c in configs}) > 1 and not any(k == s or k.startswith(f"{s}.") for s in shown)
+    ]
 
 
 def collect(experiment: str, uri: str | None = None) -> SweepRuns:
@@ -74,9 +105,9 @@ def collect(experiment: str, uri: str | None = None) -> SweepRuns:
         swept = json.loads(parent["tags"].get("harness.swept_keys", "[]"))
         headline = json.loads(parent["tags"].get("harness.headline", json.dumps([HEADLINE_METRIC])))
         columns = json.loads(parent["tags"].get(TAG_COLUMNS, "null"))
-        return SweepRuns(experiment, parent, children, swept, headline, columns)
+        return SweepRuns(experiment, parent, children, swept, headline, columns, varying_params(children, swept))
     top = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
-    return SweepRuns(experiment, None, top, [], [HEADLINE_METRIC])
+    return SweepRuns(experiment, None, top, [], [HEADLINE_METRIC], varying=varying_params(top, []))
 
 
 def aggregate(runs: SweepRuns) -> pd.DataFrame:
@@ -93,7 +124,7 @@ def aggregate(runs: SweepRuns) -> pd.DataFrame:
         row.update(
             {k: next((m["taxonomy"][k] for m in members if m["taxonomy"][k] is not None), None) for k in TAXONOMY}
         )
-        done = [m for m in members if m["status"] == "FINISHED"]
+        done = newest_per_seed([m for m in members if m["status"] == "FINISHED"])
         row["seeds"] = len(done)
         row["collapsed"] = sum(1 for m in done if m["metrics"].get(COLLAPSED, 0.0) >= 0.5)
         row["status"] = point_status(members, row["collapsed"])
@@ -140,6 +171,7 @@ def by_point(runs: SweepRuns) -> dict[str, list[dict[str, Any]]]:
             point = {k: _load(tags.get(f"swept.{k}")) for k in runs.swept}
         else:  # plain runs: one row per (method, backbone, dataset)
             point = {"method": tags.get("method"), "backbone": tags.get("backbone"), "dataset": tags.get("dataset")}
+        point.update({k: _load(r["params"].get(k)) for k in runs.varying})
         taxonomy = {k: _load(tags.get(f"taxonomy.{k}")) for k in TAXONOMY}
         record = {
             "run_id": r["run_id"],
@@ -148,9 +180,18 @@ def by_point(runs: SweepRuns) -> dict[str, list[dict[str, Any]]]:
             "status": r["status"],
             "stopped": "harness.stopped" in tags,
             "metrics": r["metrics"],
+            "seed": r["params"].get("seed", tags.get("seed", r["run_id"])),
         }
-        groups.setdefault(json.dumps([point[k] for k in runs.keys]), []).append(record)
+        groups.setdefault(json.dumps([point[k] for k in runs.keys]), []).append(record)  # every param that differs
     return groups
+
+
+def newest_per_seed(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per seed, the newest (runs come newest first): a mean over seeds never counts a seed twice."""
+    newest: dict[str, dict[str, Any]] = {}
+    for m in members:
+        newest.setdefault(m["seed"], m)
+    return list(newest.values())
 
 
 def point_status(members: list[dict[str, Any]], collapsed: int = 0) -> str:

@@ -10,7 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 _LIBRARIES = ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "mlflow", "ray", "numpy")
 
 

@@ -373,3 +373,63 @@ def test_a_collapsed_point_shows_collapsed_instead_of_numbers_and_is_never_best(
     assert [row[status].text for row in table.rows] == ["ok", "1/2 collapsed"]
     assert [row[knn] for row in table.rows] == [tables.Cell("50.0"), tables.Cell("collapsed")]  # 85.0 would have been bold
     assert table.below[0][knn].text == "24.0–24.5"  # the baselines keep their numbers
+
+
+# ----------------------------------------------------------------------------- a row is one configuration
+
+
+def plain_run(n: int, seed: int, knn: float, **params: object) -> dict:
+    """A run outside a sweep with its params as MLflow holds them (strings) and its kNN top-1."""
+    base = {"method.name": "simclr", "backbone.name": "resnet18", "data.name": "shapes", "pretrain.epochs": "3", "seed": str(seed)}
+    tags = {"method": "simclr", "backbone": "resnet18", "dataset": "shapes", "seed": str(seed)}
+    run = fake_run(n, {}, "FINISHED", {"eval/knn/top1": knn})
+    return {**run, "tags": tags, "params": {**base, "pretrain.checkpoint_dir": f"/ckpt/{n}", **{k: str(v) for k, v in params.items()}}}
+
+
+def plain_frame(monkeypatch, runs: list[dict]):
+    monkeypatch.setattr(tables.runs, "search_runs", lambda experiment, uri=None: runs)
+    collected = tables.collect("plain")
+    return collected, tables.aggregate(collected)
+
+
+def test_runs_that_differ_in_a_setting_are_rows_of_their_own_never_a_mean(monkeypatch) -> None:
+    """Three one-off runs with different pretrain.epochs, all seed 0: three rows, one seed each, the epochs a key."""
+    runs = [plain_run(i, 0, knn, **{"pretrain.epochs": epochs}) for i, (epochs, knn) in enumerate([(0, 0.25), (1, 0.5), (3, 0.75)])]
+    collected, frame = plain_frame(monkeypatch, runs)
+    assert collected.keys == ["method", "backbone", "dataset", "pretrain.epochs"]
+    assert frame["pretrain.epochs"].tolist() == [0, 1, 3] and frame["seeds"].tolist() == [1, 1, 1]
+    assert frame["eval/knn/top1"].tolist() == [0.25, 0.5, 0.75]
+    table = tables.headline_table(frame, collected.keys, ["eval/knn/top1"])
+    assert [[c.text for c in row][-3:] for row in table.rows] == [["1", "ok", "25.0"], ["1", "ok", "50.0"], ["1", "ok", "75.0"]]
+
+
+def test_two_seeds_of_one_configuration_are_one_row_with_seeds_2(monkeypatch) -> None:
+    """Checkpoint folders differ (they only locate things): still one configuration."""
+    collected, frame = plain_frame(monkeypatch, [plain_run(0, 0, 0.5), plain_run(1, 1, 0.7)])
+    assert collected.keys == ["method", "backbone", "dataset"] and len(frame) == 1
+    assert frame["seeds"].tolist() == [2]
+    assert frame["eval/knn/top1"].iloc[0] == pytest.approx(0.6) and frame["eval/knn/top1 std"].iloc[0] == pytest.approx(0.1414, abs=1e-4)
+
+
+def test_a_seed_run_twice_counts_once_with_its_newest_numbers(monkeypatch) -> None:
+    _, frame = plain_frame(monkeypatch, [plain_run(0, 0, 0.9), plain_run(1, 0, 0.1), plain_run(2, 1, 0.7)])  # newest first
+    assert frame["seeds"].tolist() == [2]
+    assert frame["eval/knn/top1"].iloc[0] == pytest.approx(0.8)
+
+
+def test_runs_on_two_data_folders_are_two_rows(monkeypatch) -> None:
+    runs = [plain_run(i, seed, 0.5, **{"data.root": root}) for i, (seed, root) in enumerate([(0, "/a"), (1, "/a"), (0, "/b")])]
+    collected, frame = plain_frame(monkeypatch, runs)
+    assert collected.keys[-1] == "data.root"
+    assert frame["data.root"].tolist() == ["/a", "/b"] and frame["seeds"].tolist() == [2, 1]
+
+
+def test_a_table_names_the_commits_its_runs_were_made_with() -> None:
+    from harness.tables.build import produced_by
+
+    def tagged(commit: str) -> dict:
+        return {"tags": {"git_commit": commit}}
+
+    assert produced_by([tagged("0123456789abcdef"), tagged("0123456789abcdef")]) == "commit 0123456789"
+    assert produced_by([tagged("0123456789abcdef-dirty")]) == "commit 0123456789 with uncommitted changes"
+    assert produced_by([tagged("bbbbbbbbbbbb"), tagged("aaaaaaaaaaaa"), {"tags": {}}]) == "commits aaaaaaaaaa, bbbbbbbbbb, unknown"

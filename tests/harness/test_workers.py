@@ -115,10 +115,10 @@ def test_a_sweep_batch_that_does_not_split_over_its_workers_is_bad_input(tmp_pat
 
 
 @pytest.mark.slow  # Ray Train jobs of 2 worker processes
-def test_a_sweep_of_two_worker_trials_asha_stops_some_and_the_sweep_goes_on(tmp_path, tracking_uri, ray_address) -> None:
+def test_a_sweep_of_two_worker_trials_asha_stops_some_and_the_sweep_goes_on(tmp_path, tracking_uri) -> None:
     """A sweep whose trials are Ray Train jobs of 2 workers: one MLflow run per trial (none per worker), each with its
     whole history. A trial ASHA stops ends its Ray Train job (workers and placement group): the next trials still
-    get the CPUs."""
+    get the CPUs. Its own local Ray: one that offers at least the 2.1 CPUs a trial of 2 workers and its driver need."""
     space = {"pretrain.base_lr": [0.4, 0.2, 0.1]}
     scheduler = {"name": "asha", "metric": "train/lr", "mode": "max", "grace_period": 1, "reduction_factor": 2}
     path = write_sweep(tmp_path, space=space, seeds=[0], max_concurrent=1, scheduler=scheduler, resources={"workers": 2, "cpus": 1})
