@@ -123,7 +123,9 @@ def test_sigint_sigterm_and_kill_9_each_then_resume_rerun_nothing_that_finished(
             assert all(r["tags"]["harness.stopped"].startswith(sig.name) for r in now.values() if r["status"] == "KILLED")
             assert latest_parent("unit", tracking_uri)["status"] == "KILLED"
 
-    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(  # not -q: a progress line per trial it runs
+        harness_cmd("sweep", str(path), "pretrain.epochs=3", "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     counters = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+) ", resumed.stdout, flags=re.M)]
     assert all(finished <= total == 5 for finished, total in counters), resumed.stdout
