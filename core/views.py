@@ -56,8 +56,15 @@ class View:
         for key, value in self.recipe.items():
             if key not in RECIPE_KEYS:
                 raise ValueError(f"view recipe: unknown key {key!r}; accepted: {', '.join(RECIPE_KEYS)}")
-            if not math.isfinite(value) or value < 0 or (key.endswith("_p") and value > 1):
-                bound = "a probability in [0, 1]" if key.endswith("_p") else "a finite value >= 0"
+            high = 1.0 if key.endswith("_p") else 0.5 if key == "hue" else math.inf  # AugmentConfig's bounds
+            if not math.isfinite(value) or not 0 <= value <= high:
+                bound = (
+                    "a probability in [0, 1]"
+                    if key.endswith("_p")
+                    else "in [0, 0.5]"
+                    if high == 0.5
+                    else "a finite value >= 0"
+                )
                 raise ValueError(f"view recipe: {key} must be {bound}, got {value!r}")
 
 

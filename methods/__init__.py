@@ -44,8 +44,8 @@ def registry() -> dict[str, type[Method]]:
     """Every registered method by name (the package's modules are imported on the first call)."""
     global _discovered
     if not _discovered:
+        _discover()  # a method module that fails to import raises here, and again on the next call
         _discovered = True
-        _discover()
     return _REGISTRY
 
 

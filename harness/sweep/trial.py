@@ -98,7 +98,7 @@ def _fit_workers(cfg: RunConfig, mlrun: Run, spec: dict[str, Any]) -> None:
     gpus = float(workers["gpus"])
     backend = distributed.backend_for(
         cfg.distributed.backend, torch.device("cuda" if gpus > 0 else "cpu")
-    )  # nccl without GPUs: refused in sweep_config
+    )  # nccl without GPUs: refused in harness.sweep.config
     cfg.pretrain.progress = False
     mlrun.set_status("RUNNING")
     if checkpoint.is_file():

@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    pass
 from harness.tables.runs import TAXONOMY, metric_columns
 
 TAXONOMY_HEADERS = {"uses_negatives": "negatives", "networks": "networks", "loss": "loss"}

@@ -6,18 +6,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from core.metrics import ONLINE_KNN
-from harness.track.mlflow import metric_history
-
-if TYPE_CHECKING:
-    pass
 from harness.tables.format import PERCENT, fmt_value
 from harness.tables.runs import SweepRuns, by_point, metric_columns, point_status, sortable
+from harness.track.mlflow import metric_history
 
 ONLINE_METRIC = ONLINE_KNN
 

@@ -41,6 +41,9 @@ LOCATING = (
     "tracking.",
     "eval.baselines_cache",
     "pretrain.lr",  # the effective lr: a function of base_lr and the batch, which are compared themselves
+    "pretrain.compile",  # the same numbers compiled or not, on any number of workers or loader processes
+    "distributed.",
+    "data.num_workers",
 )
 """Params that say which seed ran, only locate things, or follow from others: runs that differ in these alone are
 seeds of one row."""
@@ -77,17 +80,13 @@ def configuration(run: dict[str, Any]) -> dict[str, str]:
     return {k: v for k, v in run["params"].items() if not k.startswith(LOCATING)}
 
 
-def varying_params(children: list[dict[str, Any]], swept: list[str]) -> list[str]:
-    """The params whose values differ between ``children`` (missing counts as a value), sorted; the swept keys and
-    what they contain are left out (they are key columns already), and for plain runs the params named by tags."""
-    configs = [configuration(r) for r in children]
-    names = sorted({k for c in configs for k in c})
-    shown = [*swept] if swept else list(NAMED_BY_TAGS)
-    return [
-        k
-        for k in names
-        if len({c.get(k) for c in configs}) > 1 and not any(k == s or k.startswith(f"{s}.") for s in shown)
-    ]
+def varying_params(runs: list[dict[str, Any]]) -> list[str]:
+    """The params of plain runs (outside a sweep) that two runs hold with different values, sorted; a param only
+    some runs have (another method's) separates nothing that the method column does not, and the params named by
+    tags are key columns already. A sweep's trials share their base config: its points are its rows."""
+    configs = [configuration(r) for r in runs]
+    names = sorted({k for c in configs for k in c} - set(NAMED_BY_TAGS))
+    return [k for k in names if len({c[k] for c in configs if k in c}) > 1]
 
 
 def collect(experiment: str, uri: str | None = None) -> SweepRuns:
@@ -105,13 +104,14 @@ def collect(experiment: str, uri: str | None = None) -> SweepRuns:
         swept = json.loads(parent["tags"].get("harness.swept_keys", "[]"))
         headline = json.loads(parent["tags"].get("harness.headline", json.dumps([HEADLINE_METRIC])))
         columns = json.loads(parent["tags"].get(TAG_COLUMNS, "null"))
-        return SweepRuns(experiment, parent, children, swept, headline, columns, varying_params(children, swept))
+        return SweepRuns(experiment, parent, children, swept, headline, columns)
     top = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
-    return SweepRuns(experiment, None, top, [], [HEADLINE_METRIC], varying=varying_params(top, []))
+    return SweepRuns(experiment, None, top, [], [HEADLINE_METRIC], varying=varying_params(top))
 
 
 def aggregate(runs: SweepRuns) -> pd.DataFrame:
-    """One row per point: swept keys, taxonomy, ``seeds``, ``status``, and ``<metric>`` / ``<metric> std`` columns."""
+    """One row per configuration (a sweep's point; for plain runs every param that differs is a key): the keys,
+    taxonomy, ``seeds`` (distinct seeds that finished), ``status``, and ``<metric>`` / ``<metric> std`` columns."""
     keys = runs.keys
     groups = by_point(runs)
     metrics = sorted(

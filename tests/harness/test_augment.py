@@ -337,7 +337,8 @@ def test_a_views_own_recipe_is_the_config_with_its_values_over_it() -> None:
     [
         ({"solarise_p": 0.2}, "unknown key 'solarise_p'; accepted: hflip_p, jitter_p"),
         ({"blur_p": 1.5}, "blur_p must be a probability in \\[0, 1\\], got 1.5"),
-        ({"hue": float("inf")}, "hue must be a finite value >= 0, got inf"),
+        ({"hue": 0.6}, "hue must be in \\[0, 0.5\\], got 0.6"),
+        ({"contrast": float("inf")}, "contrast must be a finite value >= 0, got inf"),
     ],
 )
 def test_a_bad_view_recipe_names_the_key_and_what_is_accepted(recipe: dict, message: str) -> None:

@@ -66,7 +66,7 @@ def test_sigterm_to_run_marks_it_killed_and_resume_continues_the_same_run(tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ckpt_dir = tmp_path / "ckpt"
     args = ["run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "data.num_train=512", "pretrain.epochs=6", "tracking.experiment=term", f"pretrain.checkpoint_dir={ckpt_dir}"]
-    with started(harness_cmd("-q", *args), cwd=tmp_path, env=env_for(uri)) as proc:
+    with started(harness_cmd("-q", *args), cwd=tmp_path, env=env_for(uri), stderr_apart=True) as proc:
         wait_until(lambda: (ckpt_dir / "checkpoint.pt").is_file() or proc.poll() is not None, 300, "no checkpoint")
         code, err = stop(proc, signal.SIGTERM)
     assert code == 143, err

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from harness.cli import main
-from tests.helpers.processes import answers, free_port, wait_until
+from tests.helpers.processes import free_port, wait_until
 from tests.helpers.runs import REPO, env_for, write_sweep
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -40,7 +40,16 @@ def api(base: str, path: str, body: dict | None = None) -> dict:
 
 
 def wait_for(base: str, timeout_s: float = 120) -> None:
-    wait_until(lambda: answers(base), timeout_s, f"MLflow UI at {base} did not answer", every_s=0.5)
+    """Until the UI's REST API answers (not only its health check)."""
+
+    def api_answers() -> bool:
+        try:
+            api(base, "/api/2.0/mlflow/experiments/search", {"max_results": 1})
+        except OSError:
+            return False
+        return True
+
+    wait_until(api_answers, timeout_s, f"MLflow UI at {base} did not answer", every_s=0.5)
 
 
 def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri, ray_address) -> None:

@@ -49,10 +49,13 @@ def answers(base: str) -> bool:
 
 
 @contextlib.contextmanager
-def started(cmd: list[str], *, cwd: Path, env: dict[str, str], output: bool = True, **popen: Any) -> Iterator[subprocess.Popen]:
-    """``cmd`` running (stdout and stderr together, as text, unless ``output`` is False); killed if still running on
-    the way out, whatever happened inside."""
-    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if output else {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+def started(
+    cmd: list[str], *, cwd: Path, env: dict[str, str], output: bool = True, stderr_apart: bool = False, **popen: Any
+) -> Iterator[subprocess.Popen]:
+    """``cmd`` running, its output as text: stdout and stderr together (``stderr_apart``: each its own pipe), or
+    none (``output`` False); killed if still running on the way out, whatever happened inside."""
+    err = subprocess.PIPE if stderr_apart else subprocess.STDOUT
+    streams = {"stdout": subprocess.PIPE, "stderr": err} if output else {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **{**streams, **popen})
     try:
         yield proc
@@ -63,10 +66,10 @@ def started(cmd: list[str], *, cwd: Path, env: dict[str, str], output: bool = Tr
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 120) -> tuple[int, str]:
-    """Send ``sig`` and wait: (exit code, everything it printed)."""
+    """Send ``sig`` and wait: (exit code, what it printed: on stderr alone when that has a pipe of its own)."""
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=timeout_s)
-    return proc.returncode, out or ""
+    out, err = proc.communicate(timeout=timeout_s)
+    return proc.returncode, (err if proc.stderr is not None else out) or ""
 
 
 def wait_for_runs(experiment: str, uri: str, proc: subprocess.Popen, found: Callable[[list[dict]], T], timeout_s: float, what: str) -> T:

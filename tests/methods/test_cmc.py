@@ -25,7 +25,7 @@ from methods.cmc import LAB_CENTER, LAB_HALF_RANGE, SplitEncoder, cmc_loss, rgb_
 from tests.helpers.method_params import small_params
 
 SMALL = small_params("cmc")
-"""CMC's small heads (its ``test_params``)."""
+"""CMC's small heads (tests/helpers/method_params.py)."""
 
 # sRGB colour -> CIE L*a*b* (D65), the usual published values (e.g. scikit-image's rgb2lab)
 KNOWN = [

@@ -29,7 +29,7 @@ BATCH = 8
 """The global batch; each of the WORLD workers takes BATCH // WORLD consecutive rows."""
 
 GATHERING = ["simclr", "simclr_v2", "moco_v2", "moco_v3", "barlow_twins", "nnclr", "swav", "vicreg", "dino"]
-"""The image methods that gather across workers (``gather``); each is built with its small ``test_params``."""
+"""The image methods that gather across workers (``gather``); each is built with its small parameters (tests/helpers/method_params.py)."""
 QUEUES = {"moco_v2": "queue.queue", "nnclr": "support.queue"}
 """The buffer holding each queue method's queue."""
 PER_SAMPLE = {"moco_v2", "dino"}

@@ -20,12 +20,12 @@ from tests.helpers.method_params import small_backbone_spec, small_params
 from tests.helpers.runs import REPO
 
 SMALL = small_params("ijepa")
-"""I-JEPA's small predictor (its ``test_params``)."""
+"""I-JEPA's small predictor (tests/helpers/method_params.py)."""
 PAPER = {"num_targets": 4, "target_scale": (0.15, 0.2), "target_aspect": (0.75, 1.5), "context_scale": (0.85, 1.0)}
 
 
 def tiny_vit(img_size: int = 24, **kwargs) -> torch.nn.Module:
-    """I-JEPA's small test ViT (``test_params["_backbone"]``, 4 px patches), ``kwargs`` overriding its settings."""
+    """I-JEPA's small test ViT (``"_backbone"`` entry in tests/helpers/method_params.py, 4 px patches), ``kwargs`` overriding its settings."""
     spec = small_backbone_spec("ijepa")
     return create_backbone(spec.pop("name"), in_chans=3, img_size=img_size, **{**spec, **kwargs})
 

@@ -22,11 +22,11 @@ from tests.helpers.method_params import small_backbone_spec, small_params
 from tests.helpers.runs import REPO
 
 SMALL_DECODER = small_params("mae")
-"""MAE's small decoder (its ``test_params``)."""
+"""MAE's small decoder (tests/helpers/method_params.py)."""
 
 
 def tiny_vit(img_size: int = 16, **kwargs) -> torch.nn.Module:
-    """MAE's small test ViT (``test_params["_backbone"]``), ``kwargs`` overriding its settings."""
+    """MAE's small test ViT (``"_backbone"`` entry in tests/helpers/method_params.py), ``kwargs`` overriding its settings."""
     spec = small_backbone_spec("mae")
     return create_backbone(spec.pop("name"), in_chans=3, img_size=img_size, **{**spec, **kwargs})
 

@@ -21,7 +21,7 @@ from methods.swav import sinkhorn, swapped_prediction_loss
 from tests.helpers.method_params import small_params
 
 SMALL_SWAV = small_params("swav")
-"""SwAV's small heads (its ``test_params``; 16 px images: 8 px small crops)."""
+"""SwAV's small heads (its small parameters (tests/helpers/method_params.py); 16 px images: 8 px small crops)."""
 
 
 def _random_scores(seed: int = 0, n: int = 256, k: int = 32, d: int = 16) -> torch.Tensor:
