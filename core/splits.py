@@ -7,7 +7,8 @@ the loaders in :mod:`harness.data.datasets`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -70,6 +71,9 @@ class DataSplits:
     std: tuple[float, ...]
     storage: str = "in memory"
     """Where the images are: ``in memory`` or ``streamed ...``, with the reason (``data.in_memory``)."""
+    provenance: Mapping[str, str] = field(default_factory=dict)
+    """What a run records about its data beyond the config (``fingerprint``, ``fingerprint_of``, ``normalize``,
+    ``resized``, ``subset.train`` / ``subset.test`` digests, ...): see :func:`harness.data.datasets.load_dataset`."""
 
     @property
     def streamed(self) -> bool:

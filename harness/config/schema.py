@@ -28,7 +28,8 @@ class DataConfig(Section):
 
     name: str = "shapes"
     root: Path | None = None
-    """Folder holding real datasets (``<root>/cifar-10-batches-py``, ``<root>/stl10_binary``, ...)."""
+    """Folder holding real datasets (``<root>/cifar-10-batches-py``, ``<root>/stl10_binary``, the IDX files of the
+    MNIST family, ...); ``fashion_mnist`` defaults to Debian's ``/usr/share/datasets/fashion-mnist``."""
     image_size: int = Field(32, ge=8, le=1024)
     """Side of the square images the model sees (generated, resized or centre-cropped to it)."""
     num_train: int | None = Field(None, ge=1)
@@ -37,7 +38,14 @@ class DataConfig(Section):
     seed: int = 0
     """Seed of the data itself (generated images, subsets); the trial seed does not change the data."""
     verify_checksums: bool = False
-    """Check the md5 sums of CIFAR/STL-10 files, as torchvision does for the full archives."""
+    """Check the files against published digests: CIFAR and STL-10 (torchvision's md5 sums), MNIST, Fashion-MNIST and
+    KMNIST (the archive's md5, or the md5 of its content: :mod:`harness.data.idx`); refused for the other datasets."""
+    channels: Literal["auto", 1, 3] = "auto"
+    """Image channels: auto keeps what the data is (1 for the MNIST family, digits and grayscale folders or shards, 3
+    otherwise); 1 converts colour to luma, 3 repeats a grey channel. The backbone's ``in_chans`` follows."""
+    normalize: Literal["dataset", "imagenet", "none"] = "dataset"
+    """Per-channel standardisation: the training split's own mean and std (computed once and logged; published for
+    CIFAR and STL-10), ImageNet's (their luma for 1 channel), or none (pixels in [0, 1])."""
     shards: str | None = None
     """Training shards of dataset ``shards``: a glob (``/data/in100-train-*.tar``) or a folder of WebDataset-style
     ``.tar``."""
@@ -58,7 +66,10 @@ class DataConfig(Section):
 
     def streaming_options(self, threads: int) -> dict[str, Any]:
         """The keyword arguments :func:`harness.data.datasets.load_dataset` takes for streaming."""
-        keys = ("in_memory", "memory_budget_gb", "eval_resize", "skip_corrupt", "shards", "val_shards")
+        keys = (
+            "in_memory", "memory_budget_gb", "eval_resize", "skip_corrupt", "shards", "val_shards", "channels",
+            "normalize",
+        )  # fmt: skip
         return {k: getattr(self, k) for k in keys} | {"threads": threads}
 
 

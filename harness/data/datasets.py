@@ -7,15 +7,19 @@ usual on-disk format, and a missing folder or file is a one-line :class:`DataNot
 
     splits = load_dataset("cifar10", root="~/data", num_train=10_000)
     splits.train.images.shape        # (10000, 3, 32, 32)
-    list_datasets()                  # ['cifar10', 'cifar100', 'digits', 'imagefolder', 'shapes', 'stl10']
+    list_datasets()                  # ['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'imagefolder', ...]
 
 Loading is deterministic for given arguments; ``num_train``/``num_test`` below a split's
-size take a class-stratified subset drawn with ``seed``.
+size take a class-stratified subset drawn with ``seed``. Every dataset keeps its native channels
+(1 for the MNIST family and digits, 3 for the others; ``channels`` converts), and
+:attr:`DataSplits.provenance` says what was loaded: a fingerprint, the normalisation, any resize
+and the digests of the subsets' indices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,13 +34,20 @@ from torchvision.datasets.utils import check_integrity
 
 from core.errors import BadInput, DataNotFound, suggest
 from core.splits import DataSplits, Images, Split
-from harness.data import streaming
+from harness.data import idx, streaming
 from harness.data.shapes import SHAPES, generate_shapes
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 STL10_MEAN, STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LUMA = (0.2989, 0.587, 0.114)
+"""ITU-R 601-2 luma weights (torchvision's ``rgb_to_grayscale``): 3 channels to 1, and ImageNet's stats for 1."""
+NORMALIZE = ("dataset", "imagenet", "none")
+"""``data.normalize``: the training split's own per-channel mean and std (published ones for CIFAR and STL-10, which
+are those), ImageNet's (their luma for 1 channel), or none (mean 0, std 1: pixels in [0, 1])."""
+STATS_SAMPLE = 2000
+"""Streamed images: ``normalize: dataset`` computes the stats on this many training images (evenly spaced)."""
 log = logging.getLogger(__name__)
 
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
@@ -63,6 +74,8 @@ class DatasetRequest:
     skip_corrupt: bool = False
     shards: str | None = None
     val_shards: str | None = None
+    channels: int | Literal["auto"] = "auto"
+    normalize: str = "dataset"
 
 
 Loader = Callable[[DatasetRequest], DataSplits]
@@ -101,8 +114,8 @@ def load_dataset(
     as streamed images when they do not fit the memory budget).
 
     ``streaming_options``: ``in_memory``, ``memory_budget_gb``, ``eval_resize``, ``threads``, ``skip_corrupt``,
-    ``shards``, ``val_shards`` (see :class:`harness.config.schema.DataConfig`). Raises BadInput for an unknown name or a
-    bad size, DataNotFound when its files are missing.
+    ``shards``, ``val_shards``, ``channels``, ``normalize`` (see :class:`harness.config.schema.DataConfig`). Raises
+    BadInput for an unknown name or a bad size, DataNotFound when its files are missing.
     """
     if name not in _REGISTRY:
         known = list_datasets()
@@ -112,6 +125,10 @@ def load_dataset(
     for key, value in (("num_train", num_train), ("num_test", num_test)):
         if value is not None and value < 1:
             raise BadInput(f"data.{key}: must be >= 1, got {value}")
+    if streaming_options.get("channels", "auto") not in ("auto", 1, 3):
+        raise BadInput(f"data.channels: must be auto, 1 or 3, got {streaming_options['channels']!r}")
+    if streaming_options.get("normalize", "dataset") not in NORMALIZE:
+        raise BadInput(f"data.normalize: must be one of {', '.join(NORMALIZE)}, got {streaming_options['normalize']!r}")
     request = DatasetRequest(
         name=name,
         root=Path(root).expanduser().resolve() if root is not None else None,
@@ -122,12 +139,95 @@ def load_dataset(
         verify_checksums=verify_checksums,
         **streaming_options,
     )
+    if verify_checksums and name not in CHECKSUMMED:
+        raise BadInput(
+            f"data.verify_checksums: {name!r} has no published checksums (those of {', '.join(CHECKSUMMED)}); "
+            "set data.verify_checksums=false"
+        )
     if request.in_memory is False and name not in STREAMABLE:
         raise BadInput(
             f"data.in_memory: false streams {' and '.join(STREAMABLE)} "
             f"only; {name!r} is always held in memory (use auto or true)"
         )
-    return _REGISTRY[name](request)
+    return _normalized(_converted(_REGISTRY[name](request), request.channels), request.normalize)
+
+
+def _converted(data: DataSplits, channels: int | str) -> DataSplits:
+    """In-memory images converted to ``channels`` (1 -> 3 repeats the channel, 3 -> 1 takes the luma); streamed ones
+    were decoded with them already."""
+    if channels == "auto" or channels == data.channels or data.streamed:
+        return data
+
+    def convert(split: Split) -> Split:
+        images = split.images
+        assert isinstance(images, torch.Tensor)
+        if channels == 3:
+            out = images.expand(-1, 3, -1, -1).contiguous()
+        else:
+            weights = torch.tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)
+            out = (images.float() * weights).sum(dim=1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        return Split(out, split.labels, split.attributes)
+
+    train, test = convert(data.train), convert(data.test)
+    mean, std = channel_stats(train.images)
+    note = f"{data.channels} -> {channels} ({'repeated' if channels == 3 else 'luma'}, data.channels)"
+    return dataclasses.replace(
+        data, train=train, test=test, mean=mean, std=std, provenance={**data.provenance, "channels": note}
+    )
+
+
+def _normalized(data: DataSplits, normalize: str) -> DataSplits:
+    """``data`` with the mean/std of ``normalize`` (the loader gives the dataset's own) and its fingerprint."""
+    channels = data.channels
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    if normalize == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if channels == 1:
+            mean, std = (
+                (float(sum(w * m for w, m in zip(LUMA, mean, strict=True))),),
+                (float(sum(w * s for w, s in zip(LUMA, std, strict=True))),),
+            )
+    elif normalize == "none":
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    else:
+        mean, std = data.mean, data.std
+    stats = f"mean {', '.join(f'{m:.4f}' for m in mean)}; std {', '.join(f'{s:.4f}' for s in std)}"
+    provenance = {**fingerprint(data), **data.provenance, "normalize": f"{normalize} ({stats})"}
+    return dataclasses.replace(data, mean=tuple(mean), std=tuple(std), provenance=provenance)
+
+
+def fingerprint(data: DataSplits) -> dict[str, str]:
+    """``fingerprint`` (16 hex digits of a sha256) and ``fingerprint_of`` (what it hashes) of ``data`` as loaded.
+
+    In memory: the uint8 images and labels of both splits, as the model sees them (after any subset and resize).
+    Streamed: every image's file name (relative to its split's folder, or its shard's name and member), byte size and
+    label, in order: the files are not read, so an edit that keeps a file's size is not seen.
+    """
+    digest = hashlib.sha256()
+    for split in (data.train, data.test):
+        images = split.images
+        digest.update(np.ascontiguousarray(split.labels.numpy()).tobytes())
+        if isinstance(images, torch.Tensor):
+            digest.update(str(tuple(images.shape)).encode())
+            digest.update(np.ascontiguousarray(images.numpy()).tobytes())
+        elif isinstance(images, streaming.StreamedImages):
+            digest.update("\n".join(streaming.listing(images.source)).encode())
+    what = (
+        "content: sha256 of the uint8 images and labels as loaded"
+        if not data.streamed
+        else ("files: sha256 of each image's name, byte size and label (contents not read)")
+    )
+    return {"fingerprint": digest.hexdigest()[:16], "fingerprint_of": what}
+
+
+def class_counts(data: DataSplits) -> dict[str, dict[str, int]]:
+    """Images per class name in each split: ``{"train": {"T-shirt/top": 6000, ...}, "test": {...}}``."""
+    out = {}
+    for name, split in (("train", data.train), ("test", data.test)):
+        counts = torch.bincount(split.labels, minlength=data.num_classes).tolist()
+        out[name] = {cls: int(n) for cls, n in zip(data.classes, counts, strict=False)}
+    return out
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -171,12 +271,18 @@ def stratified_subset(labels: torch.Tensor, n: int | None, seed: int, key: str) 
     return torch.cat(chosen).sort().values
 
 
-def _subset(split: Split, n: int | None, seed: int, key: str) -> Split:
+def subset_digest(rows: torch.Tensor, total: int) -> str:
+    """``<n> of <total>, sha256 <16 hex digits>`` of a subset's sorted row indices (int64, little-endian)."""
+    digest = hashlib.sha256(np.ascontiguousarray(rows.numpy().astype("<i8")).tobytes()).hexdigest()[:16]
+    return f"{len(rows)} of {total}, sha256 {digest}"
+
+
+def _subset(split: Split, n: int | None, seed: int, key: str) -> tuple[Split, str | None]:
     idx = stratified_subset(split.labels, n, seed, key)
     if idx is None:
-        return split
+        return split, None
     attributes = [split.attributes[i] for i in idx.tolist()] if split.attributes is not None else None
-    return Split(split.images[idx], split.labels[idx], attributes)
+    return Split(split.images[idx], split.labels[idx], attributes), subset_digest(idx, len(split))
 
 
 def _finish(
@@ -186,14 +292,28 @@ def _finish(
     classes: Sequence[str],
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    stored_size: int | None = None,
 ) -> DataSplits:
     """Subset to num_train/num_test (train with ``seed``, test with ``seed + 1``), fill mean/std from train if not
-    given."""
-    train = _subset(train, request.num_train, request.seed, "num_train")
-    test = _subset(test, request.num_test, request.seed + 1, "num_test")
+    given; ``stored_size``: the side of the images as stored, when they were resized to ``image_size``."""
+    train, train_subset = _subset(train, request.num_train, request.seed, "num_train")
+    test, test_subset = _subset(test, request.num_test, request.seed + 1, "num_test")
     if mean is None or std is None:
         mean, std = channel_stats(train.images)
-    return DataSplits(request.name, train, test, tuple(classes), mean, std)
+    provenance = {}
+    for split, digest in (("train", train_subset), ("test", test_subset)):
+        if digest is not None:
+            provenance[f"subset.{split}"] = digest
+    if stored_size is not None and stored_size != request.image_size:
+        provenance["resized"] = resized_note(stored_size, request.image_size)
+    return DataSplits(request.name, train, test, tuple(classes), mean, std, provenance=provenance)
+
+
+def resized_note(stored: int, size: int) -> str:
+    """What a run records (tag ``data.resized``) and logs when stored images are resized to ``data.image_size``."""
+    note = f"{stored} -> {size} px (bilinear, antialiased; data.image_size)"
+    log.warning("data: images resized %s", note)
+    return note
 
 
 def channel_stats(images: Images, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -246,7 +366,7 @@ def _load_digits(request: DatasetRequest) -> DataSplits:
     images = resize_images(images, request.image_size)
     train = Split(images[train_idx], labels[train_idx])
     test = Split(images[test_idx], labels[test_idx])
-    return _finish(request, train, test, [str(d) for d in range(10)])
+    return _finish(request, train, test, [str(d) for d in range(10)], stored_size=8)
 
 
 # ----------------------------------------------------------------------------- CIFAR, STL-10
@@ -311,7 +431,7 @@ def _load_cifar(
         images = torch.from_numpy(np.ascontiguousarray(data.data)).permute(0, 3, 1, 2)  # HWC -> CHW
         labels = torch.as_tensor(data.targets, dtype=torch.int64)
         splits.append(Split(resize_images(images, request.image_size).contiguous(), labels))
-    return _finish(request, splits[0], splits[1], data.classes, mean, std)
+    return _finish(request, splits[0], splits[1], data.classes, mean, std, stored_size=32)
 
 
 def _describe_files(names: Sequence[str]) -> str:
@@ -372,7 +492,37 @@ def _load_stl10(request: DatasetRequest) -> DataSplits:
         labels = torch.from_numpy(data.labels.astype(np.int64))  # torchvision subtracts 1: 0-based
         splits.append(Split(resize_images(images, request.image_size), labels))
     classes = tuple(getattr(data, "classes", STL10_CLASSES))  # from class_names.txt when present
-    return _finish(request, splits[0], splits[1], classes, STL10_MEAN, STL10_STD)
+    return _finish(request, splits[0], splits[1], classes, STL10_MEAN, STL10_STD, stored_size=96)
+
+
+# ----------------------------------------------------------------------------- MNIST, Fashion-MNIST, KMNIST
+
+
+def _load_idx(request: DatasetRequest) -> DataSplits:
+    """An MNIST-like dataset (:mod:`harness.data.idx`): 1-channel uint8 images, the dataset's own class indices."""
+    spec = idx.IDX_DATASETS[request.name]
+    folder = request.root
+    if folder is None:
+        if spec.default_root is None:
+            raise DataNotFound(
+                f"data.root: dataset {request.name!r} needs data.root, the folder that holds its four IDX files "
+                "(train-images-idx3-ubyte[.gz], ...)"
+            )
+        folder = spec.default_root
+        if not folder.is_dir():
+            raise DataNotFound(f"data.root: {spec.title} not found at {folder}, its default place; {spec.install_hint}")
+    elif not folder.is_dir():
+        raise DataNotFound(f"data.root: {spec.title} not found at {folder} (a folder of its four IDX files)")
+    splits = []
+    for split in ("train", "test"):
+        images, labels = idx.read_split(folder, split, spec, request.verify_checksums)
+        splits.append(Split(resize_images(images, request.image_size).contiguous(), labels))
+    data = _finish(request, splits[0], splits[1], spec.classes, stored_size=int(images.shape[-1]))
+    return dataclasses.replace(data, provenance={**data.provenance, "root": str(folder)})
+
+
+for _name in idx.IDX_DATASETS:
+    register_dataset(_name)(_load_idx)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -421,19 +571,32 @@ def _load_shards(request: DatasetRequest) -> DataSplits:
     )
 
 
+CHECKSUMMED = ("cifar10", "cifar100", "stl10", *idx.IDX_DATASETS)
+"""The datasets whose files ``data.verify_checksums`` can check against published digests."""
+
 STREAMABLE = ("imagefolder", "shards")
 """The datasets that can be streamed (``data.in_memory: false``); the others are always held in memory."""
 
 
 def _from_sources(request: DatasetRequest, train: streaming.ImageSource, test: streaming.ImageSource) -> DataSplits:
     """Subset the sources, then hold them in memory or stream them (``data.in_memory``; the choice is in
-    ``storage``)."""
-    train_rows = stratified_subset(train.labels, request.num_train, request.seed, "num_train")
-    test_rows = stratified_subset(test.labels, request.num_test, request.seed + 1, "num_test")
-    train = train if train_rows is None else train.subset(train_rows)
-    test = test if test_rows is None else test.subset(test_rows)
+    ``storage``). Channels: ``data.channels``, or with auto what the training images are (:func:`detect_channels`);
+    mean and std: the training split's (on :data:`STATS_SAMPLE` images when streamed)."""
+    channels = request.channels if request.channels != "auto" else streaming.detect_channels(train)
+    train, test = train.with_channels(int(channels)), test.with_channels(int(channels))
+    provenance: dict[str, str] = {
+        "channels": f"{channels} ({'data.channels' if request.channels != 'auto' else 'auto'})"
+    }
+    subsets = []
+    for source, n, seed, key in ((train, request.num_train, request.seed, "num_train"), (test, request.num_test,
+                                  request.seed + 1, "num_test")):  # fmt: skip
+        rows = stratified_subset(source.labels, n, seed, key)
+        if rows is not None:
+            provenance[f"subset.{key.removeprefix('num_')}"] = subset_digest(rows, len(source))
+        subsets.append(source if rows is None else source.subset(rows))
+    train, test = subsets
     size = request.image_size
-    gigabytes = (len(train) + len(test)) * 3 * size * size / 1e9
+    gigabytes = (len(train) + len(test)) * int(channels) * size * size / 1e9
     budget = f"data.memory_budget_gb={request.memory_budget_gb:g}"
     if request.in_memory == "auto":
         in_memory = gigabytes <= request.memory_budget_gb
@@ -452,15 +615,28 @@ def _from_sources(request: DatasetRequest, train: streaming.ImageSource, test: s
         if in_memory
         else f"streamed from {'shards' if request.name == 'shards' else 'files'} ({reason})"
     )
-    return DataSplits(request.name, splits[0], splits[1], train.classes, IMAGENET_MEAN, IMAGENET_STD, storage=storage)
+    provenance["resized"] = f"each image's shorter side to {size} px, centre crop (data.image_size)"
+    if in_memory:
+        mean, std = channel_stats(splits[0].images)
+    else:  # a sample, decoded as evaluation decodes it; an unreadable image is left out here (the run meets it later)
+        rows = torch.linspace(0, len(train) - 1, min(len(train), STATS_SAMPLE)).round().long().unique()
+        sample = streaming.StreamedImages(train.subset(rows), size, resize, threads=request.threads,
+                                          skip_corrupt=True, quiet=True)  # fmt: skip
+        images = sample[:]
+        readable = torch.tensor([name not in set(sample.skipped) for name in sample.source.names], dtype=torch.bool)
+        mean, std = channel_stats(images[readable]) if bool(readable.any()) else channel_stats(images)
+        provenance["stats_of"] = f"{len(rows)} of {len(train)} training images, evenly spaced (streamed)"
+    return DataSplits(
+        request.name, splits[0], splits[1], train.classes, mean, std, storage=storage, provenance=provenance
+    )
 
 
 def _decode_all(source: streaming.ImageSource, size: int, request: DatasetRequest) -> Split:
-    """Every image of ``source`` as one uint8 ``(N, 3, size, size)`` tensor: shorter side resized to ``size``, centre
+    """Every image of ``source`` as one uint8 ``(N, C, size, size)`` tensor: shorter side resized to ``size``, centre
     crop. An unreadable image is bad input naming it, or with ``data.skip_corrupt`` left out (and logged)."""
     decoder = streaming.StreamedImages(source, size, size, threads=request.threads, skip_corrupt=request.skip_corrupt)
     try:
-        images = decoder[:] if len(source) else torch.empty((0, 3, size, size), dtype=torch.uint8)
+        images = decoder[:] if len(source) else torch.empty((0, source.channels, size, size), dtype=torch.uint8)
     except streaming.CorruptImage as err:
         raise BadInput(str(err)) from None
     if not decoder.skipped:

@@ -81,6 +81,10 @@ class ImageSource:
     labels: torch.Tensor
     locations: list[Any]
     classes: tuple[str, ...]
+    channels: int = 3
+    """What every image is decoded to: 1 (Pillow's ``L``) or 3 (``RGB``); see :func:`detect_channels`."""
+    root: str = ""
+    """The split's folder (names in :func:`listing` are relative to it); empty for shards."""
     _files: dict[tuple[int, str], Any] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -89,8 +93,16 @@ class ImageSource:
     def subset(self, rows: Sequence[int] | torch.Tensor | np.ndarray) -> ImageSource:
         rows = [int(r) for r in rows]
         return ImageSource(
-            [self.names[r] for r in rows], self.labels[rows], [self.locations[r] for r in rows], self.classes
+            [self.names[r] for r in rows],
+            self.labels[rows],
+            [self.locations[r] for r in rows],
+            self.classes,
+            self.channels,
+            self.root,
         )
+
+    def with_channels(self, channels: int) -> ImageSource:
+        return ImageSource(self.names, self.labels, self.locations, self.classes, channels, self.root)
 
     def read(self, i: int) -> bytes:
         """The encoded bytes of image ``i`` (shards: one seek + read on a handle kept per process and thread)."""
@@ -133,7 +145,44 @@ def folder_source(folder: Path, class_to_idx: dict[str, int] | None = None) -> I
         names += files
         labels += [class_to_idx[class_dir.name]] * len(files)
     classes = tuple(sorted(class_to_idx, key=class_to_idx.__getitem__))
-    return ImageSource(names, torch.tensor(labels, dtype=torch.int64), list(names), classes)
+    return ImageSource(names, torch.tensor(labels, dtype=torch.int64), list(names), classes, root=str(folder))
+
+
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+"""Pillow modes of single-channel images (with or without alpha)."""
+
+CHANNEL_SAMPLE = 64
+"""``data.channels: auto`` reads the headers of this many images of the training split, evenly spaced."""
+
+
+def detect_channels(source: ImageSource, sample: int = CHANNEL_SAMPLE) -> int:
+    """1 when every one of ``sample`` evenly spaced images of ``source`` is grayscale (:data:`GRAYSCALE_MODES`, read
+    from the header alone), else 3. An unreadable image counts as neither (it fails later, or is skipped)."""
+    n = len(source)
+    rows = sorted({round(i * (n - 1) / max(1, sample - 1)) for i in range(min(n, sample))})
+    for row in rows:
+        try:
+            mode = Image.open(io.BytesIO(source.read(row))).mode
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+        if mode not in GRAYSCALE_MODES:
+            return 3
+    return 1
+
+
+def listing(source: ImageSource) -> list[str]:
+    """One line per image, ``name<TAB>bytes<TAB>label``: a folder's files relative to its folder, a shard's members
+    as ``shard file name:member``. What a streamed dataset's fingerprint hashes."""
+    lines = []
+    for name, location, label in zip(source.names, source.locations, source.labels.tolist(), strict=True):
+        if isinstance(location, str):
+            size = os.stat(location).st_size
+            name = os.path.relpath(location, source.root) if source.root else name
+        else:
+            size = location[2]
+            name = f"{os.path.basename(location[0])}:{name.rpartition(':')[2]}"
+        lines.append(f"{name}\t{size}\t{label}")
+    return lines
 
 
 def shard_files(pattern: str, key: str) -> list[Path]:
@@ -216,7 +265,7 @@ def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: Path, key:
 def decode(
     source: ImageSource, i: int, draft: Callable[[int, int], tuple[int, int] | None] | None = None
 ) -> tuple[Image.Image, int, int]:
-    """Image ``i`` decoded to RGB, with its original (width, height).
+    """Image ``i`` decoded to ``source.channels`` (Pillow's ``L`` or ``RGB``), with its original (width, height).
 
     ``draft(width, height)`` may name the smallest (width, height) the caller needs: a JPEG is
     then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps it, which is most of the
@@ -227,23 +276,30 @@ def decode(
         image = Image.open(io.BytesIO(source.read(i)))
         width, height = image.size
         wanted = draft(width, height) if draft is not None and image.format == "JPEG" else None
+        mode = "L" if source.channels == 1 else "RGB"
         if wanted is not None:
-            image.draft("RGB", wanted)
+            image.draft(mode, wanted)
         image.load()
-        return image.convert("RGB"), width, height
+        if (
+            image.mode in ("I;16", "I;16B", "I;16L", "I") and mode == "L"
+        ):  # 16-bit: the high byte, not a clipped low one
+            image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+        return image.convert(mode), width, height
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptImage(corrupt_message(source.names[i], err)) from None
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # HWC -> CHW
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[:, :, None] if array.ndim == 2 else array  # L: (H, W)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # HWC -> CHW
 
 
 def eval_view(source: ImageSource, i: int, size: int, resize: int) -> torch.Tensor:
     """The linear protocol's view of image ``i``: shorter side resized to ``resize`` (antialiased), centre crop
     ``size``.
 
-    uint8 (3, size, size).
+    uint8 (C, size, size), C = ``source.channels``.
     """
 
     def needed(width: int, height: int) -> tuple[int, int]:
@@ -271,7 +327,7 @@ def crop_views(
 ) -> list[torch.Tensor]:
     """Image ``i``'s random resized crop for each view, from the original image: the crop of
     :func:`core.views.crop_box` for the view's uniforms (13,) and this image's sides, resized to the view's
-    side (bilinear, antialiased). uint8 (3, s, s) each.
+    side (bilinear, antialiased). uint8 (C, s, s) each.
     """
     boxes: list[tuple[float, float, float, float]] = []
 
@@ -316,7 +372,7 @@ def _substitute(source: ImageSource, i: int, attempt: Any, skip_corrupt: bool, s
 
 
 class StreamedImages:
-    """A split's images, decoded when indexed: stands in for a uint8 ``(N, 3, S, S)`` tensor.
+    """A split's images, decoded when indexed: stands in for a uint8 ``(N, C, S, S)`` tensor.
 
     ``images[rows]`` (a slice, an index tensor or array) decodes those rows with the
     evaluation transform (:func:`eval_view`) in a pool of ``threads`` (Pillow releases the
@@ -328,20 +384,28 @@ class StreamedImages:
     ndim = 4
 
     def __init__(
-        self, source: ImageSource, image_size: int, eval_resize: int, *, threads: int = 4, skip_corrupt: bool = False
+        self,
+        source: ImageSource,
+        image_size: int,
+        eval_resize: int,
+        *,
+        threads: int = 4,
+        skip_corrupt: bool = False,
+        quiet: bool = False,
     ) -> None:
         self.source, self.image_size, self.eval_resize = source, image_size, eval_resize
-        self.threads, self.skip_corrupt = max(1, threads), skip_corrupt
+        self.threads, self.skip_corrupt, self.quiet = max(1, threads), skip_corrupt, quiet
         self.skipped: list[str] = []
 
     def _skip(self, name: str) -> None:
         if name not in self.skipped:
-            log.warning("skipped an unreadable image (a blank image in its place): %s", name)
+            if not self.quiet:
+                log.warning("skipped an unreadable image (a blank image in its place): %s", name)
             self.skipped.append(name)
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((len(self.source), 3, self.image_size, self.image_size))
+        return torch.Size((len(self.source), self.source.channels, self.image_size, self.image_size))
 
     def __len__(self) -> int:
         return len(self.source)
@@ -371,18 +435,18 @@ class StreamedImages:
                 if not self.skip_corrupt:
                     raise
                 self._skip(self.source.names[row])
-                return torch.zeros((3, size, size), dtype=torch.uint8)
+                return torch.zeros((self.source.channels, size, size), dtype=torch.uint8)
 
         if len(rows) > 1 and self.threads > 1:  # the pool's threads return plain tensors; the caller's mode stacks them
             with ThreadPoolExecutor(max_workers=min(self.threads, len(rows))) as pool:
                 images = list(pool.map(decode, rows))
         else:
             images = [decode(row) for row in rows]
-        return torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
+        return torch.stack(images) if images else torch.empty((0, self.source.channels, size, size), dtype=torch.uint8)
 
     def crops(self, rows: torch.Tensor, uniforms: torch.Tensor, view: View, cfg: AugmentConfig) -> torch.Tensor:
         """The random resized crops of ``rows`` for uniforms (B, NUM_DRAWS), from the original images
-        (:func:`crop_views`), each of side ``view.size``: uint8 (B, 3, s, s). Fine-tuning's views."""
+        (:func:`crop_views`), each of side ``view.size``: uint8 (B, C, s, s). Fine-tuning's views."""
         size, rows_ = view.size, [int(r) for r in rows]
 
         def make(k: int) -> torch.Tensor:
@@ -392,11 +456,11 @@ class StreamedImages:
                 if not self.skip_corrupt:
                     raise
                 self._skip(self.source.names[rows_[k]])
-                return torch.zeros((3, size, size), dtype=torch.uint8)
+                return torch.zeros((self.source.channels, size, size), dtype=torch.uint8)
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(rows_)))) as pool:
             made = list(pool.map(make, range(len(rows_))))
-        return torch.stack(made) if made else torch.empty((0, 3, size, size), dtype=torch.uint8)
+        return torch.stack(made) if made else torch.empty((0, self.source.channels, size, size), dtype=torch.uint8)
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -404,7 +468,7 @@ class StreamedImages:
 
 @dataclass
 class _Batch:
-    """One step's crops, made in a loader worker: rows (B,), one uint8 (B, 3, s, s) per view, the images skipped,
+    """One step's crops, made in a loader worker: rows (B,), one uint8 (B, C, s, s) per view, the images skipped,
     or the one-line error that stopped it (raised in the training process, not as a worker's traceback)."""
 
     rows: torch.Tensor
@@ -430,7 +494,10 @@ class _TrainSet(torch.utils.data.Dataset[_Batch]):
         rows = torch.tensor([row for _, _, row in items], dtype=torch.int64)
         draws = KeyedDraws(key, rows, step)
         uniforms = [draws.view(v).uniforms(NUM_DRAWS) for v in range(len(self.views))]
-        out = [torch.empty((len(items), 3, spec.size, spec.size), dtype=torch.uint8) for spec in self.views]
+        out = [
+            torch.empty((len(items), self.source.channels, spec.size, spec.size), dtype=torch.uint8)
+            for spec in self.views
+        ]
         skipped: list[str] = []
         try:
             for k, row in enumerate(rows.tolist()):

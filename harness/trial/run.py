@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from core.errors import Interrupted
+from core.splits import DataSplits
 from harness.config.loading import flatten
 from harness.config.schema import RunConfig
+from harness.data.datasets import class_counts
 from harness.data.streaming import StreamedImages
 from harness.track.mlflow import Run, absolute_uri, find_run, start_run, tracking_uri
 from harness.track.provenance import git_commit, library_versions, peak_rss_mb
@@ -27,7 +30,16 @@ from harness.trial.monitor import OnlineMonitor
 from harness.trial.prepare import Trial, prepare
 from methods import taxonomy
 
-__all__ = ["default_run_name", "execute", "log_run_inputs", "run", "run_tags", "run_to_resume"]
+__all__ = [
+    "data_record",
+    "default_run_name",
+    "execute",
+    "log_data",
+    "log_run_inputs",
+    "run",
+    "run_tags",
+    "run_to_resume",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +102,7 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     checkpoint = cfg.pretrain.checkpoint_dir or Path("outputs") / cfg.tracking.experiment / mlrun.run_id
     checkpoint_path = (Path(checkpoint) / "checkpoint.pt").resolve()
     log_run_inputs(mlrun, cfg, checkpoint_path)
-    mlrun.set_tags({"harness.data": data.storage})
-    log.info("data: %s %s", cfg.data.name, data.storage)
+    log_data(mlrun, data)
     logged = mlrun.info()["metrics"]
     metrics: dict[str, float] = {}
 
@@ -147,6 +158,37 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     mlrun.log_metrics({k: v for k, v in metrics.items() if not k.startswith("baseline/")})  # those are logged already
     log.info("results: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
+
+
+def data_record(data: DataSplits) -> dict[str, Any]:
+    """What a run records about its data: provenance, counts per split and class, and the class-to-index mapping."""
+    return {
+        "dataset": data.name,
+        **data.provenance,
+        "storage": data.storage,
+        "channels": data.channels,
+        "image_size": data.image_size,
+        "images": {"train": len(data.train), "test": len(data.test)},
+        "classes": dict(enumerate(data.classes)),
+        "counts": class_counts(data),
+    }
+
+
+def log_data(mlrun: Run, data: DataSplits) -> None:
+    """The data's identity on the run: param ``data.fingerprint`` (so that tables never merge runs on different data),
+    tags ``data.*`` (provenance, image counts) and the artifact ``data.json`` (:func:`data_record`)."""
+    if "data.fingerprint" not in mlrun.info()["params"]:
+        mlrun.log_params({"data.fingerprint": data.provenance.get("fingerprint", "")})
+    tags: dict[str, Any] = {f"data.{k}": v for k, v in data.provenance.items() if k != "fingerprint"}
+    tags |= {
+        "harness.data": data.storage,
+        "data.num_train_images": len(data.train),
+        "data.num_test_images": len(data.test),
+    }
+    mlrun.set_tags(tags)
+    mlrun.log_dict(data_record(data), "data.json")
+    log.info("data: %s %s, %d + %d images, %d channel(s), fingerprint %s", data.name, data.storage, len(data.train),
+             len(data.test), data.channels, data.provenance.get("fingerprint", "?"))  # fmt: skip
 
 
 def log_run_inputs(mlrun: Run, cfg: RunConfig, checkpoint_path: Path | None = None) -> None:

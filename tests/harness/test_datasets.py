@@ -267,7 +267,9 @@ def test_imagefolder_labels_and_pixels(tmp_path: Path) -> None:
     )
     assert all(bool((img == img[:, :1, :1]).all()) for img in splits.train.images)  # solid colours stay solid
     assert sorted(zip(splits.test.labels.tolist(), [tuple(img[:, 0, 0].tolist()) for img in splits.test.images])) == [(1, blue), (2, grey)]
-    assert splits.mean == pytest.approx((0.485, 0.456, 0.406))
+    # normalize: dataset (the default): the training split's own per-channel mean, here of solid colours
+    assert splits.mean == pytest.approx(tuple(np.mean([green, (77, 77, 77), blue, red, red], axis=0) / 255))
+    assert load_dataset("imagefolder", root=tmp_path, image_size=8, normalize="imagenet").mean == (0.485, 0.456, 0.406)
 
 
 def test_imagefolder_missing(tmp_path: Path) -> None:
@@ -284,7 +286,9 @@ def test_imagefolder_missing(tmp_path: Path) -> None:
 
 
 def test_registry_and_unknown_name() -> None:
-    assert list_datasets() == sorted(["cifar10", "cifar100", "digits", "imagefolder", "shapes", "shards", "stl10"])
+    assert list_datasets() == sorted(
+        ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "kmnist", "mnist", "shapes", "shards", "stl10"]
+    )
     with pytest.raises(BadInput, match=r"unknown dataset 'cifar01' \(did you mean 'cifar10'.*known: cifar10, cifar100"):
         load_dataset("cifar01")
 
