@@ -280,10 +280,8 @@ def decode(
         if wanted is not None:
             image.draft(mode, wanted)
         image.load()
-        if (
-            image.mode in ("I;16", "I;16B", "I;16L", "I") and mode == "L"
-        ):  # 16-bit: the high byte, not a clipped low one
-            image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+        if image.mode in ("I;16", "I;16B", "I;16L") and mode == "L":  # 16-bit grey: its high byte, not a clipped one
+            return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)), width, height
         return image.convert(mode), width, height
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptImage(corrupt_message(source.names[i], err)) from None
