@@ -7,19 +7,23 @@ floats (a streamed loader's worker, one image at a time), with the same operatio
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
 # Columns of the per-image uniform draw, in draw order.
-SCALE, RATIO, CX, CY, FLIP, JITTER, BRIGHT, CONTRAST, SAT, HUE, GRAY, BLUR, SIGMA = range(13)
-NUM_DRAWS = 13
-"""Uniforms per image and view."""
+SCALE, RATIO, CX, CY, FLIP, JITTER, BRIGHT, CONTRAST, SAT, HUE, GRAY, BLUR, SIGMA, SOLARIZE = range(14)
+NUM_DRAWS = 14
+"""Uniforms per image and view (keyed draws: column c of an image is a hash of (key, image, c) alone, so the solarise
+column, the last, left the 13 before it as they were)."""
 
-RECIPE_KEYS = ("hflip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "grayscale_p", "blur_p")
+RECIPE_KEYS = (
+    "hflip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "grayscale_p", "blur_p", "solarize_p",
+)  # fmt: skip
 """What a view's own recipe may set, over the run's ``augment.*`` values (probabilities end in ``_p``)."""
 
 
@@ -41,7 +45,7 @@ class View:
 
     ``size``: output side in pixels; ``scale``: crop area range (None: the config's ``augment.crop_scale``);
     ``recipe``: this view's own values of :data:`RECIPE_KEYS` over the config's (BYOL blurs its first view always
-    and its second rarely); empty: the config's recipe as it is.
+    and its second rarely, and solarises only the second); empty: the config's recipe as it is.
     """
 
     size: int
@@ -53,19 +57,38 @@ class View:
             raise ValueError(f"view size must be positive, got {self.size}")
         if self.scale is not None:
             check_area_range(self.scale, "view scale")
-        for key, value in self.recipe.items():
-            if key not in RECIPE_KEYS:
-                raise ValueError(f"view recipe: unknown key {key!r}; accepted: {', '.join(RECIPE_KEYS)}")
-            high = 1.0 if key.endswith("_p") else 0.5 if key == "hue" else math.inf  # AugmentConfig's bounds
-            if not math.isfinite(value) or not 0 <= value <= high:
-                bound = (
-                    "a probability in [0, 1]"
-                    if key.endswith("_p")
-                    else "in [0, 0.5]"
-                    if high == 0.5
-                    else "a finite value >= 0"
-                )
-                raise ValueError(f"view recipe: {key} must be {bound}, got {value!r}")
+        check_recipe(self.recipe)
+
+
+def check_recipe(recipe: Mapping[str, float]) -> Mapping[str, float]:
+    """ValueError naming the key for a key not in :data:`RECIPE_KEYS` or a value outside its range (probabilities
+    in [0, 1], hue in [0, 0.5], strengths >= 0): the bounds of ``augment.*``."""
+    for key, value in recipe.items():
+        if key not in RECIPE_KEYS:
+            raise ValueError(f"view recipe: unknown key {key!r}; accepted: {', '.join(RECIPE_KEYS)}")
+        high = 1.0 if key.endswith("_p") else 0.5 if key == "hue" else math.inf
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not (0 <= value <= high)
+        ):
+            bound = "in [0, 0.5]" if high == 0.5 else "a finite value >= 0"
+            bound = "a probability in [0, 1]" if key.endswith("_p") else bound
+            raise ValueError(f"view recipe: {key} must be {bound}, got {value!r}")
+    return recipe
+
+
+def override_views(views: Sequence[View], overrides: Sequence[Mapping[str, float]]) -> list[View]:
+    """``views`` with ``overrides[i]`` over view i's own recipe (``augment.views`` in YAML); fewer overrides than views
+    leave the rest as they are, more are a ValueError."""
+    if len(overrides) > len(views):
+        raise ValueError(f"augment.views has {len(overrides)} entries but the method has {len(views)} views")
+    return [
+        dataclasses.replace(view, recipe={**view.recipe, **overrides[i]}) if i < len(overrides) and overrides[i]
+        else view
+        for i, view in enumerate(views)
+    ]  # fmt: skip
 
 
 Number = TypeVar("Number", float, torch.Tensor)

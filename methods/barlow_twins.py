@@ -16,7 +16,7 @@ from torch import nn
 from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
 from core.views import View
 from methods import register
-from methods.base import Method
+from methods.base import Method, asymmetric_views
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -64,8 +64,9 @@ class BarlowTwins(Method):
         self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, 3)
 
     def views(self, image_size: int) -> list[View]:
-        """Two full-size views of the run's recipe."""
-        return [View(image_size), View(image_size)]
+        """Two full-size views, blurred with probability 1.0 and 0.1 and solarised with 0.0 and 0.2
+        (Zbontar et al. 2021, arXiv:2103.03230, appendix A.1, BYOL's): :data:`methods.base.BYOL_RECIPES`."""
+        return asymmetric_views(image_size)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z1, z2 = self.projector(self.backbone(torch.cat([views[0], views[1]]))).chunk(2)

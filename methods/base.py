@@ -27,7 +27,17 @@ from core.errors import BadInput
 from core.splits import DataSplits
 from core.views import View
 
-__all__ = ["Method"]
+__all__ = ["BYOL_RECIPES", "Method", "asymmetric_views"]
+
+BYOL_RECIPES = ({"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})
+"""BYOL's two asymmetric views (Grill et al. 2020, arXiv:2006.07733, appendix B, Table 6): Gaussian blur with
+probability 1.0 and 0.1, solarisation with 0.0 and 0.2; Barlow Twins, VICReg and MoCo v3 took them over. Only the
+asymmetric part: the colour jitter's strengths and probabilities stay the run's ``augment.*``."""
+
+
+def asymmetric_views(image_size: int, recipes: tuple[dict[str, float], ...] = BYOL_RECIPES) -> list[View]:
+    """Two full-size views, view i drawn with ``recipes[i]`` over the run's recipe."""
+    return [View(image_size, recipe=recipe) for recipe in recipes]
 
 
 class Method(nn.Module, ABC):

@@ -17,7 +17,7 @@ from torch import nn
 from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
 from core.views import View
 from methods import register
-from methods.base import Method
+from methods.base import Method, asymmetric_views
 from methods.heads import mlp
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 
@@ -53,8 +53,9 @@ class BYOL(Method):
         self.target = frozen_copy(nn.Sequential(backbone, self.projector))
 
     def views(self, image_size: int) -> list[View]:
-        """Two full-size views of the run's recipe."""
-        return [View(image_size), View(image_size)]
+        """Two full-size views, blurred with probability 1.0 and 0.1 and solarised with 0.0 and 0.2
+        (Grill et al. 2020, arXiv:2006.07733, appendix B, Table 6): :data:`methods.base.BYOL_RECIPES`."""
+        return asymmetric_views(image_size)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         x1, x2 = views[0], views[1]

@@ -148,6 +148,13 @@ class DINOHead(nn.Module):
         return self.last_layer(self.bottleneck(x))
 
 
+DINO_GLOBAL_RECIPES = ({"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})
+"""DINO's global crops (Caron et al. 2021, arXiv:2104.14294, appendix, and facebookresearch/dino's
+``DataAugmentationDINO``): blur with probability 1.0 and 0.1, the second solarised with 0.2 (BYOL's)."""
+DINO_LOCAL_RECIPE = {"blur_p": 0.5}
+"""DINO's local crops: blur with probability 0.5, no solarisation."""
+
+
 class DINOParams(MethodParams):
     out_dim: int = Field(65536, ge=2, description="K, the size of the output distributions (paper: 65536)")
     hidden_dim: int = Field(2048, ge=1, description="hidden width of the head's MLP (paper: 2048)")
@@ -226,8 +233,9 @@ class DINO(Method):
     # ------------------------------------------------------------------ configuration
 
     def views(self, image_size: int) -> list[View]:
-        """Two global crops of ``image_size`` px, then ``num_local_crops`` local crops; ConfigError for local crops
-        larger than the global ones (in pixels or in area range) or too small for a network."""
+        """Two global crops of ``image_size`` px, then ``num_local_crops`` local crops, with the paper's recipes
+        (:data:`DINO_GLOBAL_RECIPES`, :data:`DINO_LOCAL_RECIPE`); ConfigError for local crops larger than the global
+        ones (in pixels or in area range) or too small for a network."""
         p = self.params
         (local_low, local_high), (global_low, global_high) = p.local_crop_scale, p.global_crop_scale
         if p.num_local_crops and (local_low > global_low or local_high > global_high):
@@ -243,6 +251,8 @@ class DINO(Method):
             p.local_crop_scale,
             "method.local_crop_size_ratio",
             "local",
+            DINO_GLOBAL_RECIPES,
+            DINO_LOCAL_RECIPE,
         )
 
     def check(self, batch_size: int) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
 from core.views import View
 from methods import register
-from methods.base import Method
+from methods.base import Method, asymmetric_views
 from methods.distributed import gather, gather_no_grad
 from methods.heads import mlp
 from methods.losses import info_nce
@@ -59,8 +59,9 @@ class MoCoV3(Method):
         self.momentum_encoder = frozen_copy(nn.Sequential(backbone, self.projector))
 
     def views(self, image_size: int) -> list[View]:
-        """Two full-size views of the run's recipe."""
-        return [View(image_size), View(image_size)]
+        """Two full-size views, blurred with probability 1.0 and 0.1 and solarised with 0.0 and 0.2
+        (Chen et al. 2021, arXiv:2104.02057, appendix A.1, BYOL's): :data:`methods.base.BYOL_RECIPES`."""
+        return asymmetric_views(image_size)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         x = torch.cat([views[0], views[1]])

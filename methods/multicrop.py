@@ -30,11 +30,14 @@ def multi_crop_views(
     small_scale: tuple[float, float],
     ratio_key: str,
     word: str,
+    global_recipes: tuple[dict[str, float], dict[str, float]] = ({}, {}),
+    small_recipe: dict[str, float] | None = None,
 ) -> list[View]:
     """Two global views of ``image_size`` px, then ``num_small`` views of ``crop_size(image_size, small_ratio)`` px;
     ConfigError naming ``ratio_key`` when the small crops do not fit between :data:`MIN_CROP_SIZE` and the image.
-    ``word`` names the small crops in the message (DINO's "local", SwAV's "small")."""
-    views = [View(image_size, global_scale), View(image_size, global_scale)]
+    ``word`` names the small crops in the message (DINO's "local", SwAV's "small"); ``global_recipes`` and
+    ``small_recipe``: the views' own recipes (:attr:`core.views.View.recipe`)."""
+    views = [View(image_size, global_scale, global_recipes[0]), View(image_size, global_scale, global_recipes[1])]
     if not num_small:
         return views
     size = crop_size(image_size, small_ratio)
@@ -44,7 +47,7 @@ def multi_crop_views(
             f"{ratio_key}: {small_ratio:g} of {image_size} px images gives {size} px {word} crops; "
             f"they must be {MIN_CROP_SIZE} to {image_size} px (raise the ratio, or set {count_key}=0)"
         )
-    return views + [View(size, small_scale)] * num_small
+    return views + [View(size, small_scale, small_recipe or {})] * num_small
 
 
 def per_view(encoder: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ from torch import nn
 from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
 from core.views import View
 from methods import register
-from methods.base import Method
+from methods.base import Method, asymmetric_views
 from methods.distributed import gather
 from methods.heads import mlp
 
@@ -134,8 +134,9 @@ class VICReg(Method):
         self.projector[-1] = nn.Linear(params.proj_hidden_dim, params.proj_dim, bias=False)
 
     def views(self, image_size: int) -> list[View]:
-        """Two full-size views of the run's recipe."""
-        return [View(image_size), View(image_size)]
+        """Two full-size views, blurred with probability 1.0 and 0.1 and solarised with 0.0 and 0.2
+        (Bardes et al. 2022, arXiv:2105.04906, appendix C.1, BYOL's): :data:`methods.base.BYOL_RECIPES`."""
+        return asymmetric_views(image_size)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         z1, z2 = self.projector(self.backbone(torch.cat([views[0], views[1]]))).chunk(2)

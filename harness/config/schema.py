@@ -152,6 +152,24 @@ class AugmentConfig(Section):
     blur_p: float = Field(0.0, ge=0, le=1)
     """Gaussian blur probability (SimCLR ImageNet: 0.5; off for 32 px images)."""
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = Field(0.0, ge=0, le=1)
+    """Solarisation probability: pixels at or above half the range inverted (torchvision's ``RandomSolarize(0.5)``
+    on [0, 1]), after the blur (BYOL's order)."""
+    views: list[dict[str, float]] = Field(default_factory=list)
+    """Per-view recipes over the method's own (``[{blur_p: 1.0}, {blur_p: 0.1, solarize_p: 0.2}]``): entry i sets
+    keys of view i; the method's view recipes sit over ``augment.*``, these over both (:mod:`core.views`)."""
+
+    @field_validator("views")
+    @classmethod
+    def _view_recipes(cls, v: list[dict[str, float]]) -> list[dict[str, float]]:
+        from core.views import check_recipe  # torch; keep config import light
+
+        for i, recipe in enumerate(v):
+            try:
+                check_recipe(recipe)
+            except ValueError as err:
+                raise ValueError(f"entry {i}: {err}") from None
+        return v
 
     @field_validator("crop_ratio", "blur_sigma")
     @classmethod
@@ -164,7 +182,7 @@ class AugmentConfig(Section):
     @field_validator("crop_scale")
     @classmethod
     def _area_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        from core.views import check_area_range  # the registry imports torch; keep config import light
+        from core.views import check_area_range  # torch; keep config import light
 
         return check_area_range(v)
 

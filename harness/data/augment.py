@@ -2,15 +2,18 @@
 
 The recipe of Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations"
 (arXiv:2002.05709, appendix A): random resized crop + horizontal flip, colour jitter with probability 0.8, random
-grayscale with probability 0.2, optional Gaussian blur, then normalisation (knobs:
-:class:`harness.config.schema.AugmentConfig`). Keyed draws (:class:`KeyedDraws`) make an image's views a function of
+grayscale with probability 0.2, optional Gaussian blur, optional solarisation (BYOL's addition, Grill et al. 2020),
+then normalisation (knobs: :class:`harness.config.schema.AugmentConfig`; a view may carry its own values,
+:attr:`core.views.View.recipe`). Keyed draws (:class:`KeyedDraws`) make an image's views a function of
 (epoch key, image index, view index) alone, the same whichever batch or data-parallel worker the image lands in
 (:mod:`core.keyed`); the jitter order of a call is keyed by (key, view, step).
 
 Differences from ``torchvision.transforms`` applied image by image:
 
 * one ``(B, NUM_DRAWS)`` uniform draw and one ``randperm(4)`` per call, in a fixed order whatever the config: the same
-  on the CPU and on CUDA, and switching one op off does not change what the others draw;
+  on the CPU and on CUDA, and switching one op off does not change what the others draw (sequential draws from a
+  generator take the solarisation column only for a recipe that solarises, so recipes without it draw what they
+  drew before it existed);
 * random resized crop: one draw per image, the crop's sides clamped to the image (torchvision redraws up to 10 times,
   then centre-crops); continuous boxes, crop + resize + flip in one bilinear ``grid_sample`` without antialiasing
   (aliased when the crop is much more than ~2x the output side);
@@ -21,6 +24,7 @@ Differences from ``torchvision.transforms`` applied image by image:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -43,6 +47,7 @@ from core.views import (
     SAT,
     SCALE,
     SIGMA,
+    SOLARIZE,
     View,
     crop_box,
 )
@@ -61,15 +66,22 @@ class ViewDraw(NamedTuple):
     uniforms: torch.Tensor
 
 
-def draw_sequential(batch: int, generator: torch.Generator) -> ViewDraw:
+def draw_sequential(batch: int, generator: torch.Generator, solarize: bool = False) -> ViewDraw:
     """The randomness of one call for ``batch`` images from a CPU generator, in the augmenter's fixed order (the
-    jitter order, then the uniforms): draw first to crop streamed originals with the same uniforms."""
+    jitter order, the uniforms, then, when the recipe ``solarize`` s, its column): draw first to crop streamed
+    originals with the same uniforms. Without ``solarize`` the last column is NaN (solarising nothing)."""
     if generator.device.type != "cpu":
         raise ValueError(
             f"the generator must be a CPU generator (parameters are drawn on the CPU), got {generator.device}"
         )
     order = torch.randperm(4, generator=generator).tolist()
-    return ViewDraw(order, torch.rand(batch, NUM_DRAWS, generator=generator, dtype=torch.float64))
+    u = torch.rand(batch, SOLARIZE, generator=generator, dtype=torch.float64)
+    last = (
+        torch.rand(batch, 1, generator=generator, dtype=torch.float64)
+        if solarize
+        else torch.full((batch, 1), math.nan, dtype=torch.float64)
+    )
+    return ViewDraw(order, torch.cat([u, last], dim=1))
 
 
 class KeyedDraws:
@@ -146,12 +158,16 @@ class Augmenter:
                 raise ValueError(f"the draws are for {draws.indices.numel()} images, the batch has {batch}")
             order, u = draws.order(), draws.uniforms(NUM_DRAWS)
         else:
-            order, u = draw_sequential(batch, draws) if isinstance(draws, torch.Generator) else draws
+            solarizes = cfg.solarize_p > 0
+            order, u = draw_sequential(batch, draws, solarizes) if isinstance(draws, torch.Generator) else draws
             if u.shape != (batch, NUM_DRAWS):
                 raise ValueError(f"the draws are for {tuple(u.shape)} uniforms, the batch needs ({batch}, {NUM_DRAWS})")
+            if solarizes and bool(u[:, SOLARIZE].isnan().any()):
+                raise ValueError("the draws lack the solarisation column: draw_sequential(..., solarize=True)")
         jitter = u[:, JITTER] < cfg.jitter_p
         gray = (u[:, GRAY] < cfg.grayscale_p) & (channels == 3)
         blur = (u[:, BLUR] < cfg.blur_p) & (view.size >= 2)
+        solarize = u[:, SOLARIZE] < cfg.solarize_p  # NaN (not drawn) compares False
         radius = max(1, view.size // 20)  # blur kernel ~10% of the side, odd (SimCLR: side // 10, made odd)
         params = self._params(cfg, u, scale, height, width, jitter, gray, blur, radius, cropped)
         params = (
@@ -169,6 +185,8 @@ class Augmenter:
             x = _random_grayscale_(x, params[:, 9])
         if bool(blur.any()):  # images not blurred have the identity kernel
             x = _gaussian_blur(x, params[:, 10:])
+        if bool(solarize.any()):
+            x = _random_solarize(x, solarize.to(x.device))
         return self._standardise(x)
 
     def recipe(self, view: View) -> AugmentConfig:
@@ -386,6 +404,12 @@ def _adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         ramp = torch.sub(hue6, peak, out=tmp).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
         torch.addcmul(maxc, span, ramp, value=-1.0, out=x[:, c])
     return x
+
+
+def _random_solarize(x: torch.Tensor, chosen: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Invert the pixels at or above ``threshold`` of the images where ``chosen`` (B,) bool holds
+    (torchvision's ``solarize``: ``where(x >= threshold, 1 - x, x)``)."""
+    return torch.where((x >= threshold) & chosen.reshape(-1, 1, 1, 1), 1.0 - x, x)
 
 
 def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:

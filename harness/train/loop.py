@@ -30,7 +30,7 @@ from core.contract import StepInfo
 from core.errors import BadInput, Diverged
 from core.schedules import cosine_lr, cosine_weight_decay
 from core.splits import Images
-from core.views import View
+from core.views import View, override_views
 from harness.config.schema import RunConfig, check_batch_splits
 from harness.data.augment import Augmenter, KeyedDraws
 from harness.data.streaming import StreamedImages, TrainLoader
@@ -195,7 +195,7 @@ def _train_epochs(setup: _Setup, hooks: _EpochHooks, result: TrainResult, start_
     total_steps = steps_per_epoch * p.epochs
     warmup_steps = round(p.warmup_epochs * steps_per_epoch)
     cuda = device.type == "cuda"
-    views = method.views(images.shape[-1])
+    views = override_views(method.views(images.shape[-1]), cfg.augment.views)
     batches = _batches(images, views, cfg, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and p.amp else nullcontext()
     show_bar = p.progress and sys.stderr.isatty() and world.is_main

@@ -27,7 +27,7 @@ import torch
 from core.contract import EvalContext, EvalInputs, Prepare
 from core.metrics import COLLAPSED_METRIC
 from core.splits import Images, Split
-from core.views import View
+from core.views import View, override_views
 from evaluations.battery import evaluate_embeddings
 from evaluations.distill import self_distill
 from evaluations.features import eval_mode, extract_embeddings, raw_pixels
@@ -199,7 +199,7 @@ def embed_views(trial: Trial) -> tuple[np.ndarray, np.ndarray]:
     if own is not None:
         first, second = own(trial.data.test, augment)
     else:  # the method's first training view, drawn twice
-        view = trial.method.views(int(trial.data.test.images.shape[-1]))[0]
+        view = override_views(trial.method.views(int(trial.data.test.images.shape[-1])), trial.cfg.augment.views)[0]
         first = second = EvalInputs(trial.data.test.images, lambda x: augment(x, view))
     extract = _extractor(trial, trial.method)
     return extract(trial.method.embed, first), extract(trial.method.embed, second)
@@ -223,7 +223,8 @@ def baselines(trial: Trial) -> dict[str, float]:
 
 
 def baseline_key(trial: Trial) -> str:
-    """A digest of everything the baselines depend on: the data and kNN protocol configs, the device type, the
+    """A digest of everything the baselines depend on: the data config and fingerprint, the kNN protocol, the device
+    type, the
     random-init backbone's weights (so a method that draws its initial weights differently gets its own), and,
     when the method has its own evaluation or input-baseline inputs, its name and parameters."""
     cfg, method = trial.cfg, trial.method
@@ -231,6 +232,7 @@ def baseline_key(trial: Trial) -> str:
     own_inputs = spec.inputs is not None or spec.baseline is not None
     described = {
         "data": cfg.data.model_dump(mode="json"),
+        "fingerprint": trial.data.provenance.get("fingerprint"),
         "knn": cfg.eval.knn.model_dump(mode="json"),
         "device": trial.device.type,
         "inputs": cfg.method if own_inputs else None,

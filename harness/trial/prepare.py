@@ -7,6 +7,7 @@ method's own checks) is checked here, so bad input never leaves a run behind.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from core.backbones import create_backbone
 from core.errors import ConfigError
 from core.splits import DataSplits
+from core.views import RECIPE_KEYS, View, override_views
 from evaluations.semi_supervised import balanced_subset
 from harness.config.schema import RunConfig
 from harness.data.augment import Augmenter
@@ -23,7 +25,7 @@ from harness.train.checkpoint import read_checkpoint
 from harness.train.loop import check_batch_size, data_workers, resolve_device
 from methods import Method, create_method
 
-__all__ = ["Trial", "prepare", "seed_everything"]
+__all__ = ["Trial", "check_method", "prepare", "seed_everything", "view_record"]
 
 
 @dataclass
@@ -63,8 +65,23 @@ def prepare(cfg: RunConfig) -> Trial:
     params = {k: v for k, v in cfg.method.items() if k != "name"}
     method = create_method(cfg.method["name"], backbone_factory=factory, **params)
     method.setup(data)
-    check_method(method, cfg.pretrain.batch_size, data.image_size, semi.from_projector_layer if semi.enabled else None)
+    finetune_from = semi.from_projector_layer if semi.enabled else None
+    check_method(method, cfg.pretrain.batch_size, data.image_size, finetune_from, cfg.augment.views)
     return Trial(cfg, data, method, Augmenter(cfg.augment, data.mean, data.std), resolve_device(cfg.device))
+
+
+def view_record(trial: Trial) -> list[dict[str, object]]:
+    """Each training view as the run draws it: side, crop scale and the whole recipe (``augment.*``, the method's
+    view recipe over it, ``augment.views`` over both); the run's ``views.json``."""
+    views = override_views(trial.method.views(trial.data.image_size), trial.cfg.augment.views)
+    return [_view_entry(trial, view) for view in views]
+
+
+def _view_entry(trial: Trial, view: View) -> dict[str, object]:
+    cfg = trial.augmenter.recipe(view)
+    recipe = {k: getattr(cfg, k) for k in RECIPE_KEYS}
+    scale = view.scale if view.scale is not None else cfg.crop_scale
+    return {"size": view.size, "crop_scale": list(scale), "own": dict(view.recipe), **recipe}
 
 
 def seed_everything(seed: int) -> None:
@@ -73,11 +90,21 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def check_method(method: Method, batch_size: int, image_size: int, finetune_from: int | None) -> None:
+def check_method(
+    method: Method,
+    batch_size: int,
+    image_size: int,
+    finetune_from: int | None,
+    view_overrides: Sequence[Mapping[str, float]] = (),
+) -> None:
     """Everything a method refuses before a run opens: its own :meth:`~methods.base.Method.check`, its views at
-    ``image_size`` (a multi-crop that does not fit the image), and the fine-tuning trunk when semi-supervised
-    evaluation will fine-tune from ``finetune_from`` projector layers (None: it will not)."""
+    ``image_size`` (a multi-crop that does not fit the image) with ``augment.views`` over them, and the fine-tuning
+    trunk when semi-supervised evaluation will fine-tune from ``finetune_from`` projector layers (None: it will
+    not)."""
     method.check(batch_size)
-    method.views(image_size)
+    try:
+        override_views(method.views(image_size), view_overrides)
+    except ValueError as err:
+        raise ConfigError(f"{err} ({len(method.views(image_size))} at {image_size} px)") from None
     if finetune_from is not None:
         method.trunk(finetune_from)

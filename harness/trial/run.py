@@ -27,7 +27,7 @@ from harness.train.checkpoint import read_checkpoint
 from harness.train.loop import EpochCallback, pretrain
 from harness.trial.evaluate import baselines, evaluate
 from harness.trial.monitor import OnlineMonitor
-from harness.trial.prepare import Trial, prepare
+from harness.trial.prepare import Trial, prepare, view_record
 from methods import taxonomy
 
 __all__ = [
@@ -103,6 +103,9 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     checkpoint_path = (Path(checkpoint) / "checkpoint.pt").resolve()
     log_run_inputs(mlrun, cfg, checkpoint_path)
     log_data(mlrun, data)
+    views = view_record(trial)
+    mlrun.log_dict({"views": views}, "views.json")
+    mlrun.set_tags({"augment.view_recipes": view_summary(views)})
     logged = mlrun.info()["metrics"]
     metrics: dict[str, float] = {}
 
@@ -158,6 +161,13 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
     mlrun.log_metrics({k: v for k, v in metrics.items() if not k.startswith("baseline/")})  # those are logged already
     log.info("results: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
+
+
+def view_summary(views: list[dict[str, Any]]) -> str:
+    """One line for the tag ``augment.view_recipes``: each view's side and the probabilities of its recipe."""
+    keys = ("blur_p", "solarize_p", "jitter_p", "grayscale_p", "hflip_p")
+    parts = [f"{v['size']}px " + " ".join(f"{k.removesuffix('_p')} {v[k]:g}" for k in keys) for v in views]
+    return " | ".join(parts)
 
 
 def data_record(data: DataSplits) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from core.views import BRIGHT, CONTRAST, GRAY, JITTER, NUM_DRAWS, View
+from core.views import BRIGHT, CONTRAST, GRAY, JITTER, NUM_DRAWS, SOLARIZE, View
 from harness.config.schema import AugmentConfig
 from harness.data import augment as A
 from harness.data.augment import Augmenter
@@ -112,7 +112,7 @@ def test_drawn_contrast_factors_match_torchvision():
     # replay the draw: randperm(4), then (B, 13) uniforms
     g = _gen(3)
     torch.randperm(4, generator=g)
-    u = torch.rand(4, NUM_DRAWS, generator=g, dtype=torch.float64)
+    u = torch.rand(4, SOLARIZE, generator=g, dtype=torch.float64)  # the columns before solarisation2019s
     factors = 0.5 + 1.0 * u[:, CONTRAST]
     ref = torch.stack([TF.adjust_contrast(img.float() / 255, float(f)) for img, f in zip(x, factors)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -252,7 +252,7 @@ def test_single_channel():
     out = _unnormalise(aug(x, View(16), _gen(5)), (0.5,), (0.25,))
     g = _gen(5)
     order = torch.randperm(4, generator=g).tolist()
-    u = torch.rand(4, NUM_DRAWS, generator=g, dtype=torch.float64)
+    u = torch.rand(4, SOLARIZE, generator=g, dtype=torch.float64)  # the columns before solarisation2019s
     refs = []
     for img, row in zip(x.float() / 255, u):
         for i in order:
@@ -272,7 +272,7 @@ def test_full_recipe_matches_torchvision_per_image():
     out = _unnormalise(aug(x, View(16), _gen(11)))
     g = _gen(11)
     order = torch.randperm(4, generator=g).tolist()
-    u = torch.rand(6, NUM_DRAWS, generator=g, dtype=torch.float64)
+    u = torch.rand(6, SOLARIZE, generator=g, dtype=torch.float64)  # the columns before solarisation2019s
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     refs = []
     for img, row in zip(x.float() / 255, u):

@@ -154,10 +154,14 @@ def test_the_teacher_is_the_ema_of_the_student() -> None:
 
 def test_views_are_two_global_then_the_local_crops() -> None:
     method = create_method("dino", create_backbone("test_resnet", in_chans=3, img_size=16), out_dim=16, hidden_dim=32, bottleneck_dim=8)
-    assert method.views(224) == [View(224, (0.4, 1.0))] * 2 + [View(96, (0.05, 0.4))] * 6
-    assert method.views(32) == [View(32, (0.4, 1.0))] * 2 + [View(14, (0.05, 0.4))] * 6
-    assert _method(num_local_crops=0).views(16) == [View(16, (0.4, 1.0))] * 2
-    assert _method(num_local_crops=3).views(16)[2:] == [View(8, (0.05, 0.4))] * 3
+    g1, g2 = ({"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})  # the paper's, appendix
+    assert method.views(224) == [View(224, (0.4, 1.0), g1), View(224, (0.4, 1.0), g2)] + [View(96, (0.05, 0.4), {"blur_p": 0.5})] * 6
+    def geometry(views: list[View]) -> list[tuple[int, tuple[float, float] | None]]:
+        return [(v.size, v.scale) for v in views]
+
+    assert geometry(method.views(32)) == [(32, (0.4, 1.0))] * 2 + [(14, (0.05, 0.4))] * 6
+    assert geometry(_method(num_local_crops=0).views(16)) == [(16, (0.4, 1.0))] * 2
+    assert geometry(_method(num_local_crops=3).views(16)[2:]) == [(8, (0.05, 0.4))] * 3
 
 
 def test_the_teacher_sees_only_the_global_crops() -> None:
