@@ -344,3 +344,80 @@ def test_a_views_own_recipe_is_the_config_with_its_values_over_it() -> None:
 def test_a_bad_view_recipe_names_the_key_and_what_is_accepted(recipe: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         View(16, recipe=recipe)
+
+
+# ----------------------------------------------------------------------------- solarisation and each view's recipe
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_solarisation_equals_torchvisions_on_fixed_images(channels: int) -> None:
+    x = _images(batch=6, channels=channels, side=12, seed=5)
+    mean, std = MEAN[:channels], STD[:channels]
+    got = Augmenter(_cfg(solarize_p=1.0), mean, std)(x, View(12), _gen(0))
+    expected = TF.normalize(TF.solarize(x.float() / 255, 0.5), list(mean), list(std))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)  # the identity crop's float rounding
+    kept = Augmenter(_cfg(solarize_p=0.0), mean, std)(x, View(12), _gen(0))
+    torch.testing.assert_close(kept, TF.normalize(x.float() / 255, list(mean), list(std)), atol=1e-5, rtol=0)
+
+
+def test_a_recipe_without_solarisation_draws_what_it_drew_before_the_column_existed() -> None:
+    """Sequential draws take the solarisation uniform only when a recipe solarises: the 13 columns before it, and so
+    every number of a run without solarisation, are what they were."""
+    order, u = A.draw_sequential(5, _gen(7))
+    g = _gen(7)
+    assert order == torch.randperm(4, generator=g).tolist()
+    torch.testing.assert_close(u[:, :SOLARIZE], torch.rand(5, SOLARIZE, generator=g, dtype=torch.float64), rtol=0, atol=0)
+    assert bool(u[:, SOLARIZE].isnan().all()) and u.shape == (5, NUM_DRAWS)
+
+
+def _changed(aug: Augmenter, x: torch.Tensor, view: View, off: dict, draws: A.KeyedDraws) -> torch.Tensor:
+    """Per image: does ``view`` give another output than ``view`` with ``off`` over its recipe (the same draws)?"""
+    plain = View(view.size, view.scale, {**view.recipe, **off})
+    return (aug(x, view, draws) - aug(x, plain, draws)).flatten(1).abs().amax(dim=1) > 1e-6
+
+
+def test_byols_two_views_differ_in_blur_and_solarisation_as_in_its_paper() -> None:
+    """BYOL, appendix B: view 1 always blurred and never solarised, view 2 blurred with p 0.1 and solarised with
+    p 0.2. Counted on the drawn outputs of 3,000 images (each op's effect found by switching it off)."""
+    from core.backbones import create_backbone
+    from methods import create_method
+    from tests.helpers.method_params import SMALL
+
+    views = create_method("byol", create_backbone("test_resnet", in_chans=3, img_size=16), **SMALL["byol"]).views(16)
+    x = _images(batch=3000, side=16, seed=1)
+    aug = Augmenter(_cfg(blur_sigma=(1.0, 2.0)), MEAN, STD)
+    draws = A.KeyedDraws(key=11, indices=torch.arange(3000), step=0)
+    blurred = [float(_changed(aug, x, v, {"blur_p": 0.0}, draws.view(i)).float().mean()) for i, v in enumerate(views)]
+    solarised = [float(_changed(aug, x, v, {"solarize_p": 0.0}, draws.view(i)).float().mean()) for i, v in enumerate(views)]
+    assert blurred[0] == 1.0 and blurred[1] == pytest.approx(0.1, abs=0.02)
+    assert solarised[0] == 0.0 and solarised[1] == pytest.approx(0.2, abs=0.025)
+
+
+def test_yaml_overrides_one_views_recipe_over_the_methods() -> None:
+    from core.views import override_views
+    from harness.config.loading import build_config
+    from methods.base import asymmetric_views
+
+    cfg = build_config({"augment": {"views": [{}, {"solarize_p": 1.0, "hue": 0.2}]}})
+    first, second = override_views(asymmetric_views(16), cfg.augment.views)
+    assert first.recipe == {"blur_p": 1.0, "solarize_p": 0.0}  # an empty entry leaves the method's view as it is
+    assert second.recipe == {"blur_p": 0.1, "solarize_p": 1.0, "hue": 0.2}
+    aug = Augmenter(cfg.augment, MEAN, STD)
+    assert aug.recipe(second).solarize_p == 1.0 and aug.recipe(second).brightness == cfg.augment.brightness
+    with pytest.raises(ValueError, match="augment.views has 3 entries but the method has 2 views"):
+        override_views(asymmetric_views(16), [{}, {}, {}])
+
+
+@pytest.mark.parametrize(
+    "views,message",
+    [
+        ([{"blurp": 1.0}], r"augment.views: entry 0: view recipe: unknown key 'blurp'; accepted: hflip_p, .*solarize_p"),
+        ([{}, {"solarize_p": 2.0}], r"augment.views: entry 1: view recipe: solarize_p must be a probability in \[0, 1\], got 2.0"),
+    ],
+)
+def test_a_bad_view_override_is_a_config_error_naming_it(views: list, message: str) -> None:
+    from core.errors import ConfigError
+    from harness.config.loading import build_config
+
+    with pytest.raises(ConfigError, match=message):
+        build_config({"augment": {"views": views}})
