@@ -17,6 +17,7 @@ from harness.config.loading import build_config
 from harness.config.schema import RunConfig
 from harness.launch import raytune
 from harness.track.mlflow import Run, open_run
+from harness.track.provenance import reset_peak_rss
 
 __all__ = ["FINISHED_KEY", "train_trial"]
 
@@ -70,6 +71,10 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
             last.update(metrics)
             raytune.report({**metrics, "epoch": epoch}, checkpoint_dir=checkpoint.parent if checkpoint else None)
 
+        measured = reset_peak_rss()  # a reused worker process: this trial's peak, not the largest trial's before it
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        mlrun.set_tags({"memory.peak_rss_of": measured})
         trial = prepare(cfg)
         metrics = execute(trial, mlrun, on_epoch_end=on_epoch_end)
         # the last epoch's online metrics again, so a scheduler finds its metric in the final report too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import platform
 import resource
 import subprocess
@@ -43,6 +44,19 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def reset_peak_rss() -> str:
+    """Reset this process's high-water mark of resident memory to what it holds now, so that :func:`peak_rss_mb`
+    measures from here (a sweep's trial in a reused worker process). Returns how the peak is measured: on Linux
+    ``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``; elsewhere the process's peak since it started."""
+    gc.collect()  # what the previous trial left for the collector is not this trial's
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM of the trial's process, reset at the trial's start (/proc/self/clear_refs)"
+    except OSError:
+        return "the process's peak since it started (ru_maxrss; no /proc/self/clear_refs here)"
 
 
 def peak_rss_mb() -> float:

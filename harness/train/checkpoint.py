@@ -35,8 +35,10 @@ def save_checkpoint(
     losses: list[float],
     cfg: RunConfig,
     provenance: dict[str, Any],
+    timing: dict[str, float] | None = None,
 ) -> None:
-    """Write weights, optimiser state, epoch, resolved config and provenance atomically (tmp + rename)."""
+    """Write weights, optimiser state, epoch, resolved config, provenance and the totals so far (``timing``: seconds
+    and images, which a resumed run continues) atomically (tmp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -46,6 +48,7 @@ def save_checkpoint(
         "losses": list(losses),
         "config": cfg.as_dict(),
         "provenance": {k: str(v) for k, v in provenance.items()},
+        "timing": {k: float(v) for k, v in (timing or {}).items()},
     }
     for stale in path.parent.glob(f".{path.name}.tmp.*"):  # left by a process killed while saving
         stale.unlink(missing_ok=True)
@@ -81,13 +84,15 @@ def read_checkpoint(path: Path, cfg: RunConfig | None = None, key: str = "pretra
 
 def load_checkpoint(
     path: Path, method: Method, optimizer: torch.optim.Optimizer | None, cfg: RunConfig | None
-) -> tuple[int, list[float]]:
-    """Load a checkpoint (:func:`read_checkpoint`) into ``method`` (and ``optimizer``); return (epoch, losses)."""
+) -> tuple[int, list[float], dict[str, float]]:
+    """Load a checkpoint (:func:`read_checkpoint`) into ``method`` (and ``optimizer``); return (epoch, losses, the
+    timing totals so far: empty for a checkpoint written before they were kept)."""
     state = read_checkpoint(path, cfg)
     method.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]), [float(x) for x in state["losses"]]
+    timing = {k: float(v) for k, v in state.get("timing", {}).items()}
+    return int(state["epoch"]), [float(x) for x in state["losses"]], timing
 
 
 def _check_same_experiment(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:

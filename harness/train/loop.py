@@ -61,9 +61,16 @@ class TrainResult:
     epochs: int = 0
     steps: int = 0
     time_s: float = 0.0
+    """Pretraining's wall time over all epochs (those before a resume included, from the checkpoint), without the
+    online monitor's evaluations (:attr:`online_s`)."""
     images_per_s: float = 0.0
+    """Images per second of training steps alone (no monitor, no compiling step), over all epochs."""
+    online_s: float = 0.0
+    """Time in the per-epoch hook (the online monitor), over all epochs."""
     compile_s: float = 0.0
     """Time of the first step, which compiled the modules (``pretrain.compile``); not in ``images_per_s``."""
+    steady_s: float = 0.0
+    """Seconds of training steps alone (no monitor, no compiling step), over all epochs: ``images_per_s``'s."""
     skipped: list[str] = field(default_factory=list)
     """Streamed images that could not be read (``data.skip_corrupt``), each once."""
 
@@ -147,7 +154,10 @@ def pretrain(
     result = TrainResult()
     start_epoch = 0
     if p.resume is not None:
-        start_epoch, result.losses = load_checkpoint(p.resume, method, optimizer, cfg)
+        start_epoch, result.losses, timing = load_checkpoint(p.resume, method, optimizer, cfg)
+        result.time_s, result.online_s = timing.get("pretrain_s", 0.0), timing.get("online_s", 0.0)
+        result.images_per_s = timing.get("images", 0.0)  # images so far; made a rate at the end
+        result.steady_s = timing.get("steady_s", 0.0)
         log.info("resumed from %s after epoch %d", p.resume, start_epoch)
     distributed.broadcast_module(method)  # every worker starts from rank 0's weights
     setup = _Setup(method, images, cfg, augmenter, device, optimizer, world)
@@ -204,7 +214,9 @@ def _train_epochs(setup: _Setup, hooks: _EpochHooks, result: TrainResult, start_
     lr = cosine_lr(step, total_steps, warmup_steps, p.lr, p.final_lr)
     wd = cosine_weight_decay(step, total_steps, p.weight_decay, p.weight_decay_end)
     t0 = time.perf_counter()
-    seen, hook_s = 0, 0.0
+    seen, hook_s, monitor_s = 0, 0.0, 0.0
+    before = (result.time_s, result.online_s, result.images_per_s)  # a resumed run's totals over earlier epochs
+    steady_before = result.steady_s
     for epoch in range(start_epoch, p.epochs):
         method.train()
         key = epoch_seed(cfg.seed, epoch)
@@ -270,7 +282,7 @@ def _train_epochs(setup: _Setup, hooks: _EpochHooks, result: TrainResult, start_
         if epoch_metrics is not None:
             hook_t0 = time.perf_counter()
             metrics.update(epoch_metrics(epoch + 1))
-            hook_s += time.perf_counter() - hook_t0
+            monitor_s += time.perf_counter() - hook_t0
         log.info(
             "epoch %d/%d  loss %.4f  lr %.4g  %.0f img/s",
             epoch + 1,
@@ -282,16 +294,25 @@ def _train_epochs(setup: _Setup, hooks: _EpochHooks, result: TrainResult, start_
         if hooks.log_metrics is not None:
             hooks.log_metrics(metrics, epoch + 1)
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, method, optimizer, epoch + 1, result.losses, cfg, hooks.provenance)
+            elapsed = time.perf_counter() - t0 - monitor_s
+            timing = {
+                "pretrain_s": before[0] + elapsed,
+                "online_s": before[1] + monitor_s,
+                "images": before[2] + seen,
+                "steady_s": steady_before + elapsed - hook_s,
+            }
+            save_checkpoint(checkpoint_path, method, optimizer, epoch + 1, result.losses, cfg, hooks.provenance, timing)
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(epoch + 1, metrics, checkpoint_path)
     if isinstance(batches, _Streamed):
         result.skipped = list(batches.loader.skipped)
-    result.time_s = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - monitor_s
+    result.time_s, result.online_s = before[0] + elapsed, before[1] + monitor_s
     result.epochs = p.epochs - start_epoch
     result.steps = result.epochs * steps_per_epoch
-    train_s = result.time_s - hook_s
-    result.images_per_s = seen / train_s if train_s > 0 else 0.0
+    steady_s = steady_before + elapsed - hook_s
+    result.images_per_s = (before[2] + seen) / steady_s if steady_s > 0 else 0.0
+    result.steady_s = steady_s
 
 
 def compile_modules(method: Method) -> None:

@@ -138,8 +138,8 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
         metrics["time/pretrain_s"] = result.time_s
         if cfg.pretrain.compile:
             metrics["time/compile_s"] = result.compile_s
-        if monitor is not None and monitor.seconds:
-            metrics["time/online_s"] = sum(monitor.seconds)
+        if monitor is not None and result.online_s:
+            metrics["time/online_s"] = result.online_s
         metrics["train/images_per_s_mean"] = result.images_per_s
         skipped = set(result.skipped)
         if result.losses:

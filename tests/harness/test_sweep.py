@@ -160,3 +160,24 @@ def test_domain_errors_name_the_key() -> None:
             SweepConfig(name="s", space={"method.temperature": {"uniform": [0.5, 0.1]}})
         except Exception as err:
             raise ConfigError(first_error(err, SweepConfig)) from None
+
+
+def test_a_trials_peak_memory_is_its_own_after_a_larger_one_in_the_same_process() -> None:
+    """A sweep's worker process runs its trials one after another: the peak a small trial reports is measured from
+    its start (the reset of :func:`reset_peak_rss`), not the high-water mark a larger trial before it left."""
+    import sys
+
+    import numpy as np
+
+    from harness.track.provenance import peak_rss_mb, reset_peak_rss
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the reset is Linux's /proc/self/clear_refs")
+    large = np.ones(300 * 2**20 // 8)  # a large trial: 300 MiB touched, then freed
+    del large
+    after_large = peak_rss_mb()
+    assert "clear_refs" in reset_peak_rss()
+    small = np.ones(20 * 2**20 // 8)
+    own = peak_rss_mb()
+    del small
+    assert after_large - own > 250 and own < after_large

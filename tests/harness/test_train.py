@@ -50,6 +50,29 @@ def test_resume_continues_with_identical_numbers(tiny_overrides, tmp_path):
     assert resumed_result.losses == full_result.losses
     for (name, a), b in zip(weights(full).items(), weights(resumed).values()):
         assert torch.equal(a, b), name
+    # the totals are over all three epochs: the first epoch's seconds come from the checkpoint
+    first = torch.load(ckpt, weights_only=True)["timing"]
+    assert first["images"] == 128 // 32 * 32 and 0 < first["steady_s"] <= first["pretrain_s"]
+    assert resumed_result.time_s > first["pretrain_s"] and resumed_result.steady_s > first["steady_s"]
+    assert resumed_result.images_per_s == pytest.approx(3 * 128 / resumed_result.steady_s)
+
+
+def test_pretraining_time_leaves_out_the_online_monitor(tiny_overrides):
+    """A per-epoch hook (the online monitor) of 0.3 s an epoch is counted in ``online_s``, not in ``time_s``."""
+    import time
+
+    cfg = build_config({}, tiny_overrides)
+    trial = prepare(cfg)
+
+    def slow_monitor(epoch):
+        time.sleep(0.3)
+        return {}
+
+    t0 = time.perf_counter()
+    result = pretrain(trial.method, trial.data.train.images, cfg, trial.augmenter, trial.device, epoch_metrics=slow_monitor)
+    wall = time.perf_counter() - t0
+    assert result.online_s == pytest.approx(0.6, abs=0.1)
+    assert result.time_s == pytest.approx(wall - result.online_s, abs=0.05)
 
 
 class StopAfter:
@@ -75,6 +98,7 @@ def test_checkpoint_holds_config_and_loads_weights_only(tiny_overrides, tmp_path
     assert set(state) >= {"model", "optimizer", "epoch", "config", "provenance"}
     fresh = prepare(build_config({}, tiny_overrides)).method
     assert load_checkpoint(ckpt, fresh, None, None)[0] == 2
+    assert set(load_checkpoint(ckpt, fresh, None, None)[2]) == {"pretrain_s", "online_s", "images", "steady_s"}
     assert all(torch.equal(a, b) for a, b in zip(weights(method).values(), weights(fresh).values()))
 
 
