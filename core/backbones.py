@@ -77,19 +77,28 @@ def _create(name: str, in_chans: int, kwargs: dict[str, Any], img_size: int | No
 
 
 def apply_cifar_stem(model: nn.Module, name: str = "model") -> None:
-    """Replace a ResNet stem (7x7 stride-2 conv + max-pool) with a 3x3 stride-1 conv and no pool.
+    """Take the downsampling out of a ResNet stem: no stride, no max-pool before the first stage.
 
-    The standard adaptation for 32 px images (He et al. 2016, CIFAR section;
-    solo-learn, lightly). Only models with ``conv1`` (a Conv2d) and ``maxpool``
-    are supported; anything else is a ConfigError rather than silent surgery.
+    A plain stem (a 7x7 stride-2 ``conv1`` + max-pool) becomes a 3x3 stride-1 conv and no pool: the standard
+    adaptation for 32 px images (He et al. 2016, CIFAR section; solo-learn, lightly). A deep stem (timm's ``*t`` /
+    ``*d`` ResNets and ``test_resnet``: ``conv1`` a Sequential of three 3x3 convs, the first of stride 2) keeps its
+    convs with the first at stride 1, and loses the pool: 28 px images reach the last stage at 4 x 4 instead of
+    1 x 1. Anything else is a ConfigError rather than silent surgery.
     """
     conv = getattr(model, "conv1", None)
-    if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(model, "maxpool", None), nn.Module):
+    first = conv[0] if isinstance(conv, nn.Sequential) and len(conv) and isinstance(conv[0], nn.Conv2d) else None
+    if not (isinstance(conv, nn.Conv2d) or first is not None) or not isinstance(
+        getattr(model, "maxpool", None), nn.Module
+    ):
         raise ConfigError(
-            f"backbone.cifar_stem: {name!r} has no ResNet stem (conv1 "
-            "Conv2d + maxpool); use it with resnet18/resnet50-style models"
+            f"backbone.cifar_stem: {name!r} has no ResNet stem (conv1, a Conv2d or a deep stem, + maxpool); "
+            "use it with resnet18/resnet50-style models"
         )
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    if isinstance(conv, nn.Conv2d):
+        model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    else:
+        assert first is not None
+        first.stride = (1, 1)
     model.maxpool = nn.Identity()
 
 

@@ -26,6 +26,7 @@ from harness.config.schema import RunConfig, Section
 
 __all__ = [
     "Domain",
+    "Reference",
     "Resources",
     "SchedulerConfig",
     "Sweep",
@@ -175,6 +176,19 @@ class TableConfig(Section):
         return v
 
 
+class Reference(Section):
+    """A published number printed under a sweep's table as a reference row (never bolded, never a result)."""
+
+    name: str = Field(min_length=1)
+    """What it is, e.g. ``raw pixels, kNN k=5 (Euclidean)``."""
+    metric: str = Field(min_length=1)
+    """The column it belongs in, e.g. ``eval/knn/top1``."""
+    value: float
+    """In the metric's units (a fraction for accuracies)."""
+    source: str = Field(min_length=1)
+    """Where it is published, e.g. ``Xiao et al. 2017, arXiv:1708.07747, Table 3``."""
+
+
 class SweepConfig(Section):
     """One ablation: a base run config, a search space, seeds, and how to schedule the trials."""
 
@@ -205,6 +219,8 @@ class SweepConfig(Section):
     """Metrics plotted against each numeric swept key."""
     table: TableConfig = Field(default_factory=TableConfig)
     """The metric columns of the headline table."""
+    references: list[Reference] = Field(default_factory=list)
+    """Published numbers the tables print as reference rows below the results."""
 
     @field_validator("seeds")
     @classmethod

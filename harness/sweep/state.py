@@ -28,6 +28,7 @@ __all__ = ["STATE_FILE", "child_runs", "latest_parent", "load_state", "new_state
 
 STATE_FILE = "state.json"
 TAG_SWEEP, TAG_TRIAL, TAG_SWEPT_KEYS = "harness.sweep", "harness.trial", "harness.swept_keys"
+TAG_REFERENCES = "harness.references"
 SWEPT_TAG_PREFIX = "swept."
 
 
@@ -45,6 +46,7 @@ def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
         "harness.role": "sweep",
     }
     tags["harness.table_columns"] = json.dumps(cfg.table.columns)  # what `table EXPERIMENT` shows (null: the default)
+    tags[TAG_REFERENCES] = json.dumps([r.model_dump() for r in cfg.references])
     parent = create_run(cfg.name, run_name=f"{cfg.name} sweep", uri=uri, tags=tags)
     parent.log_params({
         "sweep.space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in cfg.space.items()}),

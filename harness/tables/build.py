@@ -38,7 +38,7 @@ def build(experiment: str, out_dir: Path, uri: str | None = None, table: TableCo
         "best of each varying column in bold"
     )
     note += f"; runs of {produced_by(runs.children)}"
-    headline = headline_table(frame, runs.keys, metrics)
+    headline = headline_table(frame, runs.keys, metrics, runs.references)
     written[1].write_text(
         to_markdown(headline, title=f"{experiment}: {note}; every metric in table_full.md and table.csv"),
         encoding="utf-8",

@@ -134,8 +134,11 @@ def metric_cells(frame: pd.DataFrame, metric: str) -> tuple[list[Cell], Format]:
     return cells, fmt
 
 
-def headline_table(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> Table:
-    """The swept keys, the taxonomy, seeds and status, then ``metrics``; the baselines as rows below."""
+def headline_table(
+    frame: pd.DataFrame, keys: list[str], metrics: list[str], references: list[dict[str, Any]] | None = None
+) -> Table:
+    """The swept keys, the taxonomy, seeds and status, then ``metrics``; the baselines, then the published
+    ``references`` (name, metric, value, source) whose metric is a column, as rows below (never bolded)."""
     plain = [*keys, *TAXONOMY]
     columns = [metric_cells(frame, m) for m in metrics]
     header = [*keys, *(TAXONOMY_HEADERS[k] for k in TAXONOMY), "seeds", "status"]
@@ -150,6 +153,13 @@ def headline_table(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> 
         if text is not None:
             label = Cell("baseline: " + base.split("/")[1].replace("_", " "))
             below.append([label] + [Cell("")] * (len(plain) + 1) + [Cell(text if m == target else "") for m in metrics])
+    for ref in references or []:
+        if ref["metric"] not in metrics:
+            continue
+        fmt = columns[metrics.index(ref["metric"])][1]
+        label = Cell(f"reference: {ref['name']} ({ref['source']})")
+        cells = [Cell(fmt(float(ref["value"])) if m == ref["metric"] else "") for m in metrics]
+        below.append([label] + [Cell("")] * (len(plain) + 1) + cells)
     return Table(header, [False] * (len(plain) + 2) + [True] * len(metrics), rows, below)
 
 

@@ -28,6 +28,8 @@ DEFAULT_COLUMNS = (
 )
 """The headline table's metric columns when the sweep sets no ``table.columns`` (those no run logged are left out)."""
 
+TAG_REFERENCES = "harness.references"
+"""The sweep parent's tag holding its ``references`` (JSON list)."""
 TAG_COLUMNS = "harness.table_columns"
 """The sweep parent's tag holding its ``table.columns`` (JSON; null for the default)."""
 
@@ -67,6 +69,8 @@ class SweepRuns:
     """The sweep's ``table.columns`` as its parent run recorded them (None: the default)."""
     varying: list[str] = field(default_factory=list)
     """Params (besides the swept keys) whose values differ between the runs: each is a key column too."""
+    references: list[dict[str, Any]] = field(default_factory=list)
+    """The sweep's published reference numbers (``name``, ``metric``, ``value``, ``source``), as its parent recorded."""
 
     @property
     def keys(self) -> list[str]:
@@ -104,7 +108,8 @@ def collect(experiment: str, uri: str | None = None) -> SweepRuns:
         swept = json.loads(parent["tags"].get("harness.swept_keys", "[]"))
         headline = json.loads(parent["tags"].get("harness.headline", json.dumps([HEADLINE_METRIC])))
         columns = json.loads(parent["tags"].get(TAG_COLUMNS, "null"))
-        return SweepRuns(experiment, parent, children, swept, headline, columns)
+        references = json.loads(parent["tags"].get(TAG_REFERENCES, "[]"))
+        return SweepRuns(experiment, parent, children, swept, headline, columns, references=references)
     top = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
     return SweepRuns(experiment, None, top, [], [HEADLINE_METRIC], varying=varying_params(top))
 

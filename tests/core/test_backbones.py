@@ -45,6 +45,15 @@ def test_cifar_stem_keeps_resolution_in_the_first_stage():
     assert feats.shape[-1] == 4  # 32 / 8 with the CIFAR stem (32 / 32 = 1 with the ImageNet stem)
 
 
+@pytest.mark.parametrize("name", ["test_resnet", "resnet10t"])
+def test_cifar_stem_on_a_deep_stem_keeps_28_px_at_4x4_in_the_last_stage(name):
+    plain, cifar = create_backbone(name, in_chans=1), create_backbone(name, in_chans=1, cifar_stem=True)
+    x = torch.randn(2, 1, 28, 28)
+    assert plain.forward_features(x).shape[-1] == 1 and cifar.forward_features(x).shape[-1] == 4
+    assert cifar.conv1[0].stride == (1, 1) and isinstance(cifar.maxpool, torch.nn.Identity)
+    assert cifar.conv1[0].in_channels == 1  # the rest of the stem as it was
+
+
 def test_cifar_stem_refused_for_models_without_a_resnet_stem():
     with pytest.raises(ConfigError, match="backbone.cifar_stem"):
         create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, cifar_stem=True)

@@ -211,6 +211,13 @@ def test_swept_values_are_never_bold_and_baselines_that_differ_are_a_range(monke
     assert [row[random_init] for row in full.rows] == [tables.Cell("–"), tables.Cell("20.8"), tables.Cell("24.0")]  # varies, never bold
     without_knn = tables.headline_table(frame, sweep.keys, ["time/pretrain_s"])
     assert without_knn.below == []  # a baseline goes in its evaluation's column, or nowhere (it is in table_full.md)
+    # a sweep's published references: rows below, in their metric's column and format, never bold, never in the means
+    refs = [{"name": "raw pixels, kNN k=5", "metric": "eval/knn/top1", "value": 0.854, "source": "Xiao et al. 2017"},
+            {"name": "elsewhere", "metric": "eval/semi/1pct/top1", "value": 0.5, "source": "x"}]  # fmt: skip
+    with_refs = tables.headline_table(frame, sweep.keys, ["eval/knn/top1", "time/pretrain_s"], refs)
+    assert [c.text for c in with_refs.below[-1]] == ["reference: raw pixels, kNN k=5 (Xiao et al. 2017)", *[""] * 6, "85.4", ""]
+    assert len(with_refs.below) == 3 and not any(c.bold for row in with_refs.below for c in row)
+    assert [[c.text for c in row] for row in with_refs.rows] == [[c.text for c in row] for row in table.rows]
 
 
 @pytest.mark.parametrize(
