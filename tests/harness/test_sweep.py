@@ -181,3 +181,12 @@ def test_a_trials_peak_memory_is_its_own_after_a_larger_one_in_the_same_process(
     own = peak_rss_mb()
     del small
     assert after_large - own > 250 and own < after_large
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_validates(path: Path) -> None:
+    """Every trial's run config of every sweep under sweeps/ builds (the references and table sections too)."""
+    from harness.sweep.config import load_sweep
+
+    sweep = load_sweep(path, [])
+    assert sweep.trials and all(sweep.configs[t.key].tracking.experiment for t in sweep.trials)
