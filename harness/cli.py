@@ -70,10 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     show = verbs.add_parser(
         "config",
         help="print the resolved config (defaults filled in) without running",
-        description="Validate a config with its overrides and print it resolved.",
+        description=(
+            "Validate a config with its overrides and print it resolved; with --data, also load the data and build "
+            "the model, and print what a run would record about them (fingerprint, counts, classes, each view's "
+            "recipe)."
+        ),
     )
     show.add_argument("config", help="run config YAML")
     show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.add_argument(
+        "--data", action="store_true", help="load the data and print its provenance and the views' recipes"
+    )
 
     sweep = verbs.add_parser(
         "sweep",
@@ -344,6 +351,15 @@ def _config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.as_dict(), sort_keys=False), end="")
+    if not args.data:
+        return EXIT_OK
+    from harness.trial.prepare import prepare, view_record
+    from harness.trial.run import data_record
+
+    trial = prepare(cfg)  # what a run does before it opens: bad data is bad input here too
+    record = {"data": data_record(trial.data), "views": view_record(trial)}
+    print("---  # what a run records: data.json and views.json")
+    print(yaml.safe_dump(record, sort_keys=False, allow_unicode=True), end="")
     return EXIT_OK
 
 

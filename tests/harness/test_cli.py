@@ -137,3 +137,20 @@ def test_help_on_every_verb(verb):
 def test_config_verb_prints_the_resolved_config(config_file, capsys):
     code, out, _ = run_cli(["config", str(config_file), "pretrain.epochs=4"], capsys)
     assert code == 0 and "epochs: 4" in out and "temperature: 0.2" in out and "proj_dim: 128" in out
+
+
+def test_config_with_data_prints_what_a_run_would_record(config_file, capsys):
+    """``config --data``: the data's fingerprint, subset digest, counts per class and each view's recipe, before any
+    run exists (and the same fingerprint a loader call gives)."""
+    import yaml
+
+    from harness.data.datasets import load_dataset
+
+    overrides = ["data.num_train=64", "data.num_test=32", "data.image_size=16", "method.name=simclr"]
+    code, out, _ = run_cli(["config", str(config_file), *overrides, "--data"], capsys)
+    assert code == 0
+    _, record = yaml.safe_load_all(out)
+    expected = load_dataset("shapes", image_size=16, num_train=64, num_test=32).provenance["fingerprint"]
+    assert record["data"]["fingerprint"] == expected and record["data"]["images"] == {"train": 64, "test": 32}
+    assert sum(record["data"]["counts"]["train"].values()) == 64 and record["data"]["channels"] == 3
+    assert [v["size"] for v in record["views"]] == [16, 16] and record["views"][0]["solarize_p"] == 0.0
