@@ -431,6 +431,13 @@ def test_runs_on_two_data_folders_are_two_rows(monkeypatch) -> None:
     assert frame["data.root"].tolist() == ["/a", "/b"] and frame["seeds"].tolist() == [2, 1]
 
 
+def test_runs_on_one_folder_whose_files_changed_are_two_rows(monkeypatch) -> None:
+    """Same config, same data.root, but the files changed between the runs: the fingerprint keeps them apart."""
+    runs = [plain_run(i, seed, 0.5, **{"data.root": "/a", "data.fingerprint": fp}) for i, (seed, fp) in enumerate([(0, "f1"), (1, "f1"), (0, "f2")])]
+    collected, frame = plain_frame(monkeypatch, runs)
+    assert collected.keys[-1] == "data.fingerprint" and frame["seeds"].tolist() == [2, 1]
+
+
 def test_a_table_names_the_commits_its_runs_were_made_with() -> None:
     from harness.tables.build import produced_by
 
