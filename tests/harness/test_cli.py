@@ -146,7 +146,7 @@ def test_config_with_data_prints_what_a_run_would_record(config_file, capsys):
 
     from harness.data.datasets import load_dataset
 
-    overrides = ["data.num_train=64", "data.num_test=32", "data.image_size=16", "pretrain.batch_size=32"]
+    overrides = ["data.num_train=64", "data.num_test=32", "data.image_size=16", "pretrain.batch_size=32", "eval.semi.enabled=false"]
     code, out, _ = run_cli(["config", str(config_file), *overrides, "--data"], capsys)
     assert code == 0
     _, record = yaml.safe_load_all(out)
