@@ -1,6 +1,6 @@
 """A view a method asks for, and the one random-resized-crop geometry of the in-memory and the streamed paths.
 
-Each image's view is drawn from ``NUM_DRAWS`` uniforms in a fixed column order (:data:`SCALE` ... :data:`SIGMA`);
+Each image's view is drawn from ``NUM_DRAWS`` uniforms in a fixed column order (:data:`SCALE` ... :data:`SOLARIZE`);
 :func:`crop_box` turns the first four into the crop, on tensors (the augmenter, a batch at once) or on Python
 floats (a streamed loader's worker, one image at a time), with the same operations in the same order.
 """

@@ -150,7 +150,8 @@ class AugmentConfig(Section):
     hue: float = Field(0.1, ge=0, le=0.5)
     grayscale_p: float = Field(0.2, ge=0, le=1)
     blur_p: float = Field(0.0, ge=0, le=1)
-    """Gaussian blur probability (SimCLR ImageNet: 0.5; off for 32 px images)."""
+    """Gaussian blur probability (SimCLR ImageNet: 0.5; off for 32 px images). A method's own view recipe sits over
+    this and ``solarize_p`` (BYOL's views blur with 1.0 and 0.1 whatever it is): change those with ``views``."""
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = Field(0.0, ge=0, le=1)
     """Solarisation probability: pixels at or above half the range inverted (torchvision's ``RandomSolarize(0.5)``

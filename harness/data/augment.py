@@ -11,9 +11,9 @@ then normalisation (knobs: :class:`harness.config.schema.AugmentConfig`; a view 
 Differences from ``torchvision.transforms`` applied image by image:
 
 * one ``(B, NUM_DRAWS)`` uniform draw and one ``randperm(4)`` per call, in a fixed order whatever the config: the same
-  on the CPU and on CUDA, and switching one op off does not change what the others draw (sequential draws from a
-  generator take the solarisation column only for a recipe that solarises, so recipes without it draw what they
-  drew before it existed);
+  on the CPU and on CUDA, and switching one op off does not change what the others draw (keyed draws); sequential
+  draws from a generator take the solarisation column only for a recipe that solarises, so recipes without it draw
+  what they drew before it existed (and turning it on shifts the generator's later calls);
 * random resized crop: one draw per image, the crop's sides clamped to the image (torchvision redraws up to 10 times,
   then centre-crops); continuous boxes, crop + resize + flip in one bilinear ``grid_sample`` without antialiasing
   (aliased when the crop is much more than ~2x the output side);
@@ -237,7 +237,7 @@ class Augmenter:
         radius: int,
         cropped: bool = False,
     ) -> torch.Tensor:
-        """Uniforms (B, 13) and the per-image op flags (B,) -> parameters (B, 10 + 2 * radius + 1) float32.
+        """Uniforms (B, NUM_DRAWS) and the per-image op flags (B,) -> parameters (B, 10 + 2 * radius + 1) float32.
 
         Columns: 0-3 the crop [w, h, cx, cy] (see :func:`_resized_crop`); 4 the x scale sign
         (-1 flips); 5-8 the brightness, contrast, saturation and hue factors (identity where

@@ -11,7 +11,7 @@ usual on-disk format, and a missing folder or file is a one-line :class:`DataNot
 
 Loading is deterministic for given arguments; ``num_train``/``num_test`` below a split's
 size take a class-stratified subset drawn with ``seed``. Every dataset keeps its native channels
-(1 for the MNIST family and digits, 3 for the others; ``channels`` converts), and
+(1 for the MNIST family, digits and grey folders or shards, 3 for the others; ``channels`` converts), and
 :attr:`DataSplits.provenance` says what was loaded: a fingerprint, the normalisation, any resize
 and the digests of the subsets' indices.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,11 @@ def _normalized(data: DataSplits, normalize: str) -> DataSplits:
         mean, std = (0.0,) * channels, (1.0,) * channels
     else:
         mean, std = data.mean, data.std
+        if not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+            raise BadInput(
+                f"data.normalize: the training split of {data.name!r} gives mean {list(mean)} and std {list(std)} "
+                "(no images, or every pixel the same); use data.normalize=imagenet or none"
+            )
     stats = f"mean {', '.join(f'{m:.4f}' for m in mean)}; std {', '.join(f'{s:.4f}' for s in std)}"
     provenance = {**fingerprint(data), **data.provenance, "normalize": f"{normalize} ({stats})"}
     return dataclasses.replace(data, mean=tuple(mean), std=tuple(std), provenance=provenance)
@@ -618,13 +624,13 @@ def _from_sources(request: DatasetRequest, train: streaming.ImageSource, test: s
     provenance["resized"] = f"each image's shorter side to {size} px, centre crop (data.image_size)"
     if in_memory:
         mean, std = channel_stats(splits[0].images)
-    else:  # a sample, decoded as evaluation decodes it; an unreadable image is left out here (the run meets it later)
+    else:  # a sample, decoded as the in-memory path decodes all; an unreadable one is left out (the run meets it)
         rows = torch.linspace(0, len(train) - 1, min(len(train), STATS_SAMPLE)).round().long().unique()
-        sample = streaming.StreamedImages(train.subset(rows), size, resize, threads=request.threads,
+        sample = streaming.StreamedImages(train.subset(rows), size, size, threads=request.threads,
                                           skip_corrupt=True, quiet=True)  # fmt: skip
         images = sample[:]
         readable = torch.tensor([name not in set(sample.skipped) for name in sample.source.names], dtype=torch.bool)
-        mean, std = channel_stats(images[readable]) if bool(readable.any()) else channel_stats(images)
+        mean, std = channel_stats(images[readable])
         provenance["stats_of"] = f"{len(rows)} of {len(train)} training images, evenly spaced (streamed)"
     return DataSplits(
         request.name, splits[0], splits[1], train.classes, mean, std, storage=storage, provenance=provenance

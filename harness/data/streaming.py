@@ -159,7 +159,8 @@ def detect_channels(source: ImageSource, sample: int = CHANNEL_SAMPLE) -> int:
     """1 when every one of ``sample`` evenly spaced images of ``source`` is grayscale (:data:`GRAYSCALE_MODES`, read
     from the header alone), else 3. An unreadable image counts as neither (it fails later, or is skipped)."""
     n = len(source)
-    rows = sorted({round(i * (n - 1) / max(1, sample - 1)) for i in range(min(n, sample))})
+    count = min(n, sample)
+    rows = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)})
     for row in rows:
         try:
             mode = Image.open(io.BytesIO(source.read(row))).mode
@@ -324,7 +325,7 @@ def crop_views(
     source: ImageSource, i: int, uniforms: Sequence[torch.Tensor], views: Sequence[View], cfg: AugmentConfig
 ) -> list[torch.Tensor]:
     """Image ``i``'s random resized crop for each view, from the original image: the crop of
-    :func:`core.views.crop_box` for the view's uniforms (13,) and this image's sides, resized to the view's
+    :func:`core.views.crop_box` for the view's uniforms (NUM_DRAWS,) and this image's sides, resized to the view's
     side (bilinear, antialiased). uint8 (C, s, s) each.
     """
     boxes: list[tuple[float, float, float, float]] = []

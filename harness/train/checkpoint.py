@@ -96,7 +96,13 @@ def load_checkpoint(
 
 
 def _check_same_experiment(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    """BadInput naming the first key whose value differs; a key the checkpoint's config lacks (written before the key
+    existed) counts as the schema's default then, so an old checkpoint resumes when the new key is left at it."""
     old, new = flatten(saved), flatten(cfg.as_dict())
+    defaults = flatten(RunConfig().as_dict())
+    for k in new.keys() - old.keys():
+        if k in defaults:
+            old[k] = defaults[k]
     differ = sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_DIFFERENCES)
     )

@@ -119,7 +119,9 @@ def semi_supervised(trial: Trial, mlrun: Run | None = None) -> dict[str, float]:
     cfg, data, method = trial.cfg, trial.data, trial.method
     semi = cfg.eval.semi
     trunk, dim = method.trunk(semi.from_projector_layer)
-    light = cfg.augment.model_copy(update={"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0})  # crop + flip only
+    light = cfg.augment.model_copy(  # crop + flip only
+        update={"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0, "views": []}
+    )
     augmenter = Augmenter(light, data.mean, data.std)
     view = View(data.image_size)
 
@@ -224,8 +226,7 @@ def baselines(trial: Trial) -> dict[str, float]:
 
 def baseline_key(trial: Trial) -> str:
     """A digest of everything the baselines depend on: the data config and fingerprint, the kNN protocol, the device
-    type, the
-    random-init backbone's weights (so a method that draws its initial weights differently gets its own), and,
+    type, the random-init backbone's weights (so a method that draws its initial weights differently gets its own), and,
     when the method has its own evaluation or input-baseline inputs, its name and parameters."""
     cfg, method = trial.cfg, trial.method
     spec = method.evaluation()

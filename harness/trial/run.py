@@ -187,8 +187,12 @@ def data_record(data: DataSplits) -> dict[str, Any]:
 def log_data(mlrun: Run, data: DataSplits) -> None:
     """The data's identity on the run: param ``data.fingerprint`` (so that tables never merge runs on different data),
     tags ``data.*`` (provenance, image counts) and the artifact ``data.json`` (:func:`data_record`)."""
-    if "data.fingerprint" not in mlrun.info()["params"]:
-        mlrun.log_params({"data.fingerprint": data.provenance.get("fingerprint", "")})
+    fingerprint, logged = data.provenance.get("fingerprint", ""), mlrun.info()["params"].get("data.fingerprint")
+    if logged is None:
+        mlrun.log_params({"data.fingerprint": fingerprint})
+    elif logged != fingerprint:  # a resumed run whose files changed meanwhile: its numbers mix two datasets
+        log.warning("data: fingerprint %s, but the run began on data with fingerprint %s", fingerprint, logged)
+        mlrun.set_tags({"data.fingerprint_changed": f"{logged} -> {fingerprint} (resumed on other data)"})
     tags: dict[str, Any] = {f"data.{k}": v for k, v in data.provenance.items() if k != "fingerprint"}
     tags |= {
         "harness.data": data.storage,

@@ -117,7 +117,7 @@ def _folder(root: Path, mode: str) -> None:
             (root / split / cls).mkdir(parents=True)
             for i in range(3):
                 colour = 40 * c + 20 * i + 10
-                Image.new(mode, (10, 10), colour if mode == "L" else (colour, 255 - colour, 7)).save(root / split / cls / f"{i}.png")
+                Image.new(mode, (10, 10), colour if mode == "L" else (colour, 255 - colour, colour // 2)).save(root / split / cls / f"{i}.png")
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -131,6 +131,23 @@ def test_a_grey_folder_stays_one_channel_and_an_rgb_folder_three(tmp_path: Path,
     assert sorted(grey.train.images[:][:, 0, 4, 4].tolist()) == [10, 30, 50, 50, 70, 90]
     forced = load_dataset("imagefolder", root=tmp_path / "grey", image_size=8, in_memory=in_memory, channels=3)
     assert forced.channels == 3 and torch.equal(forced.train.images[:][:, 0], grey.train.images[:][:, 0])
+
+
+def test_a_small_folder_is_read_whole_to_tell_its_channels(tmp_path: Path) -> None:
+    """Fewer images than the sample: every one is looked at (a grey first class does not make a colour folder grey)."""
+    _folder(tmp_path, "L")
+    Image.new("RGB", (10, 10), (200, 10, 10)).save(tmp_path / "train" / "b" / "9.png")  # the last image, in colour
+    assert load_dataset("imagefolder", root=tmp_path, image_size=8).channels == 3
+
+
+def test_constant_images_cannot_be_standardised_by_their_own_stats(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), 128).save(tmp_path / split / "a" / f"{i}.png")
+    with pytest.raises(BadInput, match=r"data.normalize: the training split of 'imagefolder' gives mean \[.*\] and std \[0.0\]"):
+        load_dataset("imagefolder", root=tmp_path, image_size=8)
+    assert load_dataset("imagefolder", root=tmp_path, image_size=8, normalize="none").std == (1.0,)
 
 
 def test_normalisation_choices(tmp_path: Path) -> None:

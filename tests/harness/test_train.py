@@ -102,6 +102,20 @@ def test_checkpoint_holds_config_and_loads_weights_only(tiny_overrides, tmp_path
     assert all(torch.equal(a, b) for a, b in zip(weights(method).values(), weights(fresh).values()))
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_at_its_default(tiny_overrides, tmp_path):
+    """A checkpoint written before ``data.normalize`` and ``augment.solarize_p`` existed (its config lacks them, and
+    it has no timing totals) resumes with them at their defaults, and is refused when one is set otherwise."""
+    ckpt = tmp_path / "c.pt"
+    train(tiny_overrides, checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["data"]["normalize"], state["config"]["augment"]["solarize_p"], state["timing"]
+    torch.save(state, ckpt)
+    _, result = train([*tiny_overrides, f"pretrain.resume={ckpt}"])  # nothing left to train: the losses it had
+    assert len(result.losses) == 2 and result.steady_s < 0.01  # no totals in it: this call's alone
+    with pytest.raises(BadInput, match=r"trained with augment.solarize_p=0.0, this config has 0.2"):
+        train([*tiny_overrides, "augment.solarize_p=0.2", f"pretrain.resume={ckpt}"])
+
+
 def test_resume_with_a_different_config_is_refused(tiny_overrides, tmp_path):
     ckpt = tmp_path / "c.pt"
     train(tiny_overrides, checkpoint=ckpt)
