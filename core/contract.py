@@ -39,7 +39,7 @@ def unchanged(x: torch.Tensor) -> torch.Tensor:
 class MethodParams(BaseModel):
     """Base of every method's parameter model: unknown keys are refused, defaults are the paper's."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

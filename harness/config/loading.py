@@ -40,7 +40,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
+    if _expanded_size(raw) > MAX_VALUES:
+        raise ConfigError(
+            f"{path}: expands to more than {MAX_VALUES:,} values (anchors nested in anchors?); "
+            f"a config or sweep file holds at most {MAX_VALUES:,}"
+        )
     return raw
+
+
+MAX_VALUES = 100_000
+"""Most values (mappings, lists and scalars, each alias counted as often as it is used) one YAML file may expand to:
+YAML aliases are shared references, so a file of a few lines can stand for billions of values ("billion laughs")."""
+
+
+def _expanded_size(tree: Any) -> int:
+    """How many values ``tree`` expands to, counting up to just past :data:`MAX_VALUES` (so a bomb stops early)."""
+    count, stack = 0, [tree]
+    while stack and count <= MAX_VALUES:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return count
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> RunConfig:

@@ -25,7 +25,7 @@ def first_error(err: ValidationError, model: type[BaseModel], prefix: str = "") 
         return f"{loc}: unknown key{suggest(loc, known, n=1)}"
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or got is None else f" (got {_short(repr(got))})"
     return f"{loc}: {msg}{shown}"
 
 
@@ -34,3 +34,7 @@ def submodel(model: type[BaseModel] | None, field: str) -> type[BaseModel] | Non
     info = model.model_fields.get(field) if model is not None else None
     annotation = info.annotation if info is not None else None
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"

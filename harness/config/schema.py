@@ -16,11 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.errors import ConfigError
 from harness.config.messages import first_error
 
+NAME_MAX = 200
+"""Longest experiment (or sweep) name: it is a folder name, which file systems limit to 255 bytes."""
+RUN_NAME_MAX = 5000
+"""Longest run name: MLflow keeps it as a tag value (at most 8,000 characters)."""
+
 
 class Section(BaseModel):
     """A config section: unknown keys are refused, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -333,8 +338,29 @@ class TrackingConfig(Section):
     """Where runs are logged. ``uri`` falls back to MLFLOW_TRACKING_URI, then ``sqlite:///mlflow.db``."""
 
     uri: str | None = None
-    experiment: str = "harness"
-    run_name: str | None = None
+    experiment: str = Field("harness", min_length=1, max_length=NAME_MAX)
+    """The MLflow experiment, also the folder of the default checkpoint path ``outputs/<experiment>/<run id>``: one
+    path component (no ``/``, ``\\``, control characters, ``.`` or ``..``)."""
+    run_name: str | None = Field(None, min_length=1, max_length=RUN_NAME_MAX)
+    """The MLflow run name (default ``<method>-<backbone>-<data>-s<seed>``; a sweep's trials take their trial key);
+    MLflow keeps it as a tag, it names no file."""
+
+    @field_validator("experiment")
+    @classmethod
+    def _one_path_component(cls, v: str) -> str:
+        if v in (".", "..") or any(c in v for c in "/\\") or not v.isprintable():
+            raise ValueError(
+                "must be one folder name: no '/', '\\', control characters, '.' or '..' (it names the folder of the "
+                "default checkpoint path outputs/<experiment>/<run id>)"
+            )
+        return v
+
+    @field_validator("run_name")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and not v.isprintable():
+            raise ValueError("must be printable text (no control characters or line breaks)")
+        return v
 
 
 class RunConfig(Section):

@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from core.errors import ConfigError, suggest
 from core.metrics import HEADLINE_METRIC, ONLINE_METRICS
 from harness.config.loading import build_config, first_error, parse_overrides, read_yaml, set_values
-from harness.config.schema import RunConfig, Section
+from harness.config.schema import NAME_MAX, RunConfig, Section
 
 __all__ = [
     "Domain",
@@ -192,7 +192,7 @@ class Reference(Section):
 class SweepConfig(Section):
     """One ablation: a base run config, a search space, seeds, and how to schedule the trials."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=NAME_MAX)
     """The MLflow experiment and the folder under ``results/``."""
     base: Path | None = None
     """A run config YAML the trials start from (relative to the sweep file)."""
@@ -289,13 +289,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         cfg = SweepConfig(**raw)
     except ValidationError as err:
         raise ConfigError(first_error(err, SweepConfig)) from None
-    run_raw = _merge(read_yaml(_relative(cfg.base, path)) if cfg.base else {}, cfg.run)
+    run_raw = _merge(_read_base(cfg.base, path) if cfg.base else {}, cfg.run)
     run_raw = set_values(run_raw, {"tracking.experiment": cfg.name}, RunConfig)
     run_raw = _workers_from_resources(run_raw, cfg.resources)
     if (run_raw.get("eval") or {}).get("baselines_cache") is None:  # trials sharing data, seed and backbone share them
         run_raw = set_values(
             run_raw, {"eval.baselines_cache": str(cfg.storage.resolve() / cfg.name / "baselines")}, RunConfig
         )
+    _check_trial_count(cfg)
     sweep = Sweep(cfg, path, path.read_text(), expand(cfg))
     for key, domain in cfg.space.items():  # every value (or both ends of a range) must make a valid run config
         for value in domain.bounds():
@@ -307,6 +308,36 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         )
     _check_scheduler_metric(cfg.scheduler, list(sweep.configs.values()))
     return sweep
+
+
+MAX_TRIALS = 10_000
+"""Most trials one sweep may expand to (grid points x draws x seeds): a larger sweep is refused before it expands."""
+
+
+def _check_trial_count(cfg: SweepConfig) -> None:
+    sizes = [len(d.points()) for d in cfg.space.values() if not d.random]
+    count = math.prod(sizes) * cfg.num_samples * len(cfg.seeds)
+    if count > MAX_TRIALS:
+        plural = lambda n, what: f"{n} {what}{'s' if n != 1 else ''}"  # noqa: E731
+        parts = [*(str(n) for n in sizes), plural(cfg.num_samples, "draw"), plural(len(cfg.seeds), "seed")]
+        raise ConfigError(
+            f"space: {count:,} trials ({' x '.join(parts)}); a sweep holds at most {MAX_TRIALS:,} "
+            "(split it into several sweeps, or sample the space with choice/uniform and num_samples)"
+        )
+
+
+def _read_base(base: Path, sweep_file: Path) -> dict[str, Any]:
+    """The run config a sweep starts from; the sweep file itself, or another sweep file, is refused."""
+    path = _relative(base, sweep_file)
+    if path.is_file() and path.resolve() == sweep_file.resolve():
+        raise ConfigError(f"base: {base} is this sweep file itself; give a run config, e.g. configs/simclr_shapes.yaml")
+    raw = read_yaml(path)
+    if "space" in raw and "name" in raw:
+        raise ConfigError(
+            f"base: {base} is a sweep file (it has name and space), not a run config; give a run config, "
+            "e.g. configs/simclr_shapes.yaml"
+        )
+    return raw
 
 
 def _workers_from_resources(run_raw: dict[str, Any], resources: Resources) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from harness import signals
 from harness.config.schema import RunConfig
 from harness.launch import raytrain, raytune
 from harness.sweep.config import Sweep, load_sweep
-from harness.sweep.state import STATE_FILE, child_runs, latest_parent, load_state, new_state, write_json
+from harness.sweep.state import STATE_FILE, child_runs, hold_name, latest_parent, load_state, new_state, write_json
 from harness.sweep.trial import FINISHED_KEY, train_trial, worker_folder
 from harness.track.mlflow import absolute_uri, open_run, tracking_uri
 
@@ -62,6 +62,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepO
     uri = absolute_uri(tracking_uri(next(iter(sweep.configs.values())).tracking.uri))
     root = cfg.storage.resolve() / cfg.name
     state_path = root / STATE_FILE
+    with hold_name(root, cfg.name):
+        return _start(sweep, uri, root, state_path, resume, verbose)
+
+
+def _start(sweep: Sweep, uri: str, root: Path, state_path: Path, resume: bool, verbose: int) -> SweepOutcome:
+    cfg = sweep.cfg
     if resume:
         state = load_state(state_path, sweep, uri)
     else:

@@ -9,9 +9,13 @@ and a digest of the trials' configs, so a resumed sweep reuses the same runs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +28,64 @@ from harness.sweep.config import Sweep
 from harness.track.mlflow import create_run, search_runs
 from harness.track.provenance import git_commit
 
-__all__ = ["STATE_FILE", "child_runs", "latest_parent", "load_state", "new_state", "write_json"]
+__all__ = ["STATE_FILE", "child_runs", "hold_name", "latest_parent", "load_state", "new_state", "write_json"]
 
 STATE_FILE = "state.json"
+LOCK_FILE = "sweep.lock"
 TAG_SWEEP, TAG_TRIAL, TAG_SWEPT_KEYS = "harness.sweep", "harness.trial", "harness.swept_keys"
 TAG_REFERENCES = "harness.references"
 SWEPT_TAG_PREFIX = "swept."
 
 
+@contextlib.contextmanager
+def hold_name(root: Path, name: str) -> Iterator[None]:
+    """Hold sweep ``name``'s folder ``root`` (``<storage>/<name>``) for as long as the sweep runs.
+
+    The folder must be writable (checked here, before any MLflow run exists), and a second sweep of the same
+    name on the same storage is refused while the first runs: both would write one ``state.json``, and the first
+    could then not be resumed. The hold is an advisory lock on ``sweep.lock``, released by the kernel when the
+    process ends, however it ends."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise BadInput(
+            f"storage: cannot write the sweep's folder {root} ({err.strerror}); "
+            "give storage=PATH, a folder this user can create and write"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise BadInput(
+                f"sweep {name!r} is already running on storage {root.parent} ({holder}); wait for it to end, "
+                "or give the sweep another name (name=...) or storage (storage=PATH)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
-    """Open the parent run and one SCHEDULED child per trial; write the state file that ``--resume`` reads."""
+    """Open the parent run and one SCHEDULED child per trial; write the state file that ``--resume`` reads.
+
+    If anything fails on the way (the store, the state file), every run opened so far is ended FAILED with the
+    error tagged, so none is left RUNNING or SCHEDULED, and the error goes on up."""
+    opened: list[Any] = []
+    try:
+        return _new_state(sweep, uri, root, opened)
+    except BaseException as err:
+        for run in reversed(opened):
+            with contextlib.suppress(Exception):
+                run.set_tags({"harness.error": f"the sweep could not start: {type(err).__name__}: {err}"[:500]})
+                run.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _new_state(sweep: Sweep, uri: str, root: Path, opened: list[Any]) -> dict[str, Any]:
     from harness.trial.run import log_run_inputs, run_tags  # run imports torch: keep this module light to import
 
     cfg = sweep.cfg
@@ -48,6 +100,7 @@ def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
     tags["harness.table_columns"] = json.dumps(cfg.table.columns)  # what `table EXPERIMENT` shows (null: the default)
     tags[TAG_REFERENCES] = json.dumps([r.model_dump() for r in cfg.references])
     parent = create_run(cfg.name, run_name=f"{cfg.name} sweep", uri=uri, tags=tags)
+    opened.append(parent)
     parent.log_params({
         "sweep.space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in cfg.space.items()}),
         "sweep.seeds": cfg.seeds, "sweep.num_samples": cfg.num_samples, "sweep.trials": len(sweep.trials),
@@ -64,6 +117,7 @@ def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
         tags = run_tags(run_cfg) | {TAG_SWEEP: cfg.name, TAG_TRIAL: trial.key, "harness.point": trial.point_key}
         tags |= {SWEPT_TAG_PREFIX + k: json.dumps(trial.labels.get(k, v)) for k, v in trial.point.items()}
         child = create_run(cfg.name, run_name=trial.key, uri=uri, tags=tags, parent_run_id=parent.run_id)
+        opened.append(child)
         log_run_inputs(child, run_cfg)
         child.set_status("SCHEDULED")
         trials[trial.key] = child.run_id

@@ -101,3 +101,43 @@ def test_compile_without_a_compiler_is_one_line_naming_why(monkeypatch, tmp_path
         build_config({"device": "cpu", "pretrain": {"compile": True}})
     assert "\n" not in str(info.value)
     build_config({"device": "cpu", "pretrain": {"compile": False}})  # off: nothing is checked
+
+
+@pytest.mark.parametrize(
+    "key", ["pretrain.base_lr", "method.temperature", "eval.knn.temperature", "augment.brightness", "data.memory_budget_gb"]
+)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_is_finite(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key}: .*finite") as info:
+        build_config({}, [f"{key}={value}"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("tracking.experiment=/abs/x", r"^tracking.experiment: must be one folder name"),
+        ("tracking.experiment=a/b", r"^tracking.experiment: must be one folder name"),
+        ("tracking.experiment=..", r"^tracking.experiment: must be one folder name"),
+        ("tracking.experiment=''", r"^tracking.experiment: .*at least 1 character"),
+        ("tracking.experiment=" + "e" * 300, r"^tracking.experiment: .*at most 200 characters \(got 'eee.*\.\.\. \(302 characters\)\)$"),
+        ("tracking.run_name=" + "r" * 6000, r"^tracking.run_name: .*at most 5000 characters"),
+        ('tracking.run_name="a\\nb"', r"^tracking.run_name: must be printable"),
+    ],
+)
+def test_experiment_and_run_names_are_one_short_folder_name(override, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        build_config({}, [override])
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    assert build_config({}, ["tracking.experiment=my-exp_1.2"]).tracking.experiment == "my-exp_1.2"
+
+
+def test_a_yaml_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"cfg.yaml: expands to more than 100,000 values"):
+        load_config(write(tmp_path, "\n".join(lines) + "\n"))
+    assert time.perf_counter() - start < 2.0

@@ -122,6 +122,80 @@ def test_bad_sweeps_exit_2_before_anything_runs(tmp_path, tracking_uri, capsys, 
     assert not (tmp_path / "outputs").exists()
 
 
+def test_huge_grids_and_bombs_are_refused_before_they_expand(tmp_path, tracking_uri, capsys) -> None:
+    import time
+
+    grid = {"method.temperature": {"grid": [0.1 + i / 1e4 for i in range(1000)]}, "pretrain.base_lr": {"grid": [0.1 + i / 1e4 for i in range(1000)]}}
+    start = time.perf_counter()
+    assert main(["sweep", str(write_sweep(tmp_path, space=grid, seeds=[0]))]) == 2
+    assert time.perf_counter() - start < 5.0
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: space: 1,000,000 trials (1000 x 1000 x 1 draw x 1 seed); a sweep holds at most 10,000 "
+        "(split it into several sweeps, or sample the space with choice/uniform and num_samples)"
+    )
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["name: unit", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    bomb.write_text("\n".join(lines) + "\nspace: {method.temperature: *a8}\n")
+    start = time.perf_counter()
+    assert main(["sweep", str(bomb)]) == 2
+    assert time.perf_counter() - start < 5.0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bomb.yaml: expands to more than 100,000 values" in err
+
+
+def test_a_base_that_is_a_sweep_file_is_refused(tmp_path, tracking_uri, capsys) -> None:
+    path = write_sweep(tmp_path, base="sweep.yaml")
+    assert main(["sweep", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: base: sweep.yaml is this sweep file itself; give a run config, e.g. configs/simclr_shapes.yaml"
+    (tmp_path / "sub").mkdir()
+    path = write_sweep(tmp_path / "sub", base="../sweep.yaml")  # another sweep file as the base
+    assert main(["sweep", str(path)]) == 2
+    assert "base: ../sweep.yaml is a sweep file (it has name and space), not a run config" in capsys.readouterr().err
+
+
+def test_unwritable_storage_is_bad_input_before_any_run(tmp_path, tracking_uri, capsys) -> None:
+    path = write_sweep(tmp_path, storage="/proc/nonexist/x")
+    assert main(["sweep", str(path), "seeds=[0]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: storage: cannot write the sweep's folder /proc/nonexist/x/unit (") and "\n" not in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_second_sweep_of_the_same_name_is_refused_while_the_first_runs(tmp_path, tracking_uri, capsys) -> None:
+    from harness.sweep.state import hold_name
+
+    path = write_sweep(tmp_path, storage=str(tmp_path / "st"))
+    with hold_name(tmp_path / "st" / "unit", "unit"):  # the first sweep, still running
+        assert main(["sweep", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: sweep 'unit' is already running on storage {tmp_path / 'st'} (pid ") and "\n" not in err
+        with hold_name(tmp_path / "st" / "other", "other"):  # another name on the same storage is free
+            pass
+    assert not (tmp_path / "mlflow.db").exists()
+    with hold_name(tmp_path / "st" / "unit", "unit"):  # the first has ended: the name is free again
+        pass
+
+
+def test_a_store_error_while_opening_the_runs_leaves_none_running_or_scheduled(tmp_path, tracking_uri, monkeypatch) -> None:
+    from harness.sweep import state
+    from harness.track.mlflow import search_runs
+
+    sweep = load_sweep(write_sweep(tmp_path, seeds=[0]))
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        state.new_state(sweep, tracking_uri, tmp_path / "st")
+    runs = search_runs("unit", tracking_uri)
+    assert len(runs) == 3  # the parent and its two children
+    assert {r["status"] for r in runs} == {"FAILED"}
+    assert all("No space left on device" in r["tags"]["harness.error"] for r in runs)
+
+
 def test_unreachable_ray_address_is_bad_input(tmp_path, tracking_uri, capsys) -> None:
     with socket.socket() as s:  # a free port: nothing listens there
         s.bind(("127.0.0.1", 0))
