@@ -10,6 +10,7 @@ import argparse
 import fnmatch
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+HARNESS = ("python", "-m", "harness")
+"""How the printed hints start the harness."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     signals.install()
@@ -209,7 +214,9 @@ def _run(args: argparse.Namespace) -> int:
 
             metrics = _failure_is_one_line("run", lambda: run(cfg))
     except Interrupted as stop:
-        again = " ".join(["python -m harness run", args.config, *args.overrides, f"--resume {stop.checkpoint}"])
+        again = shlex.join(
+            ["python", "-m", "harness", "run", args.config, *args.overrides, "--resume", str(stop.checkpoint)]
+        )
         hint = f"; continue it with: {again}" if stop.checkpoint else " before its first checkpoint; run it again"
         print(f"interrupted by {signals.stop_reason()}: the MLflow run is KILLED{hint}", file=sys.stderr)
         return signals.exit_code()
@@ -271,7 +278,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if outcome.interrupted:
         print(
             f"interrupted: {len(outcome.interrupted)} trial(s) unfinished; "
-            f"continue with: python -m harness sweep {args.sweep} --resume",
+            f"continue with: {shlex.join([*HARNESS, 'sweep', args.sweep, *args.overrides, '--resume'])}",
             file=sys.stderr,
         )
     from harness.track.mlflow import absolute_uri, experiment_ids, runs_url, tracking_uri
@@ -317,8 +324,9 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from harness.track.mlflow import ensure_store, experiment_ids, runs_url, serve_ui, tracking_uri
+    from harness.track.mlflow import check_port, ensure_store, experiment_ids, runs_url, serve_ui, tracking_uri
 
+    check_port("127.0.0.1", args.port)
     uri = tracking_uri(args.uri)
     base = f"http://127.0.0.1:{args.port}"
     ensure_store(uri)
@@ -331,8 +339,9 @@ def _ui(args: argparse.Namespace) -> int:
 def _server(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness.track.mlflow import absolute_uri, ensure_store, serve, server_command
+    from harness.track.mlflow import absolute_uri, check_port, ensure_store, serve, server_command
 
+    check_port(args.host, args.port)
     store, artifacts = absolute_uri(args.store), Path(args.artifacts).resolve()
     ensure_store(store)
     artifacts.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ flatten(cfg.as_dict())   # {"pretrain.epochs": 2, ...}, what MLflow logs as para
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ValidationError
 from core.errors import ConfigError, suggest
 from harness.config.messages import first_error, submodel
 from harness.config.schema import RunConfig, default_method
+
+log = logging.getLogger(__name__)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -113,7 +116,10 @@ def set_values(
     names the source in the message (``override``, ``space``).
     """
     raw = copy.deepcopy(raw)
-    for key, value in values.items():
+    first = ("method", "method.name")  # a new method first: its own keys may follow in any order
+    for key, value in sorted(values.items(), key=lambda kv: kv[0] not in first):
+        if schema is RunConfig and key == "method.name":
+            _switch_method(raw, value, what)
         _check_override_key(key, schema, raw, what)
         node = raw
         parts = key.split(".")
@@ -128,6 +134,26 @@ def set_values(
             node = child
         node[parts[-1]] = copy.deepcopy(value)
     return raw
+
+
+def _switch_method(raw: dict[str, Any], name: Any, what: str) -> None:
+    """``method.name=OTHER`` starts from OTHER's defaults, as a config group does: the keys set for the method
+    named so far are dropped (one INFO line names them); setting the same name again keeps them."""
+    method = raw.get("method")
+    if isinstance(method, str):
+        method = raw["method"] = {"name": method}
+    if not isinstance(method, dict):
+        return
+    before = method.get("name", default_method())
+    dropped = sorted(k for k in method if k != "name")
+    if name == before or not dropped:
+        return
+    raw["method"] = {"name": before}
+    log.log(
+        logging.INFO if what == "override" else logging.DEBUG,
+        "%s method.name=%s: %s's settings dropped (%s); %s starts from its own defaults",
+        what, name, before, ", ".join(f"method.{k}" for k in dropped), name,
+    )  # fmt: skip
 
 
 def _default_section(schema: type[BaseModel], name: str) -> dict[str, Any]:

@@ -550,10 +550,11 @@ def _load_imagefolder(request: DatasetRequest) -> DataSplits:
                 f"{root}/train/<class>/*.png|jpg and {root}/val/<class>/...)"
             )
     train = streaming.folder_source(root / "train")
-    extra = sorted({p.name for p in (root / "val").iterdir() if p.is_dir()} - set(train.classes))
+    val_dirs = {p.name for p in (root / "val").iterdir() if p.is_dir() and not p.name.startswith(".")}
+    extra = sorted(val_dirs - set(train.classes))
     if extra:
         raise BadInput(f"data.root: {root / 'val'} has classes that {root / 'train'} lacks: {', '.join(extra)}")
-    if not any(p.is_dir() for p in (root / "val").iterdir()):
+    if not val_dirs:
         raise DataNotFound(f"data.root: no images found under {root / 'val'}")
     test = streaming.folder_source(root / "val", {c: i for i, c in enumerate(train.classes)})
     return _from_sources(request, train, test)

@@ -125,11 +125,13 @@ class ImageSource:
 def folder_source(folder: Path, class_to_idx: dict[str, int] | None = None) -> ImageSource:
     """An ImageNet-style split ``folder/<class>/*.jpg``; classes sorted by name unless ``class_to_idx`` is given.
 
-    BadInput (one line) for a missing folder, a folder without class folders, or a class folder without images.
+    Hidden folders and files (a name starting with ``.``: ``.ipynb_checkpoints``, ``._x.jpg``) are skipped.
+    BadInput (one line) for a missing folder, a folder without class folders, or a class folder without images
+    or that cannot be read.
     """
     if not folder.is_dir():
         raise DataNotFound(f"data.root: image folder split not found at {folder}")
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if class_to_idx is None:
         if not class_dirs:
             raise DataNotFound(f"data.root: {folder} has no class folders (expected {folder}/<class>/*.jpg)")
@@ -139,7 +141,17 @@ def folder_source(folder: Path, class_to_idx: dict[str, int] | None = None) -> I
     for class_dir in class_dirs:
         if class_dir.name not in class_to_idx:
             raise BadInput(f"data.root: {folder} has class folder {class_dir.name!r} that the training split lacks")
-        files = sorted(str(p) for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        try:
+            os.scandir(class_dir).close()  # rglob would take an unreadable folder for an empty one
+        except OSError as err:
+            raise BadInput(f"data.root: class folder {class_dir} cannot be read ({err.strerror})") from None
+        files = sorted(
+            str(p)
+            for p in class_dir.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+            and p.is_file()
+        )
         if not files:
             raise BadInput(f"data.root: class folder {class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         names += files

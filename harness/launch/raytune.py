@@ -201,6 +201,8 @@ def run_trials(
                 verbose=verbose,
             ),
         )
+    # Tune's "Resume experiment with: Tuner.restore(...)" after a stop: the harness prints its own `--resume` hint
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     grid = tuner.fit()
     for result in (grid[i] for i in range(len(grid))):
         key = (result.config or {}).get(_TRIAL_KEY)

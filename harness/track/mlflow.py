@@ -66,6 +66,10 @@ def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
     raise AssertionError("unreachable")
 
 
+STOPPED_TAG = "harness.stopped"
+"""Set on a run ended KILLED by a stop signal or a scheduler: what stopped it."""
+
+
 class Run:
     """One MLflow run, logged through ``MlflowClient`` (no global active-run state)."""
 
@@ -107,7 +111,13 @@ class Run:
         _retry(lambda: self.client.log_artifact(self.run_id, path, artifact_path))
 
     def end(self, status: str) -> None:
-        """Set the final status: FINISHED, FAILED or KILLED."""
+        """Set the final status: FINISHED, FAILED or KILLED. A run that finishes after it was stopped and resumed
+        no longer says it is stopped: ``harness.stopped`` becomes ``harness.resumed_after``."""
+        if status == "FINISHED":
+            stopped = _retry(lambda: self.client.get_run(self.run_id)).data.tags.get(STOPPED_TAG)
+            if stopped is not None:
+                self.set_tags({"harness.resumed_after": stopped})
+                _retry(lambda: self.client.delete_tag(self.run_id, STOPPED_TAG))
         _retry(lambda: self.client.set_terminated(self.run_id, status=status))
 
     def set_status(self, status: str) -> None:
@@ -337,6 +347,33 @@ def server_command(
         "--artifacts-destination", str(artifacts), "--serve-artifacts",
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another process listens on (MLflow's server would fail, or the UI would show that process)."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise BadInput(
+                    f"--port {port}: {host}:{port} is in use by another process; give a free one, "
+                    f"e.g. --port {_free_port(host)}"
+                ) from None
+            raise BadInput(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from None
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> int:

@@ -154,3 +154,18 @@ def test_config_with_data_prints_what_a_run_would_record(config_file, capsys):
     assert record["data"]["fingerprint"] == expected and record["data"]["images"] == {"train": 64, "test": 32}
     assert sum(record["data"]["counts"]["train"].values()) == 64 and record["data"]["channels"] == 3
     assert [v["size"] for v in record["views"]] == [16, 16] and record["views"][0]["solarize_p"] == 0.0
+
+
+@pytest.mark.parametrize("verb", ["ui", "server"])
+def test_a_port_in_use_is_one_line_exit_2(verb, tmp_path, tracking_uri, capsys):
+    import socket
+
+    with socket.socket() as other:  # another process's server on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        extra = ["--store", tracking_uri, "--artifacts", str(tmp_path / "a")] if verb == "server" else []
+        assert main([verb, "--port", str(port), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --port {port}: 127.0.0.1:{port} is in use by another process; give a free one, e.g. --port ")
+    assert "\n" not in err

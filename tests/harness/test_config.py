@@ -141,3 +141,19 @@ def test_a_yaml_bomb_is_refused_quickly(tmp_path):
     with pytest.raises(ConfigError, match=r"cfg.yaml: expands to more than 100,000 values"):
         load_config(write(tmp_path, "\n".join(lines) + "\n"))
     assert time.perf_counter() - start < 2.0
+
+
+def test_a_new_method_name_starts_from_that_methods_defaults(caplog):
+    import logging
+
+    from methods.barlow_twins import BarlowTwinsParams
+
+    yaml_method = {"method": {"name": "simclr", "temperature": 0.2, "proj_dim": 64}}
+    with caplog.at_level(logging.INFO, logger="harness.config"):
+        cfg = build_config(yaml_method, ["method.name=barlow_twins"])
+    assert cfg.method == {"name": "barlow_twins", **BarlowTwinsParams().model_dump()}
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == "override method.name=barlow_twins: simclr's settings dropped (method.proj_dim, method.temperature); barlow_twins starts from its own defaults"
+    # the new method's own keys may come before or after its name; the same name again keeps the YAML's keys
+    assert build_config(yaml_method, ["method.lambd=0.01", "method.name=barlow_twins"]).method["lambd"] == 0.01
+    assert build_config(yaml_method, ["method.name=simclr"]).method["temperature"] == 0.2

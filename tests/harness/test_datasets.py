@@ -298,3 +298,31 @@ def test_bad_sizes() -> None:
         load_dataset("digits", num_train=5000)
     with pytest.raises(BadInput, match="data.num_test"):
         load_dataset("shapes", num_test=0)
+
+
+def test_imagefolder_skips_hidden_folders_and_files(tmp_path: Path) -> None:
+    _write_folder(tmp_path, {"train": {"a": [(0, 0, 0)], "b": [(9, 9, 9)]}, "val": {"a": [(0, 0, 0)]}})
+    for hidden in (tmp_path / "train" / ".ipynb_checkpoints", tmp_path / "val" / ".cache", tmp_path / "train" / "a" / ".thumbs"):
+        hidden.mkdir()
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(hidden / "x.png")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "train" / "b" / "._x.png")  # a macOS resource fork
+    splits = load_dataset("imagefolder", root=tmp_path, image_size=8)
+    assert splits.classes == ("a", "b") and len(splits.train.labels) == 2 and len(splits.test.labels) == 1
+
+
+def test_an_unreadable_class_folder_is_named(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from harness.data import streaming
+
+    _write_folder(tmp_path, {"train": {"a": [(0, 0, 0)], "b": [(9, 9, 9)]}, "val": {"a": [(0, 0, 0)]}})
+    real = os.scandir
+
+    def scandir(path):  # as for a folder of mode 000 (this test may run as root, who reads every folder)
+        if Path(path) == tmp_path / "train" / "b":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(streaming.os, "scandir", scandir)
+    with pytest.raises(BadInput, match=rf"^data.root: class folder {tmp_path / 'train' / 'b'} cannot be read \(Permission denied\)$"):
+        load_dataset("imagefolder", root=tmp_path, image_size=8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shlex
 import signal
 import socket
 import subprocess
@@ -65,12 +66,14 @@ def test_a_store_that_cannot_be_opened_is_one_line_exit_2_and_no_run(tmp_path, t
 def test_sigterm_to_run_marks_it_killed_and_resume_continues_the_same_run(tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ckpt_dir = tmp_path / "ckpt"
-    args = ["run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "data.num_train=512", "pretrain.epochs=6", "tracking.experiment=term", f"pretrain.checkpoint_dir={ckpt_dir}"]
+    args = ["run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "data.num_train=512", "pretrain.epochs=6", "tracking.experiment=term", "tracking.run_name=a run", f"pretrain.checkpoint_dir={ckpt_dir}"]
     with started(harness_cmd("-q", *args), cwd=tmp_path, env=env_for(uri), stderr_apart=True) as proc:
         wait_until(lambda: (ckpt_dir / "checkpoint.pt").is_file() or proc.poll() is not None, 300, "no checkpoint")
         code, err = stop(proc, signal.SIGTERM)
     assert code == 143, err
     assert "interrupted by SIGTERM" in err and f"--resume {ckpt_dir / 'checkpoint.pt'}" in err
+    hint = err.split("continue it with: ", 1)[1].splitlines()[0]  # pasteable: a shell splits it into the same words
+    assert shlex.split(hint) == ["python", "-m", "harness", *args, "--resume", str(ckpt_dir / "checkpoint.pt")]
     (killed,) = search_runs("term", uri)
     assert killed["status"] == "KILLED" and killed["tags"]["harness.stopped"] == "SIGTERM"
     assert killed["tags"]["checkpoint"] == str(ckpt_dir / "checkpoint.pt")  # absolute: `eval RUN_ID` works from anywhere
@@ -82,6 +85,7 @@ def test_sigterm_to_run_marks_it_killed_and_resume_continues_the_same_run(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (run,) = search_runs("term", uri)  # the same run, not a second one
     assert run["run_id"] == killed["run_id"] and run["status"] == "FINISHED"
+    assert "harness.stopped" not in run["tags"] and run["tags"]["harness.resumed_after"] == "SIGTERM"
     history = metric_history(run["run_id"], "train/loss", uri)
     assert [step for step, _ in history] == [1, 2, 3, 4, 5, 6]  # continuous, no epoch twice
     assert history[: len(epochs_before)] == metric_history(killed["run_id"], "train/loss", uri)[: len(epochs_before)]

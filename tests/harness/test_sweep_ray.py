@@ -118,7 +118,8 @@ def test_sigint_sigterm_and_kill_9_each_then_resume_rerun_nothing_that_finished(
         history = {n: metric_history(r["run_id"], "train/loss", tracking_uri) for n, r in done.items()}
         if sig != signal.SIGKILL:  # a signal the driver handles: nothing left RUNNING, each run says what stopped it
             assert code == 128 + sig, out
-            assert "--resume" in out
+            assert f"continue with: python -m harness sweep {path} pretrain.epochs=3 --resume" in out  # pasteable
+            assert "Tuner.restore" not in out  # Ray's own hint, which would start a bare Tune run
             assert {r["status"] for r in now.values()} <= {"FINISHED", "KILLED"}, {n: r["status"] for n, r in now.items()}
             assert all(r["tags"]["harness.stopped"].startswith(sig.name) for r in now.values() if r["status"] == "KILLED")
             assert latest_parent("unit", tracking_uri)["status"] == "KILLED"
@@ -143,6 +144,7 @@ def test_sigint_sigterm_and_kill_9_each_then_resume_rerun_nothing_that_finished(
         assert len(metric_history(run["run_id"], "eval/knn/top1", tracking_uri)) == 1
     assert len([r for r in search_runs("unit", tracking_uri) if r["tags"].get("harness.role") == "sweep"]) == 1
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
+    assert not [r for r in search_runs("unit", tracking_uri) if "harness.stopped" in r["tags"]]  # finished, not stopped
     table = (tmp_path / "results" / "unit" / "table.csv").read_text().splitlines()
     assert len(table) == 1 + 5 and all(",ok," in line for line in table[1:])
     assert json.loads((tmp_path / "outputs" / "sweeps" / "unit" / "state.json").read_text())["complete"] is True
