@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -155,11 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+UI_BASE = "http://127.0.0.1:5000"
+"""Where ``harness ui`` serves by default: the links a sweep prints point there."""
 HARNESS = ("python", "-m", "harness")
 """How the printed hints start the harness."""
 
 
+STARTED = [time.perf_counter()]
+"""When the command started (reset by :func:`main`): a sweep's progress lines count from here."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    STARTED[0] = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     signals.install()
     try:
@@ -272,7 +280,7 @@ def _sweep(args: argparse.Namespace) -> int:
         f"({len(sweep.trials) // len(sweep.cfg.seeds)} points x {len(sweep.cfg.seeds)} seeds)",
         flush=True,
     )
-    outcome = run_sweep(sweep, resume=args.resume, verbose=0 if args.quiet else 1)
+    outcome = run_sweep(sweep, resume=args.resume, verbose=0 if args.quiet else 1, started=STARTED[0])
     for key, error in outcome.failed.items():
         print(f"FAILED  {key}: {error}", file=sys.stderr)
     if outcome.interrupted:
@@ -281,7 +289,7 @@ def _sweep(args: argparse.Namespace) -> int:
             f"continue with: {shlex.join([*HARNESS, 'sweep', args.sweep, *args.overrides, '--resume'])}",
             file=sys.stderr,
         )
-    from harness.track.mlflow import absolute_uri, experiment_ids, runs_url, tracking_uri
+    from harness.track.mlflow import absolute_uri, compare_url, experiment_ids, runs_url, tracking_uri
 
     uri = absolute_uri(tracking_uri(sweep.configs[sweep.keys[0]].tracking.uri))
     out = Path(args.results) / sweep.cfg.name
@@ -294,11 +302,16 @@ def _sweep(args: argparse.Namespace) -> int:
     else:
         files = tables.build(sweep.cfg.name, out, uri, table=sweep.cfg.table)
         print(f"tables: {out}/table.md (also {', '.join(p.name for p in files if p.name != 'table.md')})")
-    link = runs_url("http://127.0.0.1:5000", experiment_ids(uri)[sweep.cfg.name])
+    from harness.sweep.state import child_runs
+
+    experiment_id = experiment_ids(uri)[sweep.cfg.name]
+    link = runs_url(UI_BASE, experiment_id)
     print(
         f"MLflow: parent run {outcome.parent_run_id} in experiment "
         f"{sweep.cfg.name!r} of {uri}; browse with: python -m harness ui, then {link}"
     )
+    trials = [r["run_id"] for r in reversed(child_runs(sweep.cfg.name, outcome.parent_run_id, uri))]
+    print(f"compare the {len(trials)} trials: {compare_url(UI_BASE, experiment_id, trials)}")
     if outcome.failed:
         print(f"error: {len(outcome.failed)} of {len(sweep.trials)} trials failed", file=sys.stderr)
     return outcome.exit_code
@@ -324,15 +337,32 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from harness.track.mlflow import check_port, ensure_store, experiment_ids, runs_url, serve_ui, tracking_uri
+    from harness.track.mlflow import (
+        check_port,
+        compare_url,
+        ensure_store,
+        experiment_ids,
+        runs_url,
+        serve_ui,
+        tracking_uri,
+    )
 
     check_port("127.0.0.1", args.port)
     uri = tracking_uri(args.uri)
     base = f"http://127.0.0.1:{args.port}"
     ensure_store(uri)
     print(f"MLflow UI for {uri} at {base} (Ctrl-C stops it); the runs of each experiment:", flush=True)
+    from harness.sweep.state import child_runs, latest_parent
+
     for name, experiment_id in experiment_ids(uri).items():
         print(f"  {name}: {runs_url(base, experiment_id)}", flush=True)
+        parent = latest_parent(name, uri)
+        trials = [r["run_id"] for r in reversed(child_runs(name, parent["run_id"], uri))] if parent else []
+        if trials:
+            print(
+                f"    compare its last sweep's {len(trials)} trials: {compare_url(base, experiment_id, trials)}",
+                flush=True,
+            )
     return serve_ui(uri, port=args.port, workers=args.workers)
 
 

@@ -116,6 +116,10 @@ def set_values(
     names the source in the message (``override``, ``space``).
     """
     raw = copy.deepcopy(raw)
+    if "method" in values:  # a whole method section replaces the method keys set before it
+        keys = list(values)
+        before = keys[: keys.index("method")]
+        values = {k: v for k, v in values.items() if not (k in before and k.startswith("method."))}
     first = ("method", "method.name")  # a new method first: its own keys may follow in any order
     for key, value in sorted(values.items(), key=lambda kv: kv[0] not in first):
         if schema is RunConfig and key == "method.name":

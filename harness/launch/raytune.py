@@ -77,6 +77,10 @@ def cluster_address(configured: str | None) -> str | None:
     return configured or os.environ.get("RAY_ADDRESS") or None
 
 
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+"""Ray's setting of its workers' niceness (its default 15); a local instance sets 0 unless it is given."""
+
+
 def init(address: str | None, min_cpus: int = 1) -> bool:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local instance; True if we started one.
 
@@ -94,6 +98,9 @@ def init(address: str | None, min_cpus: int = 1) -> bool:
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one node, never preempted (it warns on start)
+    # Ray starts workers at nice 15, for a cluster node that serves others; on a local instance the trials are the
+    # work the user asked for, and at 15 anything else running starves them. RAY_worker_niceness=15 restores Ray's.
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     context = ray.init(
         num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, object_store_memory=2**28,
         logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": "harness.launch.raytune.quiet_worker"},

@@ -10,6 +10,7 @@ RUNNING and none is duplicated across retries or ``--resume``. The sweep comes f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -24,6 +25,7 @@ from harness import signals
 from harness.config.schema import RunConfig
 from harness.launch import raytrain, raytune
 from harness.sweep.config import Sweep, load_sweep
+from harness.sweep.progress import Progress
 from harness.sweep.state import STATE_FILE, child_runs, hold_name, latest_parent, load_state, new_state, write_json
 from harness.sweep.trial import FINISHED_KEY, train_trial, worker_folder
 from harness.track.mlflow import absolute_uri, open_run, tracking_uri
@@ -52,21 +54,24 @@ class SweepOutcome:
         return 1 if self.failed else 0
 
 
-def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1) -> SweepOutcome:
+def run_sweep(sweep: Sweep, *, resume: bool = False, verbose: int = 1, started: float | None = None) -> SweepOutcome:
     """Run (or resume) a validated sweep to the end; returns what became of each trial.
 
     MLflow's statuses are the truth on resumption: a trial whose child run is FINISHED is never run again (its
     trial returns at once, :func:`harness.sweep.trial.train_trial`) and its run is not touched. A stop signal
-    (SIGINT, SIGTERM) stops Ray Tune gracefully; every unfinished run is then KILLED, tagged with the signal."""
+    (SIGINT, SIGTERM) stops Ray Tune gracefully; every unfinished run is then KILLED, tagged with the signal.
+    ``started`` (``time.perf_counter()`` when the command started) is where the progress lines count from."""
     cfg = sweep.cfg
     uri = absolute_uri(tracking_uri(next(iter(sweep.configs.values())).tracking.uri))
     root = cfg.storage.resolve() / cfg.name
     state_path = root / STATE_FILE
     with hold_name(root, cfg.name):
-        return _start(sweep, uri, root, state_path, resume, verbose)
+        return _start(sweep, uri, root, state_path, resume, verbose, started)
 
 
-def _start(sweep: Sweep, uri: str, root: Path, state_path: Path, resume: bool, verbose: int) -> SweepOutcome:
+def _start(
+    sweep: Sweep, uri: str, root: Path, state_path: Path, resume: bool, verbose: int, started: float | None
+) -> SweepOutcome:
     cfg = sweep.cfg
     if resume:
         state = load_state(state_path, sweep, uri)
@@ -82,7 +87,7 @@ def _start(sweep: Sweep, uri: str, root: Path, state_path: Path, resume: bool, v
         max_concurrent = _concurrency(cfg.max_concurrent, r.workers, r.cpus, r.gpus)
         if not resume:
             state = new_state(sweep, uri, root)
-        return _run(sweep, state, uri, root, state_path, resume, verbose, max_concurrent)
+        return _run(sweep, state, uri, root, state_path, resume, verbose, max_concurrent, started)
     finally:
         if started:
             raytune.shutdown()
@@ -121,6 +126,7 @@ def _run(
     resume: bool,
     verbose: int,
     max_concurrent: int | None,
+    started: float | None = None,
 ) -> SweepOutcome:
     cfg = sweep.cfg
     parent = open_run(state["parent_run_id"], uri)
@@ -141,16 +147,26 @@ def _run(
     stopped: list[str] = []
     preempted: list[str] = []
     pending = set(todo)  # trials whose end the driver has yet to record
-    done = [len(sweep.keys) - len(todo)]
-    t0 = time.perf_counter()
+
+    def latest(key: str) -> tuple[int, float, float | None] | None:
+        losses = children[key].history("train/loss")
+        if not losses:
+            return None
+        knn = children[key].history("online/knn_top1")
+        return losses[-1][0], losses[-1][1], knn[-1][1] if knn else None
+
+    trial_epochs = {key: c.pretrain.epochs for key, c in sweep.configs.items()}
+    progress = Progress(len(sweep.keys), trial_epochs, latest, started if started is not None else time.perf_counter())
+    progress.done = len(sweep.keys) - len(todo)
 
     def say(key: str, what: str) -> None:
         if verbose:
-            print(f"[{done[0]}/{len(sweep.keys)} {time.perf_counter() - t0:5.0f} s] {key}: {what}", flush=True)
+            progress.line(f"[{progress.done}/{len(sweep.keys)} {progress.elapsed():5.0f} s] {key}: {what}")
 
     def on_start(key: str) -> None:
         if key in pending:
             children[key].set_status("RUNNING")
+            progress.start_trial(key)
             say(key, "started")
 
     def release_workers(key: str) -> None:
@@ -166,7 +182,7 @@ def _run(
         if key not in pending:  # finished before (a resumed sweep): its run stays as it is
             return
         pending.discard(key)
-        done[0] += 1
+        progress.end_trial(key)
         if result.get(FINISHED_KEY):
             children[key].end("FINISHED")
             if result.get(COLLAPSED, 0.0) >= 0.5:  # its numbers are not a result
@@ -190,7 +206,7 @@ def _run(
             say(key, "stopped: its worker received SIGTERM; continue the sweep with --resume")
             return
         pending.discard(key)
-        done[0] += 1
+        progress.end_trial(key)
         children[key].set_tags({"harness.error": error[:5000]})
         children[key].end("FAILED")
         say(key, f"FAILED: {error}")
@@ -208,11 +224,12 @@ def _run(
     # worker group is restarted by Ray Train (from the trial's checkpoint), not by Tune.
     trial_cpus, trial_gpus = (r.cpus, r.gpus) if r.workers == 1 else (DRIVER_CPUS, 0.0)
     try:
-        outcome = raytune.run_trials(
-            train_trial, sweep.keys, name=state["tune_name"], storage=root, cpus=trial_cpus, gpus=trial_gpus,
-            max_concurrent=max_concurrent, scheduler=scheduler, max_failures=cfg.max_failures if r.workers == 1 else 0,
-            events=events, resume=resume, reuse_actors=r.workers == 1, specs=specs,
-        )  # fmt: skip
+        with progress if verbose else contextlib.nullcontext():
+            outcome = raytune.run_trials(
+                train_trial, sweep.keys, name=state["tune_name"], storage=root, cpus=trial_cpus, gpus=trial_gpus,
+                max_concurrent=max_concurrent, scheduler=scheduler, events=events, resume=resume, specs=specs,
+                max_failures=cfg.max_failures if r.workers == 1 else 0, reuse_actors=r.workers == 1,
+            )  # fmt: skip
     except Exception as err:  # Tune itself failed: no trial may stay SCHEDULED or RUNNING
         for key in todo:
             if children[key].info()["status"] not in ("FINISHED", "FAILED", "KILLED"):

@@ -164,7 +164,26 @@ def load_state(state_path: Path, sweep: Sweep, uri: str) -> dict[str, Any]:
             f"--resume: nothing to resume for sweep {name!r}: no Ray "
             f"Tune state at {state_path.parent / state['tune_name']}"
         )
+    _check_trusted(state_path, state_path.parent / state["tune_name"])
     return state
+
+
+def _check_trusted(state_path: Path, tune_dir: Path) -> None:
+    """Ray Tune's saved state is pickled: restoring it runs whatever code its writer put there. Refuse state that
+    another user wrote or that anyone may change (what can be checked of a shared folder: owner and mode)."""
+    me = os.getuid()
+    for path in [state_path, tune_dir, *sorted(p for p in tune_dir.iterdir() if p.is_file())]:
+        st = path.stat()
+        if st.st_uid not in (me, 0):
+            why = f"is owned by user id {st.st_uid}, not this user ({me})"
+        elif st.st_mode & 0o002:
+            why = f"may be changed by any user (mode {st.st_mode & 0o777:o})"
+        else:
+            continue
+        raise BadInput(
+            f"--resume: {path} {why}; Ray Tune's saved state runs code when restored: resume only state this "
+            "user wrote (chmod o-w it if you did), or run the sweep without --resume"
+        )
 
 
 def _digest(sweep: Sweep) -> str:

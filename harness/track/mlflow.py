@@ -124,6 +124,10 @@ class Run:
         """Set a non-final status (SCHEDULED, RUNNING) without an end time."""
         _retry(lambda: self.client.update_run(self.run_id, status=status))
 
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of every logged value of metric ``key``, in step order."""
+        return sorted((m.step, m.value) for m in _retry(lambda: self.client.get_metric_history(self.run_id, key)))
+
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric ``key`` has been logged (a resumed run skips them)."""
         return {m.step for m in _retry(lambda: self.client.get_metric_history(self.run_id, key))}
@@ -167,7 +171,19 @@ def _client(uri: str) -> Any:
             raise BadInput(
                 f"tracking.uri: the folder of {path} does not exist; create it or point tracking.uri elsewhere"
             )
-        with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise BadInput(
+                f"tracking.uri: {path} is read-only for this user; every run writes to its store: make it writable "
+                "or point tracking.uri elsewhere"
+            )
+        try:
+            lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed by the with below
+        except OSError as err:
+            raise BadInput(
+                f"tracking.uri: cannot write in the folder of {path} ({err.strerror}); SQLite writes its journal "
+                "and the harness its lock file beside the store: give a folder this user can write"
+            ) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 client = MlflowClient(tracking_uri=uri)
@@ -311,6 +327,16 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[
 def runs_url(base: str, experiment_id: str) -> str:
     """The UI's page of an experiment's training runs (MLflow 3 opens on its GenAI overview otherwise)."""
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's page comparing ``run_ids``: parallel coordinates, scatter and box plots, a metrics table."""
+    from urllib.parse import quote
+
+    def listed(ids: list[str]) -> str:
+        return quote(json.dumps(ids, separators=(",", ":")), safe="[],")
+
+    return f"{base.rstrip('/')}/#/compare-runs?runs={listed(run_ids)}&experiments={listed([experiment_id])}"
 
 
 def experiment_ids(uri: str) -> dict[str, str]:

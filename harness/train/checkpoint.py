@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,9 +58,25 @@ def save_checkpoint(
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except BaseException:  # a failed or interrupted save leaves the last complete checkpoint, and no temporary file
+    except BaseException as err:  # a failed or interrupted save leaves the last complete checkpoint, no temporary file
         tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception) and _disk_full(err):
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the disk of {path.parent} while writing the checkpoint of epoch {epoch} "
+                f"({free:.0f} MB free; the checkpoint of the epoch before is kept): free some space, or set "
+                "pretrain.checkpoint_dir to a disk with room",
+            ) from None
         raise
+
+
+def _disk_full(err: Exception) -> bool:
+    """Whether a failed save ran out of disk: an OSError ENOSPC (or a quota), or PyTorch's zip writer failing with
+    ``unexpected pos``, which is how a short write on a full disk reaches it."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and "unexpected pos" in str(err)
 
 
 def read_checkpoint(path: Path, cfg: RunConfig | None = None, key: str = "pretrain.resume") -> dict[str, Any]:

@@ -59,6 +59,28 @@ def test_a_store_that_cannot_be_opened_is_one_line_exit_2_and_no_run(tmp_path, t
     assert db.read_bytes() == b"this is not a database" * 100  # left as it was
 
 
+def test_a_store_whose_folder_cannot_be_written_is_one_line_exit_2(tmp_path, tiny_overrides, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = "/proc/mlflow.db"  # a folder nobody may create files in, root included
+    code = main(["-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *tiny_overrides, f"tracking.uri=sqlite:///{store}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(f"error: tracking.uri: cannot write in the folder of {store} ("), err
+
+
+def test_a_read_only_store_is_one_line_exit_2(tmp_path, tiny_overrides, capsys, monkeypatch) -> None:
+    import harness.track.mlflow as adapter
+
+    db = tmp_path / "ro.db"
+    db.write_bytes(b"")
+    real = os.access  # mode 0444 stops every user but root, who may run this test: the check is stood in for
+    monkeypatch.setattr(adapter.os, "access", lambda path, mode: False if Path(path) == db else real(path, mode))
+    code = main(["-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *tiny_overrides, f"tracking.uri=sqlite:///{db}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"error: tracking.uri: {db} is read-only for this user; every run writes to its store: make it writable or point tracking.uri elsewhere"]
+
+
 # ----------------------------------------------------------------------------- SIGTERM to run, then --resume
 
 
@@ -131,6 +153,32 @@ def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tm
     monkeypatch.setattr(train.torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(path, trial.method, optimizer, 2, [1.0, 0.9], cfg, {})
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_full_disk_while_saving_says_so_and_keeps_the_last_checkpoint(tmp_path, tiny_overrides, monkeypatch) -> None:
+    import errno
+
+    from harness.config.loading import load_config
+    from harness.train import checkpoint as train
+    from harness.trial.prepare import prepare
+
+    cfg = load_config(REPO / "configs/simclr_shapes.yaml", tiny_overrides)
+    trial = prepare(cfg)
+    optimizer = torch.optim.SGD(trial.method.parameters(), lr=0.1)
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    train.save_checkpoint(path, trial.method, optimizer, 1, [1.0], cfg, {})
+    good = path.read_bytes()
+
+    def full(obj, f) -> None:  # what PyTorch's zip writer raises when a write comes up short
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3840")
+
+    monkeypatch.setattr(train.torch, "save", full)
+    with pytest.raises(OSError, match=rf"^\[Errno {errno.ENOSPC}\] no space left on the disk of {path.parent} while writing the checkpoint of epoch 2 \(\d+ MB free; the checkpoint of the epoch before is kept\)") as info:
+        train.save_checkpoint(path, trial.method, optimizer, 2, [1.0, 0.9], cfg, {})
+    assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == good
     assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"]
 

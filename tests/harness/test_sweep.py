@@ -264,3 +264,27 @@ def test_every_shipped_sweep_validates(path: Path) -> None:
 
     sweep = load_sweep(path, [])
     assert sweep.trials and all(sweep.configs[t.key].tracking.experiment for t in sweep.trials)
+
+
+def test_resume_refuses_tune_state_another_user_could_have_written(tmp_path) -> None:
+    import os
+
+    from core.errors import BadInput
+    from harness.sweep.state import _check_trusted
+
+    state, tune = tmp_path / "state.json", tmp_path / "20261205-000000"
+    tune.mkdir()
+    state.write_text("{}")
+    pickled = tune / "experiment_state.pkl"
+    pickled.write_bytes(b"")
+    for path in (state, tune, pickled):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    _check_trusted(state, tune)  # this user's, no one else may write: restored
+    pickled.chmod(0o666)
+    with pytest.raises(BadInput, match=rf"^--resume: {pickled} may be changed by any user \(mode 666\); Ray Tune's saved state runs code"):
+        _check_trusted(state, tune)
+    pickled.chmod(0o600)
+    if os.getuid() == 0:  # only root may give a file away
+        os.chown(pickled, 12345, -1)
+        with pytest.raises(BadInput, match=rf"^--resume: {pickled} is owned by user id 12345, not this user \(0\)"):
+            _check_trusted(state, tune)

@@ -213,3 +213,21 @@ def _trial_workers(uri: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def test_a_local_instance_runs_its_workers_at_normal_priority(ray_address) -> None:
+    """Ray's default nice 15 starves a local sweep's trials of a laptop's cores whenever anything else runs."""
+    import os
+
+    import ray
+
+    from harness.launch.raytune import WORKER_NICENESS_ENV
+
+    if os.environ.get("RAY_ADDRESS") or os.environ.get(WORKER_NICENESS_ENV, "0") != "0":
+        pytest.skip("a cluster's (or the user's) setting, not the local instance's")
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)

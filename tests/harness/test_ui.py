@@ -1,6 +1,7 @@
 """After a tiny sweep, ``python -m harness ui`` serves MLflow's UI: the link it prints opens the runs view, whose
-REST API and page in headless Chromium list the child runs under the parent, and whose chart view shows the
-online kNN curve of each child. The screenshots are kept in ``test-artifacts/``.
+REST API and page in headless Chromium list the child runs under the parent, whose chart view shows the
+online kNN curve of each child, and the compare link it prints opens MLflow's comparison of the sweep's trials.
+The screenshots are kept in ``test-artifacts/``.
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it) and the ``playwright`` package (the ``test`` extra);
 the browser is the system one, nothing is downloaded. Skipped where Chromium is missing, except in CI.
@@ -63,9 +64,10 @@ def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri, ray_addres
     env = env_for()
     server = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        printed = [server.stdout.readline() for _ in range(2)]  # the header, then one link per experiment
+        printed = [server.stdout.readline() for _ in range(3)]  # the header, then per experiment its runs and sweep
         threading.Thread(target=server.stdout.read, daemon=True).start()  # keep the pipe drained
         (link,) = [line.split(": ", 1)[1].strip() for line in printed if line.startswith("  unit: ")]
+        (compare,) = [line.split(": ", 1)[1].strip() for line in printed if line.startswith("    compare its last sweep's 2 trials: ")]
         wait_for(base)
         exp = api(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=unit")["experiment"]
         runs = api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
@@ -96,6 +98,14 @@ def test_ui_lists_child_runs_under_the_parent(tmp_path, tracking_uri, ray_addres
             for name in children:
                 page.get_by_text(f"{name} (online/knn_top1)").first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "mlflow_ui_online_knn.png"))
+            # the compare link: MLflow's own comparison of the sweep's trials (parallel coordinates, a metrics table)
+            child_ids = sorted(r["info"]["run_id"] for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent_id)
+            assert compare.startswith(f"{base}/#/compare-runs?runs=[") and all(run_id in compare for run_id in child_ids)
+            page.goto(compare, timeout=60_000)
+            page.get_by_text("Comparing 2 Runs from 1 Experiment").first.wait_for(timeout=60_000)
+            for name in children:
+                page.get_by_text(name).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_compare.png"))
             browser.close()
     finally:
         os.killpg(server.pid, 15)
