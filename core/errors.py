@@ -42,6 +42,11 @@ class Diverged(RunFailed):
     """The training loss became NaN or infinite."""
 
 
+class WorkerFailed(RuntimeError):
+    """A worker of a multi-worker run died or raised (after any restarts); the message is one line naming its rank.
+    Not a :class:`RunFailed`: the CLI prints it as ``run failed: WorkerFailed: rank R: ...``."""
+
+
 class Interrupted(KeyboardInterrupt):
     """A stop signal (SIGINT, SIGTERM) ended a run; ``checkpoint`` is its last complete one, to resume from
     (None when no epoch had ended). A KeyboardInterrupt, so every handler of Ctrl-C handles it."""

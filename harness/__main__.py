@@ -2,6 +2,9 @@
 
 import sys
 
+from harness import signals
 from harness.cli import main
 
-sys.exit(main())
+code = main()
+signals.exit_quietly(code)  # a stop signal from here on (a launcher ending its workers): this code, no traceback
+sys.exit(code)

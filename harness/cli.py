@@ -256,7 +256,8 @@ def _failure_is_one_line(verb: str, fn: Callable[[], T]) -> T | None:
     except Exception as err:
         if os.environ.get("HARNESS_DEBUG"):
             raise
-        print(f"error: {verb} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        first = (str(err).strip().splitlines() or [""])[0][:1000]  # one line: a store's or a library's own
+        print(f"error: {verb} failed: {type(err).__name__}: {first}", file=sys.stderr)
         return None
 
 

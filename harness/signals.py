@@ -14,10 +14,13 @@ with ``128 + signal`` (130 for SIGINT, 143 for SIGTERM).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 from types import FrameType
 
-__all__ = ["exit_code", "install", "received", "stop_reason"]
+__all__ = ["exit_code", "exit_quietly", "install", "received", "stop_reason"]
 
 _received: list[int] = []
 
@@ -41,6 +44,20 @@ def _on_term(signum: int, frame: FrameType | None) -> None:
         handler(signal.SIGINT, frame)  # e.g. Ray Tune's graceful stop
     else:
         raise KeyboardInterrupt
+
+
+def exit_quietly(code: int) -> None:
+    """Once the command is done: a stop signal while the interpreter shuts down (torchrun ends every worker when one
+    fails; atexit handlers may still run) exits with ``code`` at once instead of a KeyboardInterrupt traceback."""
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, leave)
 
 
 def received() -> int | None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.errors import WorkerFailed
 from harness import signals
 
 PLACEMENT_GROUP_FILE = "placement_group"
@@ -34,10 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class WorkerFailed(RuntimeError):
-    """A worker of a multi-worker trial died or raised (after any restarts); the message is one line naming it."""
 
 
 def fit(

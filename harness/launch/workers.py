@@ -87,9 +87,6 @@ def run_workers(cfg: RunConfig, *, parent_run_id: str | None = None) -> dict[str
                 )
             except KeyboardInterrupt as stop:  # the run ends KILLED, resumable from its last checkpoint
                 raise Interrupted(checkpoint if checkpoint.is_file() else None) from stop
-            except raytrain.WorkerFailed as err:
-                mlrun.set_tags({"harness.error": str(err)[:5000]})
-                raise
             return dict(mlrun.info()["metrics"])
     finally:
         if started:
@@ -217,6 +214,7 @@ def run_torchrun(cfg: RunConfig, world: TorchrunWorld) -> dict[str, float]:
         for logger in ("harness", "methods", "evaluations"):
             logging.getLogger(logger).setLevel(logging.WARNING)
     distributed.init_from_env(backend, device)
+    distributed.record_peers()  # to name a worker that dies (kill -9, out of memory) in the run's harness.error
     try:
         if w.is_main:
             return run(cfg)

@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from core.errors import BadInput
+from core.errors import BadInput, RunFailed
 from harness import signals
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -161,6 +161,9 @@ def ensure_store(uri: str) -> None:
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
+    if not os.environ.get("HARNESS_DEBUG"):  # its store logs each failed query with a traceback; the error reaches us
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
     if uri in _READY:
         return MlflowClient(tracking_uri=uri)
     path = sqlite_path(uri)
@@ -259,12 +262,13 @@ def start_run(
 ) -> Iterator[Run]:
     """Open a run (or continue ``resume``, set RUNNING again); it ends FINISHED when the block completes, FAILED on
     an exception, KILLED on a stop signal (SIGINT, SIGTERM) or SystemExit, tagged ``harness.stopped`` with the
-    signal."""
+    signal. A SQLite store deleted or replaced while the run logged is :class:`RunFailed` once the run ends."""
     if resume is not None:
         run = resume
         run.set_status("RUNNING")
     else:
         run = create_run(experiment, run_name=run_name, tags=tags, uri=uri, parent_run_id=parent_run_id)
+    store = _store_identity(run.client.tracking_uri)
     try:
         yield run
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (harness.signals)
@@ -274,10 +278,45 @@ def start_run(
     except SystemExit:  # a scheduler stopping the trial
         run.end("KILLED")
         raise
+    except Exception as err:
+        _check_store_kept(run, store)  # a store deleted mid-run fails every write: say that, not the write's error
+        run.set_tags({"harness.error": failure_message(err)})
+        run.end("FAILED")
+        raise
     except BaseException:
         run.end("FAILED")
         raise
     run.end("FINISHED")
+    _check_store_kept(run, store)
+
+
+def failure_message(err: BaseException) -> str:
+    """What a FAILED run's ``harness.error`` says: ``Type: message`` (a WorkerFailed's message alone, it names the
+    rank), at most 5,000 characters."""
+    from core.errors import WorkerFailed
+
+    return (str(err) if isinstance(err, WorkerFailed) else f"{type(err).__name__}: {err}")[:5000]
+
+
+def _store_identity(uri: str) -> tuple[int, int] | None:
+    """(device, inode) of a SQLite store's file, to tell at the end of a run whether it is still the one written."""
+    path = sqlite_path(uri)
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st is not None else None
+
+
+def _check_store_kept(run: Run, store: tuple[int, int] | None) -> None:
+    """A SQLite file deleted (or replaced) under a running run takes the run's record with it, while SQLite writes
+    on into the open, unlinked file without an error: say so instead of reporting results nobody can browse."""
+    now = _store_identity(run.client.tracking_uri)
+    if store is not None and now != store:
+        raise RunFailed(
+            f"tracking.uri: the store {sqlite_path(run.client.tracking_uri)} was deleted or replaced while run "
+            f"{run.run_id} was logging: its record is lost (its checkpoint stays); keep the store in place during runs"
+        )
 
 
 def search_runs(experiment: str, uri: str | None = None, filter_string: str = "") -> list[dict[str, Any]]:

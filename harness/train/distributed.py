@@ -13,6 +13,7 @@ averaging are the methods' side (:mod:`methods.distributed`).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from core.errors import BadInput
+from core.errors import BadInput, WorkerFailed
 
 __all__ = [
     "GlobalBatchNorm",
@@ -33,7 +34,9 @@ __all__ = [
     "device_for",
     "from_sync_batchnorm",
     "init_from_env",
+    "lost_worker",
     "mean_over_workers",
+    "record_peers",
     "shard",
     "shutdown",
     "to_sync_batchnorm",
@@ -101,8 +104,53 @@ def init_from_env(backend: str, device: torch.device) -> World:
 
 def shutdown() -> None:
     """Leave the process group, if there is one."""
+    _PEERS.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_PEERS: list[tuple[str, int]] = []
+"""Every rank's (host, pid), recorded by :func:`record_peers` once the process group is up."""
+
+
+def record_peers() -> list[tuple[str, int]]:
+    """Gather every rank's (host, pid) (a collective: every rank calls it), kept to name a worker that dies."""
+    _PEERS[:] = all_gather_object((socket.gethostname(), os.getpid()))
+    return list(_PEERS)
+
+
+def lost_worker(err: BaseException) -> WorkerFailed | None:
+    """When a collective failed because another worker's process is gone (kill -9, out of memory), a
+    :class:`WorkerFailed` naming its rank; None for any other error. Only this host's workers can be checked."""
+    if not _PEERS or not isinstance(err, RuntimeError) or isinstance(err, WorkerFailed):
+        return None
+    host = socket.gethostname()
+    dead = [(rank, pid) for rank, (h, pid) in enumerate(_PEERS) if h == host and pid != os.getpid() and _gone(pid)]
+    if not dead:
+        return None
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    rank, pid = dead[0]
+    return WorkerFailed(
+        f"rank {rank}: its process (pid {pid} on {host}) ended while the others trained, so a collective failed "
+        f"({type(err).__name__}: {reason})"
+    )
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie its parent has not reaped yet included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
 
 def all_gather_object(obj: Any) -> list[Any]:

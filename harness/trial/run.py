@@ -23,6 +23,7 @@ from harness.data.datasets import class_counts
 from harness.data.streaming import StreamedImages
 from harness.track.mlflow import Run, absolute_uri, find_run, start_run, tracking_uri
 from harness.track.provenance import git_commit, library_versions, peak_rss_mb
+from harness.train import distributed
 from harness.train.checkpoint import read_checkpoint
 from harness.train.loop import EpochCallback, pretrain
 from harness.trial.evaluate import baselines, evaluate
@@ -147,6 +148,11 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
         metrics.update(evaluate(trial, mlrun, final_loss=result.losses[-1] if result.losses else None))
     except KeyboardInterrupt as stop:
         raise Interrupted(checkpoint_path if checkpoint_path.is_file() else None) from stop
+    except RuntimeError as err:  # a collective fails when another worker dies: name it
+        lost = distributed.lost_worker(err)
+        if lost is None:
+            raise
+        raise lost from err
     if data.streamed:  # unreadable images met in training, evaluation or fine-tuning, each once
         skipped |= {
             name

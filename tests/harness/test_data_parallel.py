@@ -143,3 +143,29 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tmp_path) -> None:
     assert _relative(resumed["losses"], whole["losses"][4:]) < 1e-5  # the second epoch's 4 steps
     for name, weight in whole["state"].items():
         assert _relative(resumed["state"][name], weight, floor=1e-2) < 1e-4, name
+
+
+def test_a_collective_that_failed_because_a_worker_died_names_its_rank(monkeypatch) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # ends at once; not waited for: a zombie, as under torchrun
+    deadline = time.monotonic() + 30
+    while not distributed._gone(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    host = socket.gethostname()
+    try:
+        monkeypatch.setattr(distributed, "_PEERS", [(host, os.getpid()), (host, child.pid)])
+        err = distributed.lost_worker(RuntimeError("[pair.cc:545] Read error: Connection reset by peer.\nmore"))
+        assert str(err) == (
+            f"rank 1: its process (pid {child.pid} on {host}) ended while the others trained, so a collective failed "
+            "(RuntimeError: [pair.cc:545] Read error: Connection reset by peer.)"
+        )
+        assert distributed.lost_worker(ValueError("not a collective")) is None
+        monkeypatch.setattr(distributed, "_PEERS", [(host, os.getpid()), (host, os.getppid())])  # every worker alive
+        assert distributed.lost_worker(RuntimeError("Connection reset by peer")) is None
+    finally:
+        child.wait()

@@ -81,6 +81,40 @@ def test_a_read_only_store_is_one_line_exit_2(tmp_path, tiny_overrides, capsys, 
     assert err == [f"error: tracking.uri: {db} is read-only for this user; every run writes to its store: make it writable or point tracking.uri elsewhere"]
 
 
+def test_a_store_deleted_while_a_run_logs_is_one_line_exit_1(tmp_path, tiny_overrides, capsys, monkeypatch) -> None:
+    """SQLite writes on into the unlinked file without an error: the run's record is gone, and the run says so."""
+    import harness.trial.run as trial_run
+
+    db = tmp_path / "gone.db"
+    evaluate = trial_run.evaluate
+
+    def delete_then_evaluate(*args, **kwargs):
+        db.unlink()
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trial_run, "evaluate", delete_then_evaluate)
+    code = main(["-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *tiny_overrides, *FAST_EVAL, f"tracking.uri=sqlite:///{db}"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "eval/knn/top1" not in out  # no results printed as if they were recorded
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: tracking.uri: the store {db} was deleted or replaced while run ") and line.endswith(
+        "was logging: its record is lost (its checkpoint stays); keep the store in place during runs"
+    ), line
+
+
+def test_a_failed_run_says_why_in_its_tags(tmp_path, tiny_overrides, monkeypatch) -> None:
+    import harness.trial.run as trial_run
+
+    def broken(*args, **kwargs):
+        raise ValueError("the battery broke")
+
+    monkeypatch.setattr(trial_run, "evaluate", broken)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *tiny_overrides, *FAST_EVAL, f"tracking.uri={uri}", "tracking.experiment=broken"]) == 1
+    (run,) = search_runs("broken", uri)
+    assert run["status"] == "FAILED" and run["tags"]["harness.error"] == "ValueError: the battery broke"
+
+
 # ----------------------------------------------------------------------------- SIGTERM to run, then --resume
 
 

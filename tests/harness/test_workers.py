@@ -89,6 +89,40 @@ def test_torchrun_two_workers_log_one_run(tmp_path, tracking_uri) -> None:
     assert done.stdout.count("eval/knn/top1") == 1  # rank 0 prints the results, the other rank nothing
 
 
+@pytest.mark.slow  # two torchrun workers
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_kill_9_of_a_torchrun_worker_fails_the_run_naming_its_rank(tmp_path, tracking_uri) -> None:
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    search_runs("workers", tracking_uri)
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "harness", "-q", "run", CONFIG, *TWO, "pretrain.epochs=30", "data.num_train=256"]
+    with started(cmd, cwd=tmp_path, env=_env(tracking_uri), stderr_apart=True, start_new_session=True) as proc:
+        wait_for_runs("workers", tracking_uri, proc, lambda runs: runs and metric_history(runs[0]["run_id"], "train/loss", tracking_uri), 240, "no epoch logged")
+        rank1 = _torchrun_worker(proc.pid, rank=1)
+        os.kill(rank1, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    (run,) = search_runs("workers", tracking_uri)
+    assert run["status"] == "FAILED"
+    error = run["tags"]["harness.error"]
+    assert error.startswith(f"rank 1: its process (pid {rank1} on ") and "\n" not in error, error
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]  # torchrun's own report follows
+    assert ours == [f"error: run failed: WorkerFailed: {error}"], err
+    assert "KeyboardInterrupt" not in err, err
+
+
+def _torchrun_worker(agent: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the agent whose environment says RANK=rank)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        if ppid == agent and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"torchrun (pid {agent}) has no worker of rank {rank}")
+
+
 def test_a_half_set_torchrun_environment_is_bad_input(tmp_path, tracking_uri) -> None:
     env = {k: v for k, v in _env(tracking_uri).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, "-m", "harness", "run", CONFIG, *TWO], cwd=tmp_path, env={**env, "RANK": "0", "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=60)
