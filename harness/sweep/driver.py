@@ -81,7 +81,7 @@ def _start(
         if address:
             raytune.check_address(address)
     r = cfg.resources
-    started = raytune.init(cfg.address, min_cpus=math.ceil(r.workers * r.cpus + (DRIVER_CPUS if r.workers > 1 else 0)))
+    own_ray = raytune.init(cfg.address, min_cpus=math.ceil(r.workers * r.cpus + (DRIVER_CPUS if r.workers > 1 else 0)))
     try:
         signals.install()  # ray.init replaced the SIGTERM handler
         max_concurrent = _concurrency(cfg.max_concurrent, r.workers, r.cpus, r.gpus)
@@ -89,7 +89,7 @@ def _start(
             state = new_state(sweep, uri, root)
         return _run(sweep, state, uri, root, state_path, resume, verbose, max_concurrent, started)
     finally:
-        if started:
+        if own_ray:
             raytune.shutdown()
 
 

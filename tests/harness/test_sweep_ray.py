@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -124,12 +125,16 @@ def test_sigint_sigterm_and_kill_9_each_then_resume_rerun_nothing_that_finished(
             assert all(r["tags"]["harness.stopped"].startswith(sig.name) for r in now.values() if r["status"] == "KILLED")
             assert latest_parent("unit", tracking_uri)["status"] == "KILLED"
 
+    t0 = time.monotonic()
     resumed = subprocess.run(  # not -q: a progress line per trial it runs
         harness_cmd("sweep", str(path), "pretrain.epochs=3", "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
     )
+    wall = time.monotonic() - t0
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     counters = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+) ", resumed.stdout, flags=re.M)]
     assert all(finished <= total == 5 for finished, total in counters), resumed.stdout
+    elapsed = [int(s) for s in re.findall(r"^\[\d+/\d+ +(\d+) s\]", resumed.stdout, flags=re.M)]
+    assert all(0 <= s <= wall + 1 for s in elapsed), (wall, resumed.stdout)  # counted from when the command started
     assert bool(counters) == (len(done) < 5), resumed.stdout  # a progress line per trial it ran, if any was left
     after = children_by_name("unit", tracking_uri)
     assert set(after) == set(now)  # no run duplicated
