@@ -26,9 +26,19 @@ from harness.config.schema import RunConfig
 from harness.launch import raytrain, raytune
 from harness.sweep.config import Sweep, load_sweep
 from harness.sweep.progress import Progress
-from harness.sweep.state import STATE_FILE, child_runs, hold_name, latest_parent, load_state, new_state, write_json
+from harness.sweep.state import (
+    STATE_FILE,
+    child_runs,
+    child_tags,
+    hold_name,
+    latest_parent,
+    load_state,
+    new_state,
+    trial_runs,
+    write_json,
+)
 from harness.sweep.trial import FINISHED_KEY, train_trial, worker_folder
-from harness.track.mlflow import absolute_uri, open_run, tracking_uri
+from harness.track.mlflow import Run, absolute_uri, create_run, open_run, tracking_uri
 
 DRIVER_CPUS = 0.1
 """What the Tune trial of a multi-worker trial holds itself: it only opens the run and fits the Ray Train job."""
@@ -130,29 +140,51 @@ def _run(
 ) -> SweepOutcome:
     cfg = sweep.cfg
     parent = open_run(state["parent_run_id"], uri)
-    children = {key: open_run(run_id, uri) for key, run_id in state["trials"].items()}
     parent.set_status("RUNNING")
-    todo = [k for k in sweep.keys if children[k].info()["status"] != "FINISHED"]
+    # Each trial opens its child run when it starts (harness.sweep.trial.open_trial_run); the driver finds them by key.
+    children: dict[str, Run] = {}
+
+    def child(key: str) -> Run | None:
+        if key not in children:
+            found = trial_runs(cfg.name, parent.run_id, uri)
+            children.update({k: open_run(run_id, uri) for k, run_id in found.items() if k not in children})
+            state["trials"] = {k: c.run_id for k, c in children.items()}
+        return children.get(key)
+
+    child(sweep.keys[0])  # the runs opened before a resume
+    todo = [k for k in sweep.keys if k not in children or children[k].info()["status"] != "FINISHED"]
     for key in todo:
-        children[key].set_status("SCHEDULED")
-    specs = {
-        key: {
-            "run": _trial_run_dict(sweep.configs[key]), "run_id": children[key].run_id, "uri": uri,
-            "cpus": cfg.resources.cpus,
+        if key in children:  # interrupted before: waits again
+            children[key].set_status("SCHEDULED")
+    specs: dict[str, dict[str, Any]] = {
+        trial.key: {
+            "run": _trial_run_dict(sweep.configs[trial.key]), "uri": uri, "experiment": cfg.name,
+            "parent_run_id": parent.run_id, "tags": child_tags(sweep, trial), "cpus": cfg.resources.cpus,
             "workers": {"gpus": cfg.resources.gpus, "max_failures": cfg.max_failures, "storage": str(root / "workers")},
         }
-        for key in sweep.keys
+        for trial in sweep.trials
     }  # fmt: skip
+
+    def recorded(key: str) -> Run:
+        """The trial's run, opened here when the trial failed before it could open one (its error is kept)."""
+        run = child(key)
+        if run is None:
+            spec = specs[key]
+            run = children[key] = create_run(
+                cfg.name, run_name=key, tags=spec["tags"], uri=uri, parent_run_id=parent.run_id
+            )
+        return run
 
     stopped: list[str] = []
     preempted: list[str] = []
     pending = set(todo)  # trials whose end the driver has yet to record
 
     def latest(key: str) -> tuple[int, float, float | None] | None:
-        losses = children[key].history("train/loss")
-        if not losses:
+        run = child(key)
+        losses = run.history("train/loss") if run is not None else []
+        if run is None or not losses:
             return None
-        knn = children[key].history("online/knn_top1")
+        knn = run.history("online/knn_top1")
         return losses[-1][0], losses[-1][1], knn[-1][1] if knn else None
 
     trial_epochs = {key: c.pretrain.epochs for key, c in sweep.configs.items()}
@@ -165,15 +197,16 @@ def _run(
 
     def on_start(key: str) -> None:
         if key in pending:
-            children[key].set_status("RUNNING")
+            if (run := child(key)) is not None:  # a retried or resumed trial; a new one opens its run as it starts
+                run.set_status("RUNNING")
             progress.start_trial(key)
             say(key, "started")
 
     def release_workers(key: str) -> None:
         """A multi-worker trial that ended while its Ray Train job ran (stopped by ASHA) leaves the job's placement
         group behind; remove it so that the next trials get the resources."""
-        if cfg.resources.workers > 1:
-            group = worker_folder(root / "workers", children[key].run_id) / raytrain.PLACEMENT_GROUP_FILE
+        if cfg.resources.workers > 1 and (run := child(key)) is not None:
+            group = worker_folder(root / "workers", run.run_id) / raytrain.PLACEMENT_GROUP_FILE
             if group.is_file():
                 raytrain.remove_placement_group(group.read_text().strip())
 
@@ -183,18 +216,17 @@ def _run(
             return
         pending.discard(key)
         progress.end_trial(key)
+        run = recorded(key)
         if result.get(FINISHED_KEY):
-            children[key].end("FINISHED")
+            run.end("FINISHED")
             if result.get(COLLAPSED, 0.0) >= 0.5:  # its numbers are not a result
                 say(key, "finished  COLLAPSED (final loss at the collapse value, or embeddings near constant)")
             else:
                 say(key, "finished  " + "  ".join(f"{m} {result[m]:.4f}" for m in cfg.headline if m in result))
         else:
             stopped.append(key)
-            children[key].set_tags(
-                {"harness.stopped": f"stopped early by the scheduler after epoch {result.get('epoch', '?')}"}
-            )
-            children[key].end("KILLED")
+            run.set_tags({"harness.stopped": f"stopped early by the scheduler after epoch {result.get('epoch', '?')}"})
+            run.end("KILLED")
             say(key, f"stopped early by the scheduler after epoch {result.get('epoch', '?')}")
 
     def on_error(key: str, error: str) -> None:
@@ -207,13 +239,15 @@ def _run(
             return
         pending.discard(key)
         progress.end_trial(key)
-        children[key].set_tags({"harness.error": error[:5000]})
-        children[key].end("FAILED")
+        run = recorded(key)
+        run.set_tags({"harness.error": error[:5000]})
+        run.end("FAILED")
         say(key, f"FAILED: {error}")
 
     def on_recover(key: str, error: str) -> None:
-        children[key].set_tags({"harness.last_retry_error": error[:5000]})
-        children[key].set_status("SCHEDULED")
+        if (run := child(key)) is not None:
+            run.set_tags({"harness.last_retry_error": error[:5000]})
+            run.set_status("SCHEDULED")
         say(key, f"retrying after: {error}")
 
     events = raytune.TrialEvents(on_start=on_start, on_recover=on_recover, on_complete=on_complete, on_error=on_error)
@@ -232,18 +266,17 @@ def _run(
             )  # fmt: skip
     except Exception as err:  # Tune itself failed: no trial may stay SCHEDULED or RUNNING
         for key in todo:
-            if children[key].info()["status"] not in ("FINISHED", "FAILED", "KILLED"):
-                children[key].set_tags({"harness.error": f"sweep failed: {err}"[:5000]})
-                children[key].end("FAILED")
+            if (run := child(key)) is not None and run.info()["status"] not in ("FINISHED", "FAILED", "KILLED"):
+                run.set_tags({"harness.error": f"sweep failed: {err}"[:5000]})
+                run.end("FAILED")
         parent.set_tags({"harness.error": str(err)[:5000]})
         parent.end("FAILED")
         raise RunFailed(f"sweep {cfg.name!r} failed: {raytune.one_line(err)}") from err
     except KeyboardInterrupt:  # a stop signal outside Tune's own handling: nothing may stay RUNNING
         for key in pending:
-            children[key].set_tags(
-                {"harness.stopped": f"{signals.stop_reason()}: sweep interrupted; resume with --resume"}
-            )
-            children[key].end("KILLED")
+            if (run := child(key)) is not None:
+                run.set_tags({"harness.stopped": f"{signals.stop_reason()}: sweep interrupted; resume with --resume"})
+                run.end("KILLED")
         parent.set_tags({"harness.stopped": signals.stop_reason()})
         parent.end("KILLED")
         raise
@@ -258,8 +291,9 @@ def _run(
             reason = (
                 "SIGTERM to the trial's worker" if key in preempted else f"{signals.stop_reason()}: sweep interrupted"
             )
-            children[key].set_tags({"harness.stopped": f"{reason}; resume with --resume"})
-            children[key].end("KILLED")
+            if (run := child(key)) is not None:  # a trial that never started has no run
+                run.set_tags({"harness.stopped": f"{reason}; resume with --resume"})
+                run.end("KILLED")
     for key, error in failed.items():  # the callback may not have run for a trial whose error surfaced at the end
         on_error(key, error)
     parent.log_metrics(
@@ -271,6 +305,7 @@ def _run(
         )
     parent.end("KILLED" if interrupted else ("FAILED" if failed else "FINISHED"))
     state["complete"] = not interrupted
+    state["trials"] = trial_runs(cfg.name, parent.run_id, uri)
     write_json(state_path, state)
     return SweepOutcome(state["parent_run_id"], finished, failed, stopped, interrupted, outcome.wall_s, bool(preempted))
 

@@ -1,10 +1,11 @@
 """A sweep's bookkeeping in MLflow and on disk: the parent run, one child run per trial, and the state file
 ``--resume`` reads.
 
-The driver opens the parent run and one child run per trial (status SCHEDULED)
-before any trial starts, which also creates a new SQLite store's schema once,
-before any concurrent writer; ``<storage>/<name>/state.json`` records the run ids
-and a digest of the trials' configs, so a resumed sweep reuses the same runs.
+The driver opens the parent run before any trial starts (which also creates a new SQLite store's schema once,
+before any concurrent writer). Each trial opens its own child run when it starts, found again by its trial key
+(tag ``harness.trial``) when it is retried or resumed, so a child's start and end are its trial's.
+``<storage>/<name>/state.json`` records the parent, the children opened so far and a digest of the trials'
+configs, so a resumed sweep reuses the same runs.
 """
 
 from __future__ import annotations
@@ -24,11 +25,21 @@ import yaml
 from core.errors import BadInput
 from harness.config.loading import flatten
 from harness.launch import raytune
-from harness.sweep.config import Sweep
+from harness.sweep.config import Sweep, TrialSpec
 from harness.track.mlflow import create_run, search_runs
 from harness.track.provenance import git_commit
 
-__all__ = ["STATE_FILE", "child_runs", "hold_name", "latest_parent", "load_state", "new_state", "write_json"]
+__all__ = [
+    "STATE_FILE",
+    "child_runs",
+    "child_tags",
+    "hold_name",
+    "latest_parent",
+    "load_state",
+    "new_state",
+    "trial_runs",
+    "write_json",
+]
 
 STATE_FILE = "state.json"
 LOCK_FILE = "sweep.lock"
@@ -70,10 +81,10 @@ def hold_name(root: Path, name: str) -> Iterator[None]:
 
 
 def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
-    """Open the parent run and one SCHEDULED child per trial; write the state file that ``--resume`` reads.
+    """Open the parent run; write the state file that ``--resume`` reads (the trials open their own runs).
 
-    If anything fails on the way (the store, the state file), every run opened so far is ended FAILED with the
-    error tagged, so none is left RUNNING or SCHEDULED, and the error goes on up."""
+    If anything fails on the way (the store, the state file), the parent is ended FAILED with the error tagged,
+    so it is not left RUNNING, and the error goes on up."""
     opened: list[Any] = []
     try:
         return _new_state(sweep, uri, root, opened)
@@ -86,8 +97,6 @@ def new_state(sweep: Sweep, uri: str, root: Path) -> dict[str, Any]:
 
 
 def _new_state(sweep: Sweep, uri: str, root: Path, opened: list[Any]) -> dict[str, Any]:
-    from harness.trial.run import log_run_inputs, run_tags  # run imports torch: keep this module light to import
-
     cfg = sweep.cfg
     swept = list(cfg.space)
     tags = {
@@ -111,22 +120,12 @@ def _new_state(sweep: Sweep, uri: str, root: Path, opened: list[Any]) -> dict[st
     parent.log_text(
         yaml.safe_dump(sweep.configs[sweep.keys[0]].as_dict(), sort_keys=False), "sweep/first_trial_config.yaml"
     )
-    trials = {}
-    for trial in sweep.trials:
-        run_cfg = sweep.configs[trial.key]
-        tags = run_tags(run_cfg) | {TAG_SWEEP: cfg.name, TAG_TRIAL: trial.key, "harness.point": trial.point_key}
-        tags |= {SWEPT_TAG_PREFIX + k: json.dumps(trial.labels.get(k, v)) for k, v in trial.point.items()}
-        child = create_run(cfg.name, run_name=trial.key, uri=uri, tags=tags, parent_run_id=parent.run_id)
-        opened.append(child)
-        log_run_inputs(child, run_cfg)
-        child.set_status("SCHEDULED")
-        trials[trial.key] = child.run_id
     state = {
         "sweep": cfg.name,
         "tune_name": time.strftime("%Y%m%d-%H%M%S"),
         "parent_run_id": parent.run_id,
         "uri": uri,
-        "trials": trials,
+        "trials": {},  # trial key -> its child run, as the trials open them
         "digest": _digest(sweep),
         "complete": False,
     }
@@ -150,11 +149,10 @@ def load_state(state_path: Path, sweep: Sweep, uri: str) -> dict[str, Any]:
             f"--resume: sweep {name!r} logged to {state['uri']}, not "
             f"{uri}; set tracking.uri or MLFLOW_TRACKING_URI to it"
         )
-    statuses = {
-        r["run_id"]: r["status"]
-        for r in search_runs(name, uri, f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    finished = {
+        r["tags"].get(TAG_TRIAL) for r in child_runs(name, state["parent_run_id"], uri) if r["status"] == "FINISHED"
     }
-    if statuses and all(statuses.get(run_id) == "FINISHED" for run_id in state["trials"].values()):
+    if all(key in finished for key in sweep.keys):
         raise BadInput(
             f"--resume: nothing to resume for sweep {name!r}: all {len(state['trials'])} "
             "trials finished; run it without --resume to start again"
@@ -203,6 +201,27 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def child_runs(experiment: str, parent_run_id: str, uri: str | None = None) -> list[dict[str, Any]]:
     """The child runs of one sweep invocation."""
     return search_runs(experiment, uri, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def trial_runs(experiment: str, parent_run_id: str, uri: str | None = None) -> dict[str, str]:
+    """Trial key -> child run id, for the trials of a sweep that have opened their runs (the oldest run of a key, if
+    a store ever held two)."""
+    found: dict[str, str] = {}
+    for run in reversed(child_runs(experiment, parent_run_id, uri)):  # newest first: oldest wins
+        if TAG_TRIAL in run["tags"]:
+            found.setdefault(run["tags"][TAG_TRIAL], run["run_id"])
+    return found
+
+
+def child_tags(sweep: Sweep, trial: TrialSpec) -> dict[str, str]:
+    """The tags a trial's child run opens with: the run's own (:func:`harness.trial.run.run_tags`), the sweep, the
+    trial key and point, and each swept value as the sweep wrote it."""
+    from harness.trial.run import run_tags  # run imports torch: keep this module light to import
+
+    key = trial.key
+    tags = run_tags(sweep.configs[key]) | {TAG_SWEEP: sweep.cfg.name, TAG_TRIAL: key, "harness.point": trial.point_key}
+    tags |= {SWEPT_TAG_PREFIX + k: json.dumps(trial.labels.get(k, v)) for k, v in trial.point.items()}
+    return {k: str(v) for k, v in tags.items()}
 
 
 def latest_parent(experiment: str, uri: str | None = None) -> dict[str, Any] | None:

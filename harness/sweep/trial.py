@@ -1,8 +1,8 @@
 """The trial side of a sweep: the function Ray Tune runs in a worker for each trial.
 
 It runs exactly what ``harness run`` runs (:func:`harness.trial.prepare.prepare`,
-:func:`harness.trial.run.execute`), logging into the child run the driver opened, and
-reports through :mod:`harness.launch.raytune`.
+:func:`harness.trial.run.execute`), logging into its child run of the sweep (opened when the trial first starts,
+found again by its key when it is retried or resumed), and reports through :mod:`harness.launch.raytune`.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from typing import Any
 from harness.config.loading import build_config
 from harness.config.schema import RunConfig
 from harness.launch import raytune
-from harness.track.mlflow import Run, open_run
+from harness.sweep.state import trial_runs
+from harness.track.mlflow import Run, create_run, open_run
 from harness.track.provenance import reset_peak_rss
 
-__all__ = ["FINISHED_KEY", "train_trial"]
+__all__ = ["FINISHED_KEY", "open_trial_run", "train_trial"]
 
 FINISHED_KEY = "trial/finished"
 """Reported (value 1) by a trial after its evaluation: a trial that ends without it was stopped early."""
 
 
 def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> None:
-    """One Tune trial: exactly what ``harness run`` does, logging into the child run the driver opened.
+    """One Tune trial: exactly what ``harness run`` does, logging into the trial's child run (:func:`open_trial_run`).
 
     Reports ``train/*`` every epoch with the epoch's checkpoint (so a retried or
     resumed trial continues from it) and, after the evaluation, the final metrics
@@ -45,7 +46,7 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
     spec = specs[key]
     torch.set_num_threads(max(1, int(spec["cpus"])))
     cfg = build_config(spec["run"])
-    mlrun = open_run(spec["run_id"], spec["uri"])
+    mlrun = open_trial_run(key, spec, cfg)
     info = mlrun.info()
     if info["status"] == "FINISHED":
         raytune.report({**info["metrics"], "epoch": cfg.pretrain.epochs, FINISHED_KEY: 1})
@@ -81,6 +82,21 @@ def train_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> Non
         raytune.report({**last, **metrics, "epoch": cfg.pretrain.epochs, FINISHED_KEY: 1})
     finally:
         shutil.rmtree(work, ignore_errors=True)  # Tune keeps its own copy of the last checkpoint
+
+
+def open_trial_run(key: str, spec: dict[str, Any], cfg: RunConfig) -> Run:
+    """The trial's child run under the sweep's parent: the one it opened before (a retry, ``--resume``), else a new
+    one, started now, with the trial's tags and its config's params. Only this trial opens runs under its key."""
+    from harness.trial.run import log_run_inputs
+
+    found = trial_runs(spec["experiment"], spec["parent_run_id"], spec["uri"]).get(key)
+    if found is not None:
+        return open_run(found, spec["uri"])
+    mlrun = create_run(
+        spec["experiment"], run_name=key, tags=spec["tags"], uri=spec["uri"], parent_run_id=spec["parent_run_id"]
+    )
+    log_run_inputs(mlrun, cfg)
+    return mlrun
 
 
 def worker_folder(storage: Path, run_id: str) -> Path:

@@ -69,6 +69,9 @@ def test_asha_stops_trials_and_no_run_is_left_running(ray_address, tmp_path, tra
         assert r["tags"]["harness.stopped"].startswith("stopped early by the scheduler after epoch")
         assert "eval/knn/top1" not in r["metrics"]
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
+    # each child run opens when its trial starts and ends when it ends: one at a time, the runs follow each other
+    spans = sorted((r["start_time"], r["end_time"]) for r in runs.values())
+    assert all(start >= before_end - 2000 for (_, before_end), (start, _) in zip(spans, spans[1:])), spans
 
 
 def test_asha_on_the_online_knn_stops_trials_reported_every_other_epoch(ray_address, tmp_path, tracking_uri) -> None:
@@ -109,7 +112,7 @@ def test_sigint_sigterm_and_kill_9_each_then_resume_rerun_nothing_that_finished(
             code, out = stop(driver, sig)
         assert not (tmp_path / "results").exists()  # no half-written tables: they come with the completed sweep
         now = children_by_name("unit", tracking_uri)
-        assert len(now) == 5
+        assert len(now) <= 5  # a trial that never started has no run yet
         for name, run in done.items():  # not rerun: same end time, same logged losses and metrics
             assert now[name]["status"] == "FINISHED" and now[name]["end_time"] == run["end_time"], name
             assert now[name]["metrics"] == run["metrics"]
@@ -137,8 +140,8 @@ def test_sigint_sigterm_and_kill_9_each_then_resume_rerun_nothing_that_finished(
     assert all(0 <= s <= wall + 1 for s in elapsed), (wall, resumed.stdout)  # counted from when the command started
     assert bool(counters) == (len(done) < 5), resumed.stdout  # a progress line per trial it ran, if any was left
     after = children_by_name("unit", tracking_uri)
-    assert set(after) == set(now)  # no run duplicated
-    assert [r["run_id"] for r in after.values()] == [now[n]["run_id"] for n in after]
+    assert len(after) == 5 and set(now) <= set(after)  # one run per trial, none duplicated
+    assert [after[n]["run_id"] for n in now] == [r["run_id"] for r in now.values()]
     assert all(r["status"] == "FINISHED" and "eval/knn/top1" in r["metrics"] for r in after.values())
     for name, run in done.items():
         assert metric_history(run["run_id"], "train/loss", tracking_uri) == history[name]
