@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,19 @@ def quiet_worker() -> None:
     warn every few seconds; the instance's processes end with it anyway (:mod:`harness.launch.reaper`)."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    sys.unraisablehook = _quiet_exit(sys.unraisablehook)
+
+
+def _quiet_exit(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Ray ends an idle worker with SIGTERM, whose handler raises SystemExit wherever the worker is: inside a weakref
+    callback Python can only print it ("Exception ignored in ... SystemExit: 1"), and Ray forwards that to the
+    driver's terminal. The exit is intended: only that case is silenced, every other unraisable error still shows."""
+
+    def quiet(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            hook(unraisable)
+
+    return quiet
 
 
 def cluster_capacity() -> tuple[float, float]:

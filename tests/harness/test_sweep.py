@@ -288,3 +288,34 @@ def test_resume_refuses_tune_state_another_user_could_have_written(tmp_path) -> 
         os.chown(pickled, 12345, -1)
         with pytest.raises(BadInput, match=rf"^--resume: {pickled} is owned by user id 12345, not this user \(0\)"):
             _check_trusted(state, tune)
+
+
+def test_a_ray_worker_ended_by_sigterm_prints_no_ignored_system_exit(capsys) -> None:
+    """Ray's SIGTERM handler raises SystemExit in whatever the worker runs; in a weakref callback Python prints it
+    as "Exception ignored", which Ray forwards to the sweep's terminal. That case alone is silenced."""
+    import sys
+    import weakref
+
+    from harness.launch.raytune import _quiet_exit
+
+    before = sys.unraisablehook
+    sys.unraisablehook = _quiet_exit(sys.__unraisablehook__)
+    try:
+
+        class Thing:
+            pass
+
+        def exit_in_callback(ref) -> None:
+            raise SystemExit(1)
+
+        def fail_in_callback(ref) -> None:
+            raise ValueError("a real error")
+
+        for callback in (exit_in_callback, fail_in_callback):
+            thing = Thing()
+            ref = weakref.ref(thing, callback)  # noqa: F841 - kept alive until the object goes
+            del thing
+    finally:
+        sys.unraisablehook = before
+    err = capsys.readouterr().err
+    assert "SystemExit" not in err and "ValueError: a real error" in err

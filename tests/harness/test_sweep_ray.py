@@ -5,6 +5,7 @@ Every test checks MLflow afterwards: one parent, one child per trial, none left 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -71,7 +72,7 @@ def test_asha_stops_trials_and_no_run_is_left_running(ray_address, tmp_path, tra
     assert latest_parent("unit", tracking_uri)["status"] == "FINISHED"
     # each child run opens when its trial starts and ends when it ends: one at a time, the runs follow each other
     spans = sorted((r["start_time"], r["end_time"]) for r in runs.values())
-    assert all(start >= before_end - 2000 for (_, before_end), (start, _) in zip(spans, spans[1:])), spans
+    assert all(start >= before_end - 2000 for (_, before_end), (start, _) in itertools.pairwise(spans)), spans
 
 
 def test_asha_on_the_online_knn_stops_trials_reported_every_other_epoch(ray_address, tmp_path, tracking_uri) -> None:
