@@ -46,6 +46,24 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def machine() -> dict[str, str]:
+    """The processor a run computed on: the same code, data and seed give other numbers on another CPU model (its
+    math kernels round differently, and training amplifies the difference), so results are reproduced per model."""
+    info = {"cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the kernels torch picks: AVX2, ...
+    except (ImportError, AttributeError):
+        pass
+    return info
+
+
 def reset_peak_rss() -> str:
     """Reset this process's high-water mark of resident memory to what it holds now, so that :func:`peak_rss_mb`
     measures from here (a sweep's trial in a reused worker process). Returns how the peak is measured: on Linux

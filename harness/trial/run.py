@@ -22,7 +22,7 @@ from harness.config.schema import RunConfig
 from harness.data.datasets import class_counts
 from harness.data.streaming import StreamedImages
 from harness.track.mlflow import Run, absolute_uri, find_run, start_run, tracking_uri
-from harness.track.provenance import git_commit, library_versions, peak_rss_mb
+from harness.track.provenance import git_commit, library_versions, machine, peak_rss_mb
 from harness.train import distributed
 from harness.train.checkpoint import read_checkpoint
 from harness.train.loop import EpochCallback, pretrain
@@ -224,4 +224,6 @@ def log_run_inputs(mlrun: Run, cfg: RunConfig, checkpoint_path: Path | None = No
     tags = {f"taxonomy.{k}": v for k, v in taxonomy(cfg.method["name"]).items() if k != "method"}
     mlrun.set_tags(tags | ({"checkpoint": str(checkpoint_path)} if checkpoint_path else {}))
     mlrun.log_text(yaml.safe_dump(cfg.as_dict(), sort_keys=False), "config.yaml")
-    mlrun.log_dict({"git_commit": git_commit(), "libraries": library_versions()}, "provenance.json")
+    where = machine()
+    mlrun.log_dict({"git_commit": git_commit(), "libraries": library_versions(), "machine": where}, "provenance.json")
+    mlrun.set_tags({f"machine.{k}": v for k, v in where.items()})

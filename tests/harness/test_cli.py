@@ -42,6 +42,9 @@ def test_run_logs_params_metrics_tags_and_artifacts(config_file, tiny_overrides,
     assert 0.0 <= metrics["eval/knn/top1"] <= metrics["eval/knn/top5"] <= 1.0
     assert tags["method"] == "simclr" and tags["backbone"] == "resnet10t" and tags["dataset"] == "shapes" and tags["seed"] == "0"
     assert tags["git_commit"] and tags["taxonomy.loss"] == "NT-Xent" and tags["taxonomy.uses_negatives"] == "True"
+    import torch
+
+    assert tags["machine.cpu"] and tags["machine.torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
     from mlflow.tracking import MlflowClient
 
