@@ -17,13 +17,14 @@ _LIBRARIES = ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "mlflow"
 
 @functools.cache
 def git_commit() -> str:
-    """The commit the harness runs from, with ``-dirty`` when the tree has changes; ``unknown`` outside git."""
+    """The commit the harness runs from, with ``-dirty`` when the tree has changes; ``unknown`` outside git.
+    ``results/`` is left out: it holds the tables runs generate, not code that makes numbers."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
             cwd=_REPO,
             capture_output=True,
             text=True,

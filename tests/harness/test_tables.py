@@ -447,3 +447,29 @@ def test_a_table_names_the_commits_its_runs_were_made_with() -> None:
     assert produced_by([tagged("0123456789abcdef"), tagged("0123456789abcdef")]) == "commit 0123456789"
     assert produced_by([tagged("0123456789abcdef-dirty")]) == "commit 0123456789 with uncommitted changes"
     assert produced_by([tagged("bbbbbbbbbbbb"), tagged("aaaaaaaaaaaa"), {"tags": {}}]) == "commits aaaaaaaaaa, bbbbbbbbbb, unknown"
+
+
+def test_a_tree_whose_only_changes_are_generated_tables_is_clean(tmp_path, monkeypatch) -> None:
+    import subprocess
+
+    from harness.track import provenance
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.md").write_text("old\n")
+    (tmp_path / "loss.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(provenance, "_REPO", tmp_path)
+    try:
+        provenance.git_commit.cache_clear()
+        (tmp_path / "results" / "table.md").write_text("new\n")  # a sweep rewrote its table
+        assert not provenance.git_commit().endswith("-dirty")
+        provenance.git_commit.cache_clear()
+        (tmp_path / "loss.py").write_text("x = 2\n")  # code that makes numbers
+        assert provenance.git_commit().endswith("-dirty")
+    finally:
+        provenance.git_commit.cache_clear()  # the repository's own commit again for the tests after this one
