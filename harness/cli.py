@@ -145,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", default="sqlite:///mlflow.db", help="backend store URI (default: sqlite:///mlflow.db here)"
     )
     srv.add_argument("--artifacts", default="mlartifacts", help="folder of the artifacts (default: ./mlartifacts)")
+    srv.add_argument(
+        "--allowed-hosts",
+        help="comma-separated names and addresses clients reach the server by (the Host headers it accepts; "
+        "default: this machine's names and addresses, localhost and the private address ranges)",
+    )
+    srv.add_argument(
+        "--login",
+        action="store_true",
+        help="MLflow's login (basic-auth): every request needs a user; the first from MLFLOW_AUTH_ADMIN_USERNAME and "
+        "MLFLOW_AUTH_ADMIN_PASSWORD (or --login-config); clients set MLFLOW_TRACKING_USERNAME/_PASSWORD",
+    )
+    srv.add_argument("--login-config", help="MLflow's basic_auth.ini for --login (users database, first user)")
 
     lst = verbs.add_parser(
         "list",
@@ -370,18 +382,40 @@ def _ui(args: argparse.Namespace) -> int:
 def _server(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness.track.mlflow import absolute_uri, check_port, ensure_store, serve, server_command
+    from harness.track.mlflow import (
+        absolute_uri,
+        allowed_hosts,
+        check_port,
+        ensure_store,
+        login_environment,
+        serve,
+        server_command,
+    )
 
+    if args.login_config and not args.login:
+        raise BadInput("--login-config: given without --login; add --login to serve with MLflow's login")
+    hosts = allowed_hosts(args.host, args.port, args.allowed_hosts)
     check_port(args.host, args.port)
     store, artifacts = absolute_uri(args.store), Path(args.artifacts).resolve()
+    env: dict[str, str] = {}
+    if args.login:
+        env = login_environment(Path(args.login_config) if args.login_config else None, artifacts.parent)
     ensure_store(store)
     artifacts.mkdir(parents=True, exist_ok=True)
+    if not args.login and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: serving on {args.host} without a login: anyone who reaches port {args.port} can read and change "
+            "every run; add --login",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"MLflow tracking server for {store} (artifacts in {artifacts}) "
         f"at http://{args.host}:{args.port}; set tracking.uri to it",
         flush=True,
     )
-    return serve(server_command(store, artifacts, args.host, args.port, args.workers))
+    command = server_command(store, artifacts, args.host, args.port, args.workers, hosts, login=args.login)
+    return serve(command, env)
 
 
 def _config(args: argparse.Namespace) -> int:

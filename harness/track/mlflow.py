@@ -9,6 +9,7 @@ may start on a new store together; one that cannot be opened or migrated is :cla
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -404,14 +405,114 @@ def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int
 
 
 def server_command(
-    store: str, artifacts: Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 1
+    store: str,
+    artifacts: Path,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    workers: int = 1,
+    allowed_hosts: list[str] | None = None,
+    login: bool = False,
 ) -> list[str]:
-    """The command of a tracking server for a cluster: runs and artifacts over HTTP (``tracking.uri: http://HOST:PORT``)."""
-    return [
+    """The command of a tracking server for a cluster: runs and artifacts over HTTP (``tracking.uri: http://HOST:PORT``).
+
+    ``allowed_hosts``: the Host headers MLflow's security middleware accepts (its default is localhost and private
+    addresses only); ``login``: MLflow's basic-auth app, every request needing a user (:func:`login_environment`)."""
+    command = [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
         "--artifacts-destination", str(artifacts), "--serve-artifacts",
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
+    if allowed_hosts:
+        command += ["--allowed-hosts", ",".join(allowed_hosts)]
+    if login:
+        command += ["--app-name", "basic-auth"]
+    return command
+
+
+def allowed_hosts(host: str, port: int, given: str | None = None) -> list[str]:
+    """The Host headers a server bound to ``host`` accepts: ``given`` (comma-separated names or addresses, each with
+    or without ``:port``, ``*`` wildcards allowed), else the names and addresses this machine is reached by; with
+    MLflow's own defaults (localhost and the private address ranges) either way. BadInput on an empty entry."""
+    import socket
+
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    if given is not None:
+        names = [name.strip() for name in given.split(",")]
+        if not all(names):
+            raise BadInput(
+                f"--allowed-hosts {given!r}: an empty entry; give comma-separated host names or addresses "
+                "(e.g. head-node,head-node.example.org,10.0.0.5)"
+            )
+    else:
+        names = [socket.gethostname(), socket.getfqdn()]
+        if host not in ("0.0.0.0", "::", ""):
+            names.insert(0, host)
+        for name in list(names):
+            with contextlib.suppress(OSError):
+                names += socket.gethostbyname_ex(name)[2]
+    hosts: list[str] = []
+    for name in names:
+        for entry in (name, name if ":" in name.strip("[]") or "*" in name else f"{name}:{port}"):
+            if entry not in hosts:
+                hosts.append(entry)
+    return hosts + [h for h in get_default_allowed_hosts() if h not in hosts]
+
+
+LOGIN_ENV = ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD")
+"""Where ``harness server --login`` reads the first user's credentials (MLflow's own variables); clients log in with
+``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``."""
+
+
+def login_environment(config: Path | None, state: Path) -> dict[str, str]:
+    """The environment of a server with MLflow's login (basic-auth app): its config file (``config``, MLflow's
+    ``basic_auth.ini`` format, else one written into ``state`` with the user database beside it), the first
+    user's credentials from :data:`LOGIN_ENV` or the file, never from the command line, and the key MLflow signs its
+    login forms with (``MLFLOW_FLASK_SERVER_SECRET_KEY``, else one kept in ``state``, readable by this user only).
+    BadInput when no credentials are set and no user database exists yet."""
+    import configparser
+
+    if config is not None:
+        if not config.is_file():
+            raise BadInput(f"--login-config {config}: no such file; give MLflow's basic_auth.ini format")
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(config)
+            section = parser["mlflow"]
+            has_user = bool(section.get("admin_username") and section.get("admin_password"))
+        except (configparser.Error, KeyError) as err:
+            raise BadInput(f"--login-config {config}: not MLflow's basic_auth.ini format ({err})") from None
+        path = config
+        users = section.get("database_uri", "")
+    else:
+        state.mkdir(parents=True, exist_ok=True)
+        users = f"sqlite:///{state / 'basic_auth.db'}"
+        path = state / "basic_auth.ini"
+        path.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = {users}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        has_user = False
+    has_user = has_user or all(os.environ.get(name) for name in LOGIN_ENV)
+    existing = sqlite_path(users)
+    if not has_user and not (existing is not None and existing.is_file()):
+        raise BadInput(
+            f"--login: no first user: set {LOGIN_ENV[0]} and {LOGIN_ENV[1]} (or give --login-config FILE, MLflow's "
+            "basic_auth.ini with admin_username and admin_password); credentials never go on the command line"
+        )
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(path)}
+    if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):  # the login pages' CSRF key: kept, so restarts agree
+        secret = state / "flask_secret_key"
+        if not secret.is_file():
+            import secrets
+
+            state.mkdir(parents=True, exist_ok=True)
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret.read_text().strip()
+    return env
 
 
 def check_port(host: str, port: int) -> None:
@@ -447,14 +548,16 @@ def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int =
     return serve(ui_command(uri, host, port, workers))
 
 
-def serve(command: list[str]) -> int:
+def serve(command: list[str], env: dict[str, str] | None = None) -> int:
     """Run an MLflow server process group in the foreground; whatever ends this process ends all of it.
 
     The server gets a process group of its own, stopped as a whole (SIGTERM, then SIGKILL after 10 s) when it
     exits, on Ctrl-C or SIGTERM, or on any error here; and on Linux it gets SIGTERM if this process is
     killed outright (``PR_SET_PDEATHSIG``). Returns the server's exit code; 0 after Ctrl-C, 143 after SIGTERM.
     """
-    proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)  # the hook calls prctl only
+    proc = subprocess.Popen(
+        command, start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})}
+    )  # the hook calls prctl only
     try:
         return proc.wait()
     except KeyboardInterrupt:
