@@ -20,6 +20,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
     "clip": {"embed_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16},
     "cmc": {"proj_hidden_dim": 32, "proj_dim": 16},
+    "dcl": {"proj_hidden_dim": 32, "proj_dim": 16},
+    "dclw": {"proj_hidden_dim": 32, "proj_dim": 16},
     "dino": {
         "out_dim": 16,
         "hidden_dim": 32,
@@ -39,6 +41,7 @@ SMALL: dict[str, dict[str, Any]] = {
         "decoder_heads": 2,
         "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},  # a ViT: MAE masks patches
     },
+    "mmcr": {"proj_hidden_dim": 32, "proj_dim": 16, "num_views": 3, "lmbda": 0.005},  # three views and the local term
     "moco_v2": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64},
     "moco_v3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
     "nnclr": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64},
