@@ -133,6 +133,13 @@ def _quiet_exit(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     return quiet
 
 
+def node_count() -> int:
+    """How many live nodes the Ray cluster joined by :func:`init` has."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def cluster_capacity() -> tuple[float, float]:
     """(CPUs, GPUs) of the Ray cluster joined by :func:`init`."""
     import ray

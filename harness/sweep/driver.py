@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import signal
 import time
@@ -39,6 +40,8 @@ from harness.sweep.state import (
 )
 from harness.sweep.trial import FINISHED_KEY, train_trial, worker_folder
 from harness.track.mlflow import Run, absolute_uri, create_run, open_run, tracking_uri
+
+log = logging.getLogger(__name__)
 
 DRIVER_CPUS = 0.1
 """What the Tune trial of a multi-worker trial holds itself: it only opens the run and fits the Ray Train job."""
@@ -94,6 +97,7 @@ def _start(
     own_ray = raytune.init(cfg.address, min_cpus=math.ceil(r.workers * r.cpus + (DRIVER_CPUS if r.workers > 1 else 0)))
     try:
         signals.install()  # ray.init replaced the SIGTERM handler
+        _check_cluster(uri, root)
         max_concurrent = _concurrency(cfg.max_concurrent, r.workers, r.cpus, r.gpus)
         if not resume:
             state = new_state(sweep, uri, root)
@@ -101,6 +105,25 @@ def _start(
     finally:
         if own_ray:
             raytune.shutdown()
+
+
+def _check_cluster(uri: str, root: Path) -> None:
+    """On a Ray cluster of several nodes, trials run on other machines: a SQLite store is a file on this one (its
+    writers on other nodes would each write their own, or corrupt one on a network file system), so it is refused
+    before any run; whether ``storage`` is shared cannot be known from here, so that is a warning."""
+    nodes = raytune.node_count()
+    if nodes < 2:
+        return
+    if uri.startswith("sqlite:"):
+        raise BadInput(
+            f"tracking.uri: {uri} is a SQLite file on this machine, but the Ray cluster has {nodes} nodes whose trials "
+            "log to it; start `python -m harness server` on the head node and set tracking.uri: http://HEAD:5000"
+        )
+    log.warning(
+        "storage: %s must be one folder every one of the cluster's %d nodes reaches (a shared file system): trials "
+        "checkpoint there and resume from there on whichever node runs them",
+        root.parent, nodes,
+    )  # fmt: skip
 
 
 def _concurrency(configured: int | None, workers: int, cpus: float, gpus: float) -> int | None:
