@@ -103,7 +103,7 @@ def collapsed(final_loss: float | None, collapse_loss: float | None, std_of_norm
     if (
         final_loss is not None
         and collapse_loss is not None
-        and final_loss >= (1 - COLLAPSE_LOSS_TOLERANCE) * collapse_loss
+        and final_loss >= collapse_loss - COLLAPSE_LOSS_TOLERANCE * abs(collapse_loss)  # MMCR's value is negative
     ):
         return True
     return std_of_normalized is not None and dim > 0 and std_of_normalized * math.sqrt(dim) < COLLAPSE_STD_RATIO

@@ -187,3 +187,12 @@ def test_one_decomposition_on_a_torch_device_gives_numpys_ranks():
     me, eff, s = ranks(z, "cpu")  # the torch path (the battery's on a GPU)
     np.testing.assert_allclose(s, singular_values(z), rtol=1e-10)
     assert me == pytest.approx(rankme(z), rel=1e-12) and eff == pytest.approx(effective_rank(z), rel=1e-12)
+
+
+def test_a_final_loss_at_a_negative_collapse_value_is_collapsed() -> None:
+    """MMCR's collapse value is -sqrt(N): within the tolerance of it counts, as for the positive values of the others."""
+    from harness.trial.evaluate import collapsed
+
+    assert collapsed(-8.0, -8.0, None, 0) and collapsed(-7.95, -8.0, None, 0)
+    assert not collapsed(-9.0, -8.0, None, 0)  # below the collapse value: learning
+    assert collapsed(4.9, 5.0, None, 0) and not collapsed(4.8, 5.0, None, 0)  # positive values as before
