@@ -16,12 +16,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from core.contract import MethodParams, StepInfo, StepOutput, feature_dim
-from core.views import View
 from methods import register
-from methods.base import Method
-from methods.distributed import gather
-from methods.heads import mlp
+from methods.simclr import SimCLR, SimCLRParams
 
 
 def dcl_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, sigma: float | None = None) -> torch.Tensor:
@@ -58,14 +54,8 @@ def dcl_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, sigma
     return (negative - positive).mean()
 
 
-class DCLParams(MethodParams):
+class DCLParams(SimCLRParams):
     temperature: float = Field(0.1, gt=0, description="DCL temperature (0.1: lightly and the reference code)")
-    proj_hidden_dim: int = Field(2048, ge=1)
-    proj_dim: int = Field(128, ge=1)
-    proj_layers: int = Field(2, ge=1, description="SimCLR's projector: 2 layers")
-    gather: bool = Field(
-        True, description="with several workers, contrast against the global batch (false: each worker's own batch)"
-    )
 
 
 class DCLWParams(DCLParams):
@@ -73,37 +63,23 @@ class DCLWParams(DCLParams):
 
 
 @register
-class DCL(Method):
+class DCL(SimCLR):
+    """SimCLR's views, projector and gathering (the paper uses SimCLR's augmentations) with the decoupled loss."""
+
     name = "dcl"
     Params = DCLParams
-    uses_negatives = True
-    networks = 1
     loss_name = "DCL"
     paper = "Yeh et al. 2022, Decoupled Contrastive Learning"
 
     params: DCLParams
-    projector: torch.nn.Sequential
-
-    def __init__(self, backbone: torch.nn.Module, params: DCLParams) -> None:
-        super().__init__(backbone, params)
-        self.projector = mlp(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, params.proj_layers)
 
     @property
     def sigma(self) -> float | None:
         """The DCLW weighting's sigma; None: unweighted DCL."""
         return None
 
-    def views(self, image_size: int) -> list[View]:
-        """Two full-size views of the run's recipe (the paper uses SimCLR's augmentations)."""
-        return [View(image_size), View(image_size)]
-
-    def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
-        x1, x2 = views
-        z = self.projector(self.backbone(torch.cat([x1, x2])))
-        z1, z2 = z.chunk(2)
-        if self.params.gather:
-            z1, z2 = gather(z1), gather(z2)
-        return StepOutput(dcl_loss(z1, z2, self.params.temperature, self.sigma))
+    def contrast(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return dcl_loss(z1, z2, self.params.temperature, self.sigma)
 
     def collapse_loss(self, batch_size: int) -> float | None:
         # all cosines 1: -1/T + log((2N - 2) e^{1/T}); the DCLW weights are then all 1

@@ -80,7 +80,11 @@ class SimCLR(Method):
         z1, z2 = z.chunk(2)
         if self.params.gather:
             z1, z2 = gather(z1), gather(z2)
-        return StepOutput(nt_xent(z1, z2, self.params.temperature))
+        return StepOutput(self.contrast(z1, z2))
+
+    def contrast(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """The loss of the two views' projections (gathered over the workers): NT-Xent; DCL replaces it."""
+        return nt_xent(z1, z2, self.params.temperature)
 
     def collapse_loss(self, batch_size: int) -> float | None:
         return math.log(2 * batch_size - 1)  # every anchor's 2N - 1 candidates equally similar
