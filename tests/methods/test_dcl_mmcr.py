@@ -1,6 +1,6 @@
 """DCL, DCLW and MMCR: the losses against hand computations and numpy re-implementations, their invariances, the
-closed-form collapse values, how the methods feed their views to the losses, bad values, and two gloo workers giving
-the single-process loss and gradients."""
+closed-form collapse values, how the methods feed their views to the losses and bad values. Two gloo workers giving
+the single-process loss and gradients: tests/methods/test_distributed.py, with every gathering method."""
 
 from __future__ import annotations
 
@@ -10,17 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from core.backbones import create_backbone
 from core.contract import StepInfo
 from core.errors import ConfigError
 from methods import create_method
 from methods.dcl import dcl_loss
-from methods.distributed import average_gradients, is_distributed, rank, world_size
 from methods.mmcr import mmcr_loss
 from methods.simclr import nt_xent
-from tests.helpers.ddp import run_distributed
 from tests.helpers.method_params import small_params
 
 # ----------------------------------------------------------------------------- references in numpy (float64)
@@ -253,61 +250,3 @@ def test_bad_method_parameters_are_one_line_config_errors(method: dict[str, Any]
     with pytest.raises(ConfigError, match=message) as err:
         build_config({"method": method})
     assert "\n" not in str(err.value)
-
-
-# ----------------------------------------------------------------------------- two gloo workers
-
-NAMES = ["dcl", "dclw", "mmcr"]
-BATCH = 8
-
-
-class _TinyBackbone(nn.Module):
-    """Conv, ReLU, global average pooling: no BatchNorm, whose per-worker statistics would differ."""
-
-    num_features = 12
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, self.num_features, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x)).mean(dim=(2, 3))
-
-
-def _one_step(name: str, gather: bool = True) -> dict[str, Any]:
-    """One step of method ``name`` (same weights everywhere) on this worker's rows of a fixed global batch."""
-    torch.manual_seed(0)
-    method = create_method(name, _TinyBackbone(), **small_params(name, gather=gather))
-    method.projector = nn.Sequential(*(m for m in method.projector if not isinstance(m, nn.BatchNorm1d)))
-    g = torch.Generator().manual_seed(100)
-    views = [torch.randn(BATCH, 3, 8, 8, generator=g) for _ in method.views(8)]
-    n = BATCH // world_size()
-    loss = method.training_step([v[rank() * n : (rank() + 1) * n] for v in views], StepInfo(0, 0, 1)).loss
-    loss.backward()
-    average_gradients(method)
-    return {"loss": loss.detach(), "grads": {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}}
-
-
-def _all_steps() -> dict[str, dict[str, Any]]:
-    return {**{name: _one_step(name) for name in NAMES}, **{f"{name}/no_gather": _one_step(name, False) for name in NAMES}}
-
-
-def _worker(rank_: int, world: int) -> dict[str, dict[str, Any]]:
-    assert is_distributed() and rank() == rank_ and world_size() == world
-    return _all_steps()
-
-
-@pytest.mark.slow
-def test_two_workers_give_the_single_process_loss_and_gradients(tmp_path) -> None:
-    single = _all_steps()
-    workers = run_distributed(_worker, tmp_path, 2)
-    for name in NAMES:
-        expected = single[name]
-        tol = {"rtol": 1e-4, "atol": 1e-4 * max(g.abs().max().item() for g in expected["grads"].values())}
-        for r, got in enumerate(workers):
-            torch.testing.assert_close(got[name]["loss"], expected["loss"], rtol=1e-4, atol=1e-5, msg=lambda m, r=r, name=name: f"{name} rank {r}: {m}")
-            assert got[name]["grads"].keys() == expected["grads"].keys()
-            for key, grad in expected["grads"].items():
-                torch.testing.assert_close(got[name]["grads"][key], grad, **tol, msg=lambda m, r=r, key=key, name=name: f"{name} rank {r} {key}: {m}")
-            # each worker's own half batch without gathering: another loss (the checks above can fail)
-            assert not torch.allclose(got[f"{name}/no_gather"]["loss"], expected["loss"], rtol=1e-4, atol=1e-5)

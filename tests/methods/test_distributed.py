@@ -28,7 +28,7 @@ WORLD = 2
 BATCH = 8
 """The global batch; each of the WORLD workers takes BATCH // WORLD consecutive rows."""
 
-GATHERING = ["simclr", "simclr_v2", "moco_v2", "moco_v3", "barlow_twins", "nnclr", "swav", "vicreg", "dino"]
+GATHERING = ["simclr", "simclr_v2", "moco_v2", "moco_v3", "barlow_twins", "nnclr", "swav", "vicreg", "dino", "dcl", "dclw", "mmcr"]
 """The image methods that gather across workers (``gather``); each is built with its small parameters (tests/helpers/method_params.py)."""
 QUEUES = {"moco_v2": "queue.queue", "nnclr": "support.queue"}
 """The buffer holding each queue method's queue."""
@@ -71,9 +71,9 @@ def build(name: str, **params: Any) -> Method:
 
 
 def global_views(name: str, step: int = 0) -> list[torch.Tensor]:
-    """Fixed views of the global batch: two 8 px views (and two 4 px small crops for SwAV)."""
+    """Fixed views of the global batch: two 8 px views (and two 4 px small crops for SwAV; MMCR its ``num_views``)."""
     g = torch.Generator().manual_seed(100 + step)
-    sizes = [8, 8, 4, 4] if name == "swav" else [8, 8]
+    sizes = [8, 8, 4, 4] if name == "swav" else [8] * small_params(name).get("num_views", 2)
     return [torch.randn(BATCH, 3, s, s, generator=g) for s in sizes]
 
 
@@ -183,6 +183,13 @@ def test_two_workers_give_the_single_process_loss_and_gradients(name: str, mode:
     _assert_same_loss([g["loss"] for g in got], expected["loss"], name)
     for r, g in enumerate(got):
         _assert_same_grads(g["grads"], expected["grads"], f"{name}{mode} rank {r}")
+
+
+@pytest.mark.parametrize("name", [n for n in GATHERING if n not in PER_SAMPLE])
+def test_without_gathering_a_workers_loss_is_another(name: str, workers, single) -> None:
+    """Each worker's own half batch gives another loss than the global batch: the checks above can fail."""
+    for w in workers:
+        assert not torch.allclose(w[f"{name}/no_gather"]["loss"], single[name]["loss"], **TOL), name
 
 
 @pytest.mark.parametrize("name", sorted(QUEUES))
