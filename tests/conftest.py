@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.runs import TINY
+from tests.helpers.runs import TINY, new_store
 
 
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
-    """A fresh SQLite MLflow store; the process's working directory is the test's tmp dir."""
+    """A fresh, empty SQLite MLflow store; the process's working directory is the test's tmp dir."""
+    monkeypatch.chdir(tmp_path)
+    uri = new_store(tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def unmade_tracking_uri(tmp_path, monkeypatch):
+    """As ``tracking_uri``, but the store is not made: for the tests that check that bad input makes none."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -24,7 +24,7 @@ from harness.cli import main
 from harness.launch import reaper
 from harness.track.mlflow import metric_history, search_runs
 from tests.helpers.processes import answers, free_port, pids_with, started, stop, wait_until
-from tests.helpers.runs import FAST_EVAL, REPO, TINY, env_for, harness_cmd
+from tests.helpers.runs import FAST_EVAL, REPO, TINY, env_for, harness_cmd, new_store
 
 # ----------------------------------------------------------------------------- concurrent writers
 
@@ -109,7 +109,7 @@ def test_a_failed_run_says_why_in_its_tags(tmp_path, tiny_overrides, monkeypatch
         raise ValueError("the battery broke")
 
     monkeypatch.setattr(trial_run, "evaluate", broken)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = new_store(tmp_path / "m.db")
     assert main(["-q", "run", str(REPO / "configs/simclr_shapes.yaml"), *tiny_overrides, *FAST_EVAL, f"tracking.uri={uri}", "tracking.experiment=broken"]) == 1
     (run,) = search_runs("broken", uri)
     assert run["status"] == "FAILED" and run["tags"]["harness.error"] == "ValueError: the battery broke"
@@ -120,7 +120,7 @@ def test_a_failed_run_says_why_in_its_tags(tmp_path, tiny_overrides, monkeypatch
 
 @pytest.mark.slow  # two training processes, one after the other
 def test_sigterm_to_run_marks_it_killed_and_resume_continues_the_same_run(tmp_path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     ckpt_dir = tmp_path / "ckpt"
     args = ["run", str(REPO / "configs/simclr_shapes.yaml"), *TINY, *FAST_EVAL, "data.num_train=512", "pretrain.epochs=6", "tracking.experiment=term", "tracking.run_name=a run", f"pretrain.checkpoint_dir={ckpt_dir}"]
     with started(harness_cmd("-q", *args), cwd=tmp_path, env=env_for(uri), stderr_apart=True) as proc:
@@ -224,7 +224,7 @@ def test_a_full_disk_while_saving_says_so_and_keeps_the_last_checkpoint(tmp_path
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_ui_leaves_no_process_and_frees_the_port(tmp_path, sig) -> None:
     port = free_port()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     try:
         with started(harness_cmd("ui", "--port", str(port)), cwd=tmp_path, env=env_for(uri), output=False) as proc:
             wait_until(lambda: answers(f"http://127.0.0.1:{port}"), 120, "the UI did not answer")

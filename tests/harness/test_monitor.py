@@ -225,7 +225,7 @@ def test_asha_accepts_the_metrics_trials_report_each_epoch(tmp_path, metric) -> 
         ({"scheduler": {**ASHA, "metric": "train/loss"}}, ["eval.online.every=9"], "eval.online.every: 9 is larger than pretrain.epochs (2)"),
     ],
 )
-def test_bad_asha_metrics_exit_2_before_ray_starts(tmp_path, tracking_uri, capsys, fields, overrides, expected) -> None:
+def test_bad_asha_metrics_exit_2_before_ray_starts(tmp_path, unmade_tracking_uri, capsys, fields, overrides, expected) -> None:
     path = write_sweep(tmp_path, **fields)
     assert main(["sweep", str(path), *overrides]) == 2
     err = capsys.readouterr().err.strip()

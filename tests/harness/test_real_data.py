@@ -21,7 +21,7 @@ from core.errors import BadInput, DataNotFound
 from harness.data import idx
 from harness.data.datasets import class_counts, load_dataset
 from harness.track.mlflow import search_runs
-from tests.helpers.runs import CONFIG, env_for, harness_cmd
+from tests.helpers.runs import CONFIG, env_for, harness_cmd, new_store
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(), reason="no dataset-fashion-mnist")
@@ -194,7 +194,7 @@ def _cosine_knn(train: np.ndarray, ytr: np.ndarray, test: np.ndarray, yte: np.nd
 @needs_debian
 @pytest.mark.slow
 def test_a_run_on_fashion_mnist_needs_no_data_setting_and_records_its_data(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     overrides = ["data.name=fashion_mnist", "data.image_size=28", "data.num_train=2000", "data.num_test=500", "pretrain.epochs=0",
                  "eval.linear.enabled=false", "eval.semi.enabled=false", "eval.retrieval.enabled=false", "eval.collapse.enabled=false",
                  "eval.online.enabled=false", "device=cpu", f"pretrain.checkpoint_dir={tmp_path / 'ckpt'}"]  # fmt: skip

@@ -35,7 +35,7 @@ from harness.track.mlflow import search_runs
 from harness.train.distributed import World, shard
 from harness.train.loop import batch_indices, epoch_seed
 from tests.helpers.image_files import image, write_folder, write_imagefolder, write_shards
-from tests.helpers.runs import REPO, env_for
+from tests.helpers.runs import REPO, env_for, new_store
 
 CONFIG = REPO / "configs" / "simclr_shapes.yaml"
 EXPERIMENT = "streaming-test"
@@ -53,7 +53,7 @@ def harness_run(workdir: Path, *overrides: str) -> tuple[subprocess.CompletedPro
     """``python -m harness -q run configs/simclr_shapes.yaml BASE overrides`` in a fresh process, logging to an
     MLflow store in ``workdir``; returns the finished process and the store's URI."""
     workdir.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    uri = new_store(workdir / "mlflow.db")
     args = [f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", f"pretrain.checkpoint_dir={workdir / 'ckpt'}", *BASE, *overrides]
     env = env_for()
     proc = subprocess.run([sys.executable, "-m", "harness", "-q", "run", str(CONFIG), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)

@@ -112,7 +112,7 @@ def test_cases_set_several_keys_per_point(tmp_path: Path) -> None:
         ({}, ["max_concurent=2"], "max_concurent"),
     ],
 )
-def test_bad_sweeps_exit_2_before_anything_runs(tmp_path, tracking_uri, capsys, fields, overrides, expected) -> None:
+def test_bad_sweeps_exit_2_before_anything_runs(tmp_path, unmade_tracking_uri, capsys, fields, overrides, expected) -> None:
     path = write_sweep(tmp_path, **fields)
     assert main(["sweep", str(path), *overrides]) == 2
     err = capsys.readouterr().err.strip()
@@ -155,7 +155,7 @@ def test_a_base_that_is_a_sweep_file_is_refused(tmp_path, tracking_uri, capsys) 
     assert "base: ../sweep.yaml is a sweep file (it has name and space), not a run config" in capsys.readouterr().err
 
 
-def test_unwritable_storage_is_bad_input_before_any_run(tmp_path, tracking_uri, capsys) -> None:
+def test_unwritable_storage_is_bad_input_before_any_run(tmp_path, unmade_tracking_uri, capsys) -> None:
     path = write_sweep(tmp_path, storage="/proc/nonexist/x")
     assert main(["sweep", str(path), "seeds=[0]"]) == 2
     err = capsys.readouterr().err.strip()
@@ -163,7 +163,7 @@ def test_unwritable_storage_is_bad_input_before_any_run(tmp_path, tracking_uri, 
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_second_sweep_of_the_same_name_is_refused_while_the_first_runs(tmp_path, tracking_uri, capsys) -> None:
+def test_a_second_sweep_of_the_same_name_is_refused_while_the_first_runs(tmp_path, unmade_tracking_uri, capsys) -> None:
     from harness.sweep.state import hold_name
 
     path = write_sweep(tmp_path, storage=str(tmp_path / "st"))
@@ -196,7 +196,7 @@ def test_a_store_error_while_opening_the_runs_leaves_none_running_or_scheduled(t
     assert all("No space left on device" in r["tags"]["harness.error"] for r in runs)
 
 
-def test_unreachable_ray_address_is_bad_input(tmp_path, tracking_uri, capsys) -> None:
+def test_unreachable_ray_address_is_bad_input(tmp_path, unmade_tracking_uri, capsys) -> None:
     with socket.socket() as s:  # a free port: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -207,14 +207,14 @@ def test_unreachable_ray_address_is_bad_input(tmp_path, tracking_uri, capsys) ->
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_resume_with_nothing_to_resume(tmp_path, tracking_uri, capsys) -> None:
+def test_resume_with_nothing_to_resume(tmp_path, unmade_tracking_uri, capsys) -> None:
     path = write_sweep(tmp_path)
     assert main(["sweep", str(path), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_missing_dataset_is_refused_before_ray(tmp_path, tracking_uri, capsys) -> None:
+def test_missing_dataset_is_refused_before_ray(tmp_path, unmade_tracking_uri, capsys) -> None:
     path = write_sweep(tmp_path)
     assert main(["sweep", str(path), "data.name=cifar10", f"data.root={tmp_path / 'nowhere'}"]) == 2
     assert "cifar" in capsys.readouterr().err

@@ -349,7 +349,7 @@ def test_table_section_of_a_sweep(tmp_path) -> None:
         ({}, ["table.columns=[]"], "table.columns"),
     ],
 )
-def test_bad_table_section_exits_2_before_anything_runs(tmp_path, tracking_uri, capsys, fields, overrides, expected) -> None:
+def test_bad_table_section_exits_2_before_anything_runs(tmp_path, unmade_tracking_uri, capsys, fields, overrides, expected) -> None:
     path = write_sweep(tmp_path, **fields)
     assert main(["sweep", str(path), *overrides]) == 2
     err = capsys.readouterr().err.strip()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -32,6 +35,26 @@ TINY = [
 
 FAST_EVAL = ["eval.linear.enabled=false", "eval.semi.enabled=false", "eval.retrieval.enabled=false", "eval.collapse.enabled=false"]
 """The battery reduced to kNN (and the baselines)."""
+
+
+_template: Path | None = None
+
+
+def new_store(path: Path) -> str:
+    """The URI of an empty MLflow SQLite store at ``path`` whose tables exist: a copy of one store made once per test
+    session, since MLflow takes 1.5-3 s to make its tables in each new store. Tests of a store that does not exist
+    yet (concurrent writers creating it) name a path of their own instead."""
+    global _template
+    if _template is None:
+        from harness.track.mlflow import search_runs
+
+        folder = tempfile.mkdtemp(prefix="harness-tests-store-")
+        atexit.register(shutil.rmtree, folder, True)
+        search_runs("template", f"sqlite:///{folder}/mlflow.db")  # makes the tables
+        _template = Path(folder) / "mlflow.db"
+    assert not path.exists(), f"{path} exists: a new store would replace it"
+    shutil.copyfile(_template, path)
+    return f"sqlite:///{path}"
 
 
 def harness_cmd(*args: str) -> list[str]:
