@@ -33,7 +33,7 @@ from methods import register
 from methods.base import Method
 from methods.distributed import gather_no_grad, world_size
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
-from methods.multicrop import multi_crop_views, per_view
+from methods.multicrop import check_small_crops, multi_crop_views, per_view
 
 
 def dino_loss(
@@ -256,12 +256,7 @@ class DINO(Method):
         )
 
     def check(self, batch_size: int) -> None:
-        if self.params.num_local_crops and getattr(self.backbone, "dynamic_img_size", None) is False:
-            raise ConfigError(
-                "backbone.kwargs.dynamic_img_size: this ViT takes only its own image size, and "
-                "DINO's local crops are smaller; set backbone.kwargs.dynamic_img_size=true "
-                "(position embeddings interpolated) or method.num_local_crops=0"
-            )
+        check_small_crops(self.backbone, self.params.num_local_crops, "DINO's local crops", "method.num_local_crops")
 
     def frozen_modules(self, step: StepInfo) -> list[str]:
         """The head's last layer during the first ``freeze_last_layer`` epochs (the loop drops its gradient)."""

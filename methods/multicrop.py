@@ -50,6 +50,17 @@ def multi_crop_views(
     return views + [View(size, small_scale, small_recipe or {})] * num_small
 
 
+def check_small_crops(backbone: torch.nn.Module, num_small: int, crops: str, count_key: str) -> None:
+    """ConfigError when the backbone is a ViT that takes only its own image size and there are small crops
+    (``crops`` names them in the message, e.g. "DINO's local crops"; ``count_key`` is their number's key)."""
+    if num_small and getattr(backbone, "dynamic_img_size", None) is False:
+        raise ConfigError(
+            "backbone.kwargs.dynamic_img_size: this ViT takes only its own image size, and "
+            f"{crops} are smaller; set backbone.kwargs.dynamic_img_size=true "
+            f"(position embeddings interpolated) or {count_key}=0"
+        )
+
+
 def per_view(encoder: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
     """``encoder`` of every view, with one call per run of consecutive equal-sized views (the reference code's
     ``MultiCropWrapper``): the outputs, one (B, ...) tensor per view."""

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from harness.track.mlflow import search_runs
-from tests.helpers.runs import REPO
+from tests.helpers.runs import REPO, new_store
 
 BATTERY = [
     "eval/knn/top1", "eval/knn/top5", "eval/linear/top1", "eval/linear/top5", "eval/semi_1pct/top1", "eval/semi_10pct/top1",
@@ -27,7 +27,7 @@ BATTERY = [
 
 @pytest.mark.slow
 def test_default_config_beats_both_baselines_by_ten_points(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     args = ["tracking.experiment=e2e", f"tracking.uri={uri}", f"pretrain.checkpoint_dir={tmp_path / 'ckpt'}"]
     proc = subprocess.run(
         [sys.executable, "-m", "harness", "-q", "run", str(REPO / "configs" / "simclr_shapes.yaml"), *args],

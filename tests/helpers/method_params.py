@@ -41,6 +41,13 @@ SMALL: dict[str, dict[str, Any]] = {
         "decoder_heads": 2,
         "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},  # a ViT: MAE masks patches
     },
+    "lejepa": {
+        "proj_hidden_dim": 32,
+        "proj_dim": 16,
+        "num_slices": 64,
+        "num_local_crops": 2,
+        "local_crop_size_ratio": 0.5,  # 16 px test images: 8 px local views
+    },
     "mmcr": {"proj_hidden_dim": 32, "proj_dim": 16, "num_views": 3, "lmbda": 0.005},  # three views and the local term
     "moco_v2": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64},
     "moco_v3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
