@@ -5,6 +5,8 @@ from __future__ import annotations
 ONLINE_KNN, ONLINE_RANKME = "online/knn_top1", "online/rankme"
 ONLINE_METRICS = (ONLINE_KNN, ONLINE_RANKME)
 """What the online monitor (:mod:`harness.trial.monitor`) logs at each epoch it evaluates."""
+ONLINE_LINEAR = "online/linear_top1"
+"""What it logs besides with ``eval.online.linear`` (:mod:`evaluations.online_linear`)."""
 
 COLLAPSED_METRIC = "eval/collapsed"
 """1.0 for a run that collapsed (:func:`harness.trial.evaluate.collapsed`): tables and the sweep print no numbers."""

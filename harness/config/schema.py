@@ -288,6 +288,12 @@ class OnlineConfig(Section):
     of them when the split is smaller."""
     num_test: int = Field(256, ge=1)
     """Test items classified, drawn likewise."""
+    linear: bool = False
+    """Also an online linear probe (:mod:`evaluations.online_linear`): one linear classifier trained, at each
+    evaluation, on the train subset's embeddings, its weights kept from one evaluation to the next; its top-1 on the
+    test subset is logged as ``online/linear_top1`` (an ASHA metric). It changes no training number either."""
+    linear_epochs: int = Field(10, ge=1)
+    """Passes of the online linear probe over the train subset at each evaluation."""
 
     def schedule(self, epochs: int) -> list[int]:
         """The epochs (1-based) after which the monitor evaluates: every ``every``-th, and always the last one."""

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError, suggest
-from core.metrics import HEADLINE_METRIC, ONLINE_METRICS
+from core.metrics import HEADLINE_METRIC, ONLINE_LINEAR, ONLINE_METRICS
 from harness.config.loading import build_config, first_error, parse_overrides, read_yaml, set_values
 from harness.config.schema import NAME_MAX, RunConfig, Section
 
@@ -377,12 +377,19 @@ def _check_scheduler_metric(scheduler: SchedulerConfig, configs: list[RunConfig]
     if scheduler.name != "asha" or metric is None:
         return
     online = all(c.eval.online.enabled for c in configs)
+    linear = online and all(c.eval.online.linear for c in configs)
     if (
         metric in EPOCH_METRICS
         or (metric in ONLINE_METRICS and online)
+        or (metric == ONLINE_LINEAR and linear)
         or (metric.startswith("train/") and metric != "train/" and metric not in _FINAL_ONLY)
     ):
         return
+    if metric == ONLINE_LINEAR:
+        raise ConfigError(
+            f"scheduler.metric: {metric!r} is reported only by trials with eval.online.enabled=true and "
+            "eval.online.linear=true, and some of these trials disable one of them"
+        )
     if metric in ONLINE_METRICS:
         raise ConfigError(
             f"scheduler.metric: {metric!r} is reported only by trials with "
@@ -392,6 +399,7 @@ def _check_scheduler_metric(scheduler: SchedulerConfig, configs: list[RunConfig]
         *EPOCH_METRICS[:-1],
         "train/<a key the method logs>",
         *(ONLINE_METRICS if online else ()),
+        *((ONLINE_LINEAR,) if linear else ()),
         EPOCH_METRICS[-1],
     ]
     why = (

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.metrics import ONLINE_METRICS
+from core.metrics import ONLINE_LINEAR, ONLINE_METRICS
 from core.splits import Split
 from evaluations.collapse import rankme
+from evaluations.online_linear import OnlineLinearProbe
 from harness.data.streaming import StreamedImages
 from harness.trial.evaluate import embed_splits, knn_top1
 from harness.trial.prepare import Trial
@@ -60,6 +61,8 @@ class OnlineMonitor:
     test_idx: np.ndarray
     """Rows of the test split classified (sorted)."""
     epochs: frozenset[int]
+    probe: OnlineLinearProbe | None = None
+    """The online linear probe, with ``eval.online.linear``."""
     seconds: list[float] = field(default_factory=list)
     """Wall time of each evaluation so far."""
 
@@ -72,11 +75,17 @@ class OnlineMonitor:
         train_idx = subset_indices(len(data.train), online.num_train, rng)
         test_idx = subset_indices(len(data.test), online.num_test, rng)
         subsets = dataclasses.replace(data, train=_take(data.train, train_idx), test=_take(data.test, test_idx))
+        probe = (
+            OnlineLinearProbe(len(data.classes), epochs=online.linear_epochs, seed=cfg.data.seed)
+            if online.linear
+            else None
+        )
         return cls(
             dataclasses.replace(trial, data=subsets),
             train_idx,
             test_idx,
             frozenset(online.schedule(cfg.pretrain.epochs)),
+            probe,
         )
 
     def __call__(self, epoch: int) -> dict[str, float]:
@@ -86,10 +95,11 @@ class OnlineMonitor:
         metrics = self.evaluate()
         self.seconds.append(time.perf_counter() - t0)
         log.info(
-            "epoch %d  online kNN top-1 %.4f  RankMe %.1f  (%.2f s)",
+            "epoch %d  online kNN top-1 %.4f  RankMe %.1f%s  (%.2f s)",
             epoch,
             metrics[KNN_TOP1],
             metrics[RANKME],
+            f"  linear top-1 {metrics[ONLINE_LINEAR]:.4f}" if ONLINE_LINEAR in metrics else "",
             self.seconds[-1],
         )
         return metrics
@@ -98,5 +108,8 @@ class OnlineMonitor:
         """The online metrics of the model as it is now."""
         trial = self.trial
         train_x, test_x = embed_splits(trial, trial.method.embed, trial.method)
-        top1 = knn_top1(trial.cfg, train_x, trial.data.train.labels.numpy(), test_x, trial.data.test.labels.numpy())
-        return {KNN_TOP1: top1, RANKME: rankme(train_x)}
+        train_y, test_y = trial.data.train.labels.numpy(), trial.data.test.labels.numpy()
+        metrics = {KNN_TOP1: knn_top1(trial.cfg, train_x, train_y, test_x, test_y), RANKME: rankme(train_x)}
+        if self.probe is not None:
+            metrics[ONLINE_LINEAR] = self.probe.update(train_x, train_y, test_x, test_y)
+        return metrics

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from core.metrics import ONLINE_METRICS
+from core.metrics import ONLINE_LINEAR, ONLINE_METRICS
 from evaluations.collapse import rankme
 from evaluations.features import extract_embeddings
 from evaluations.knn import knn_evaluate
@@ -27,7 +27,7 @@ from harness.trial.prepare import prepare
 from harness.trial.run import run
 from methods import list_methods
 from tests.helpers.method_params import small_backbone_spec, small_params
-from tests.helpers.runs import write_sweep
+from tests.helpers.runs import tiny_run, write_sweep
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -94,7 +94,7 @@ def test_the_monitor_leaves_every_method_and_the_random_generators_alone(name: s
     spec = small_backbone_spec(name)
     raw = {"method": {"name": name, **small_params(name)}, "backbone": {"name": spec.pop("name"), "kwargs": spec}}
     overrides = [o for o in tiny_overrides if not o.startswith(("method.", "backbone."))]
-    cfg = build_config(raw, [*overrides, "eval.semi.enabled=false", "eval.online.num_train=48", "eval.online.num_test=24"])
+    cfg = build_config(raw, [*overrides, "eval.semi.enabled=false", "eval.online.num_train=48", "eval.online.num_test=24", "eval.online.linear=true"])
     trial = prepare(cfg)
     method = trial.method
     method.train()  # as the training loop leaves it; a forward in this mode would move BatchNorm's running statistics
@@ -102,7 +102,7 @@ def test_the_monitor_leaves_every_method_and_the_random_generators_alone(name: s
     modes = {n: m.training for n, m in method.named_modules()}
     torch_rng, numpy_rng = torch.random.get_rng_state(), np.random.get_state()
     out = OnlineMonitor.build(trial).evaluate()
-    assert set(out) == set(ONLINE_METRICS) and all(np.isfinite(v) for v in out.values())
+    assert set(out) == {*ONLINE_METRICS, ONLINE_LINEAR} and all(np.isfinite(v) for v in out.values())
     after = method.state_dict()
     changed = [k for k, v in state.items() if not torch.equal(v, after[k])]
     assert changed == [], f"{name}: the monitor changed {changed[:5]}"
@@ -133,7 +133,7 @@ def histories(run_id: str, uri: str, keys) -> dict[str, list[tuple[int, float]]]
 
 
 def test_the_monitor_changes_no_training_number_and_logs_at_its_epochs(tiny_overrides, tracking_uri, tmp_path) -> None:
-    on = run(build_config({}, [*tiny_overrides, *FAST, "eval.online.every=2", "tracking.experiment=monitor-on"]))
+    on = run(build_config({}, [*tiny_overrides, *FAST, "eval.online.every=2", "eval.online.linear=true", "tracking.experiment=monitor-on"]))
     off = run(build_config({}, [*tiny_overrides, *FAST, "eval.online.enabled=false", f"pretrain.checkpoint_dir={tmp_path / 'off'}", "tracking.experiment=monitor-off"]))
     (run_on,), (run_off,) = search_runs("monitor-on", tracking_uri), search_runs("monitor-off", tracking_uri)
     assert metric_history(run_on["run_id"], "train/loss", tracking_uri) == metric_history(run_off["run_id"], "train/loss", tracking_uri)
@@ -141,7 +141,7 @@ def test_the_monitor_changes_no_training_number_and_logs_at_its_epochs(tiny_over
     final = {k: v for k, v in on.items() if not k.startswith(timing)}
     assert final == {k: v for k, v in off.items() if not k.startswith(timing)}
     assert "eval/knn/top1" in final and "time/online_s" in on and "time/online_s" not in off
-    for key in ONLINE_METRICS:  # every 2nd epoch and the last, once each
+    for key in (*ONLINE_METRICS, ONLINE_LINEAR):  # every 2nd epoch and the last, once each
         assert [step for step, _ in metric_history(run_on["run_id"], key, tracking_uri)] == [2, 4, 5]
         assert metric_history(run_off["run_id"], key, tracking_uri) == []
     assert 0.0 <= run_on["metrics"]["online/knn_top1"] <= 1.0
@@ -207,6 +207,29 @@ ASHA = {"name": "asha", "mode": "max", "grace_period": 1, "reduction_factor": 2}
 @pytest.mark.parametrize("metric", ["online/knn_top1", "online/rankme", "train/loss", "train/lr", "train/images_per_s", "train/queue_fill", "epoch"])
 def test_asha_accepts_the_metrics_trials_report_each_epoch(tmp_path, metric) -> None:
     load_sweep(write_sweep(tmp_path, scheduler={**ASHA, "metric": metric}))
+
+
+def test_asha_accepts_the_online_linear_probe_only_where_every_trial_trains_one(tmp_path, capsys) -> None:
+    linear = tiny_run()
+    linear["eval"] = {"online": {"linear": True}}
+    load_sweep(write_sweep(tmp_path, run=linear, scheduler={**ASHA, "metric": ONLINE_LINEAR}))
+    path = write_sweep(tmp_path, scheduler={**ASHA, "metric": ONLINE_LINEAR})
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: scheduler.metric: 'online/linear_top1' is reported only by trials with eval.online.enabled=true and "
+        "eval.online.linear=true, and some of these trials disable one of them"
+    ), err
+
+
+def test_the_online_linear_probe_ends_within_a_few_points_of_the_offline_one(tiny_overrides, tracking_uri) -> None:
+    """The same run's embeddings: the online probe's last value (the whole train and test splits as its subsets) and
+    the battery's linear probe."""
+    overrides = ["data.num_train=512", "data.num_test=256", "pretrain.epochs=6", "eval.online.every=3", "eval.online.linear=true"]
+    run(build_config({}, [*tiny_overrides, *overrides, "eval.linear.epochs=30", "eval.semi.enabled=false", "tracking.experiment=probe"]))
+    (probed,) = search_runs("probe", tracking_uri)
+    metrics = probed["metrics"]
+    assert abs(metrics[ONLINE_LINEAR] - metrics["eval/linear/top1"]) <= 0.05, metrics
 
 
 @pytest.mark.parametrize(
