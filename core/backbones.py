@@ -136,11 +136,18 @@ class ViTParts:
     def num_patches(self) -> int:
         return self.grid_size**2
 
-    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, L, D): patch embeddings plus their position embeddings."""
+    def patch_tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, D): patch embeddings plus their position embeddings; with ``mask`` (B, L), 1 =
+        masked, the embedding of each masked patch is replaced by ``mask_token`` (1, 1, D) before the position
+        embedding is added (SimMIM)."""
         m = self.model
         tokens = m.patch_embed(x)
         tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])  # NHWC with dynamic_img_size
+        if mask is not None and mask_token is not None:
+            w = mask.to(tokens.dtype)[..., None]
+            tokens = tokens * (1 - w) + mask_token.to(tokens.dtype) * w
         if m.pos_embed is not None:
             tokens = tokens + (m.pos_embed if m.no_embed_class else m.pos_embed[:, self.num_prefix_tokens :])
         return tokens

@@ -30,48 +30,12 @@ from core.splits import DataSplits
 from core.views import View
 from methods import register
 from methods.base import Method
-from methods.vit import PooledViT, encode_all, sincos_2d
+from methods.vit import PooledViT, encode_all, patchify, random_masking, sincos_2d
+
+__all__ = ["MAE", "masked_mse", "normalize_patches", "patchify", "random_masking"]
 
 NORM_PIX_EPS = 1e-6
 """Added to each target patch's variance with ``norm_pix_loss`` (MAE ``models_mae.py``)."""
-
-
-def random_masking(
-    n: int,
-    length: int,
-    ratio: float,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random masking by argsort of uniform noise (MAE ``random_masking``).
-
-    Exactly ``round(ratio * length)`` of the ``length`` positions are masked in each of the ``n`` samples; the
-    noise comes from ``generator`` (default: torch's global RNG, which the training loop seeds per epoch).
-    Returns ``ids_keep`` (n, length - masked), the kept positions in shuffled order; ``mask`` (n, length) float,
-    1 = masked, in the original order; ``ids_restore`` (n, length), the inverse of the shuffle:
-    ``cat([kept, masked], 1).gather(1, ids_restore)`` puts every token back in place.
-    """
-    num_masked = round(ratio * length)
-    if not 0 <= num_masked <= length:
-        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    keep = length - num_masked
-    noise = torch.rand(n, length, generator=generator, device=device)
-    ids_shuffle = noise.argsort(dim=1)  # ascending: the smallest noise values are kept
-    ids_restore = ids_shuffle.argsort(dim=1)
-    mask = torch.ones(n, length, device=noise.device)
-    mask[:, :keep] = 0
-    return ids_shuffle[:, :keep], mask.gather(1, ids_restore), ids_restore
-
-
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, L, p*p*C), patches in row-major order, each flattened as (p, p, C) (MAE ``patchify``)."""
-    n, c, h, w = images.shape
-    p = patch_size
-    if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
-    x = images.reshape(n, c, h // p, p, w // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
 
 
 def normalize_patches(target: torch.Tensor, eps: float = NORM_PIX_EPS) -> torch.Tensor:

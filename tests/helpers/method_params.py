@@ -55,6 +55,9 @@ SMALL: dict[str, dict[str, Any]] = {
     "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
     "simclr_v2": {"proj_hidden_dim": 32, "proj_dim": 16},
     "simcse": {"text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16},
+    "simmim": {
+        "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},  # a ViT: SimMIM masks patches
+    },
     "simsiam": {"proj_dim": 32, "pred_hidden_dim": 8},
     "swav": {
         "proj_hidden_dim": 32,
