@@ -51,6 +51,12 @@ SMALL: dict[str, dict[str, Any]] = {
     "mmcr": {"proj_hidden_dim": 32, "proj_dim": 16, "num_views": 3, "lmbda": 0.005},  # three views and the local term
     "moco_v2": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64},
     "moco_v3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
+    "msn": {
+        "num_prototypes": 8,
+        "proj_hidden_dim": 32,
+        "proj_dim": 16,
+        "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},  # a ViT: MSN masks patches
+    },
     "nnclr": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64},
     "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
     "simclr_v2": {"proj_hidden_dim": 32, "proj_dim": 16},
