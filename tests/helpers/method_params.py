@@ -29,6 +29,14 @@ SMALL: dict[str, dict[str, Any]] = {
         "num_local_crops": 2,
         "local_crop_size_ratio": 0.5,  # 16 px test images: 8 px local crops
     },
+    "dinov2": {
+        "out_dim": 16,
+        "patch_out_dim": 16,
+        "hidden_dim": 32,
+        "bottleneck_dim": 8,
+        "num_local_crops": 0,  # local crops need a ViT with dynamic_img_size
+        "_backbone": {"name": "vit_tiny_patch16_224", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},  # a ViT: DINOv2 masks patches
+    },
     "ijepa": {
         "pred_dim": 16,
         "pred_depth": 1,
