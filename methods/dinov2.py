@@ -41,7 +41,7 @@ from methods.distributed import gather_no_grad, world_size
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 from methods.multicrop import check_small_crops, multi_crop_views, per_view
 from methods.swav import sinkhorn
-from methods.vit import PooledViT, encode_all, random_masking
+from methods.vit import PooledViT, check_image_size, encode_all, random_masking
 
 KOLEO_EPS = 1e-8
 """Added to the nearest-neighbour distances under the log (DINOv2's ``KoLeoLoss``)."""
@@ -142,12 +142,7 @@ class DINOv2(Method):
         self._pending: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
 
     def setup(self, data: DataSplits) -> None:
-        side = self.parts.grid_size * self.parts.patch_size
-        if data.image_size != side:
-            raise ConfigError(
-                f"backbone.kwargs.img_size: the ViT is built for {side} px images, the data has "
-                f"{data.image_size} px (data.image_size)"
-            )
+        check_image_size(self.parts, data)
 
     def views(self, image_size: int) -> list[View]:
         p = self.params

@@ -47,7 +47,7 @@ from core.views import View, check_area_range
 from methods import register
 from methods.base import Method
 from methods.momentum import ema_update, frozen_copy
-from methods.vit import PooledViT, encode_all, sincos_2d
+from methods.vit import PooledViT, check_image_size, encode_all, sincos_2d
 
 CONTEXT_TRIES = 20
 """Context block positions drawn per image and round (the reference's timeout of 20 tries)."""
@@ -398,12 +398,7 @@ class IJEPA(Method):
         self.target_parts: ViTParts = vit_parts(self.target, "method ijepa")
 
     def setup(self, data: DataSplits) -> None:
-        side = self.parts.grid_size * self.parts.patch_size
-        if data.image_size != side:
-            raise ConfigError(
-                f"backbone.kwargs.img_size: the ViT is built for {side} px "
-                f"images, the data has {data.image_size} px (data.image_size)"
-            )
+        check_image_size(self.parts, data)
 
     def views(self, image_size: int) -> list[View]:
         return [View(image_size)]

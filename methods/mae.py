@@ -30,7 +30,7 @@ from core.splits import DataSplits
 from core.views import View
 from methods import register
 from methods.base import Method
-from methods.vit import PooledViT, encode_all, patchify, random_masking, sincos_2d
+from methods.vit import PooledViT, check_image_size, encode_all, patchify, random_masking, sincos_2d
 
 __all__ = ["MAE", "masked_mse", "normalize_patches", "patchify", "random_masking"]
 
@@ -157,12 +157,7 @@ class MAE(Method):
                         nn.init.zeros_(m.bias)
 
     def setup(self, data: DataSplits) -> None:
-        side = self.parts.grid_size * self.parts.patch_size
-        if data.image_size != side:
-            raise ConfigError(
-                f"backbone.kwargs.img_size: the ViT is built for {side} px "
-                f"images, the data has {data.image_size} px (data.image_size)"
-            )
+        check_image_size(self.parts, data)
 
     def views(self, image_size: int) -> list[View]:
         return [View(image_size)]

@@ -33,7 +33,7 @@ from methods.base import Method
 from methods.distributed import gather
 from methods.heads import mlp
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
-from methods.vit import PooledViT, encode_all, random_masking
+from methods.vit import PooledViT, check_image_size, encode_all, random_masking
 
 
 def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -118,12 +118,7 @@ class MSN(Method):
         self.target = frozen_copy(nn.Sequential(backbone, self.projector))
 
     def setup(self, data: DataSplits) -> None:
-        side = self.parts.grid_size * self.parts.patch_size
-        if data.image_size != side:
-            raise ConfigError(
-                f"backbone.kwargs.img_size: the ViT is built for {side} px images, the data has "
-                f"{data.image_size} px (data.image_size)"
-            )
+        check_image_size(self.parts, data)
 
     def views(self, image_size: int) -> list[View]:
         """The target's view, then the anchor's: full size, crops of ``crop_scale``, the run's recipe."""

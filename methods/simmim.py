@@ -26,7 +26,7 @@ from core.splits import DataSplits
 from core.views import View
 from methods import register
 from methods.base import Method
-from methods.vit import PooledViT, encode_all, patchify, random_masking
+from methods.vit import PooledViT, check_image_size, encode_all, patchify, random_masking
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,7 @@ class SimMIM(Method):
         self.decoder = nn.Linear(parts.embed_dim, parts.patch_size**2 * in_chans)
 
     def setup(self, data: DataSplits) -> None:
-        side = self.parts.grid_size * self.parts.patch_size
-        if data.image_size != side:
-            raise ConfigError(
-                f"backbone.kwargs.img_size: the ViT is built for {side} px images, the data has "
-                f"{data.image_size} px (data.image_size)"
-            )
+        check_image_size(self.parts, data)
 
     def views(self, image_size: int) -> list[View]:
         return [View(image_size)]

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from core.backbones import ViTParts, vit_parts
+from core.errors import ConfigError
+from core.splits import DataSplits
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -62,6 +64,16 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
         raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
     x = images.reshape(n, c, h // p, p, w // p, p)
     return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def check_image_size(parts: ViTParts, data: DataSplits) -> None:
+    """ConfigError naming ``backbone.kwargs.img_size`` when the data's images are not the size the ViT is built for."""
+    side = parts.grid_size * parts.patch_size
+    if data.image_size != side:
+        raise ConfigError(
+            f"backbone.kwargs.img_size: the ViT is built for {side} px "
+            f"images, the data has {data.image_size} px (data.image_size)"
+        )
 
 
 def encode_all(parts: ViTParts, images: torch.Tensor, pool: str) -> torch.Tensor:
