@@ -18,9 +18,11 @@ import contextlib
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["exit_code", "exit_quietly", "install", "received", "stop_reason"]
+__all__ = ["exit_code", "exit_quietly", "held", "install", "received", "stop_reason"]
 
 _received: list[int] = []
 
@@ -58,6 +60,34 @@ def exit_quietly(code: int) -> None:
 
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, leave)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A block a stop signal must not cut short, such as writing a run's final status: a SIGINT or SIGTERM that
+    arrives inside it is recorded, and delivered once the block ends unless the process is ending on an exception
+    anyway (one being handled where the block began, or one leaving it). Outside the main thread, a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    before = {stop: signal.getsignal(stop) for stop in stops}
+    arrived: list[int] = []
+    for stop in stops:
+        signal.signal(stop, lambda signum, frame: arrived.append(signum))
+    ending = sys.exc_info()[1] is not None
+    try:
+        yield
+    except BaseException:
+        ending = True
+        raise
+    finally:
+        for stop, handler in before.items():
+            signal.signal(stop, handler)
+        if arrived and ending:
+            _received.extend(s for s in arrived if s not in _received)
+        elif arrived:
+            signal.raise_signal(arrived[0])  # to the handler the block replaced
 
 
 def received() -> int | None:

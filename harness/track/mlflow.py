@@ -273,21 +273,26 @@ def start_run(
     try:
         yield run
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (harness.signals)
-        run.set_tags({"harness.stopped": signals.stop_reason()})
-        run.end("KILLED")
+        with signals.held():  # a second signal must not leave the run RUNNING
+            run.set_tags({"harness.stopped": signals.stop_reason()})
+            run.end("KILLED")
         raise
     except SystemExit:  # a scheduler stopping the trial
-        run.end("KILLED")
+        with signals.held():
+            run.end("KILLED")
         raise
     except Exception as err:
         _check_store_kept(run, store)  # a store deleted mid-run fails every write: say that, not the write's error
-        run.set_tags({"harness.error": failure_message(err)})
-        run.end("FAILED")
+        with signals.held():  # torchrun stops the other workers when one fails, maybe while this one writes FAILED
+            run.set_tags({"harness.error": failure_message(err)})
+            run.end("FAILED")
         raise
     except BaseException:
-        run.end("FAILED")
+        with signals.held():
+            run.end("FAILED")
         raise
-    run.end("FINISHED")
+    with signals.held():
+        run.end("FINISHED")
     _check_store_kept(run, store)
 
 

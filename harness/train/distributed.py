@@ -120,20 +120,23 @@ def record_peers() -> list[tuple[str, int]]:
 
 
 def lost_worker(err: BaseException) -> WorkerFailed | None:
-    """When a collective failed because another worker's process is gone (kill -9, out of memory), a
-    :class:`WorkerFailed` naming its rank; None for any other error. Only this host's workers can be checked."""
-    if not _PEERS or not isinstance(err, RuntimeError) or isinstance(err, WorkerFailed):
+    """When another worker's process is gone (kill -9, out of memory), a :class:`WorkerFailed` naming its rank, for
+    the two ways this worker learns of it: a collective that failed (a RuntimeError), or a stop signal from the
+    launcher (a KeyboardInterrupt: torchrun stops the other workers when one ends). None for any other error, or
+    when every worker is alive. Only this host's workers can be checked."""
+    if not _PEERS or isinstance(err, WorkerFailed) or not isinstance(err, (RuntimeError, KeyboardInterrupt)):
         return None
     host = socket.gethostname()
     dead = [(rank, pid) for rank, (h, pid) in enumerate(_PEERS) if h == host and pid != os.getpid() and _gone(pid)]
     if not dead:
         return None
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     rank, pid = dead[0]
-    return WorkerFailed(
-        f"rank {rank}: its process (pid {pid} on {host}) ended while the others trained, so a collective failed "
-        f"({type(err).__name__}: {reason})"
-    )
+    if isinstance(err, KeyboardInterrupt):
+        then = "so the launcher stopped the others"
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        then = f"so a collective failed ({type(err).__name__}: {reason})"
+    return WorkerFailed(f"rank {rank}: its process (pid {pid} on {host}) ended while the others trained, {then}")
 
 
 def _gone(pid: int) -> bool:

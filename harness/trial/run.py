@@ -146,13 +146,13 @@ def execute(trial: Trial, mlrun: Run, *, on_epoch_end: EpochCallback | None = No
         if result.losses:
             metrics["train/final_loss"] = result.losses[-1]
         metrics.update(evaluate(trial, mlrun, final_loss=result.losses[-1] if result.losses else None))
-    except KeyboardInterrupt as stop:
-        raise Interrupted(checkpoint_path if checkpoint_path.is_file() else None) from stop
-    except RuntimeError as err:  # a collective fails when another worker dies: name it
+    except (KeyboardInterrupt, RuntimeError) as err:  # another worker died: a collective fails, or torchrun stops us
         lost = distributed.lost_worker(err)
-        if lost is None:
-            raise
-        raise lost from err
+        if lost is not None:
+            raise lost from err
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(checkpoint_path if checkpoint_path.is_file() else None) from err
+        raise
     if data.streamed:  # unreadable images met in training, evaluation or fine-tuning, each once
         skipped |= {
             name

@@ -164,8 +164,13 @@ def test_a_collective_that_failed_because_a_worker_died_names_its_rank(monkeypat
             f"rank 1: its process (pid {child.pid} on {host}) ended while the others trained, so a collective failed "
             "(RuntimeError: [pair.cc:545] Read error: Connection reset by peer.)"
         )
+        assert str(distributed.lost_worker(KeyboardInterrupt())) == (  # torchrun's SIGTERM once a worker ended
+            f"rank 1: its process (pid {child.pid} on {host}) ended while the others trained, so the launcher stopped "
+            "the others"
+        )
         assert distributed.lost_worker(ValueError("not a collective")) is None
         monkeypatch.setattr(distributed, "_PEERS", [(host, os.getpid()), (host, os.getppid())])  # every worker alive
         assert distributed.lost_worker(RuntimeError("Connection reset by peer")) is None
+        assert distributed.lost_worker(KeyboardInterrupt()) is None  # Ctrl-C: a stop, not a failure
     finally:
         child.wait()
