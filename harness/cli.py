@@ -318,13 +318,13 @@ def _sweep(args: argparse.Namespace) -> int:
     from harness.sweep.state import child_runs
 
     experiment_id = experiment_ids(uri)[sweep.cfg.name]
-    link = runs_url(UI_BASE, experiment_id)
-    print(
-        f"MLflow: parent run {outcome.parent_run_id} in experiment "
-        f"{sweep.cfg.name!r} of {uri}; browse with: python -m harness ui, then {link}"
-    )
+    served = uri.startswith(("http://", "https://"))  # a tracking server is its own UI
+    base = uri.rstrip("/") if served else UI_BASE
+    link = runs_url(base, experiment_id)
+    browse = link if served else f"python -m harness ui, then {link}"
+    print(f"MLflow: parent run {outcome.parent_run_id} in experiment {sweep.cfg.name!r} of {uri}; browse: {browse}")
     trials = [r["run_id"] for r in reversed(child_runs(sweep.cfg.name, outcome.parent_run_id, uri))]
-    print(f"compare the {len(trials)} trials: {compare_url(UI_BASE, experiment_id, trials)}")
+    print(f"compare the {len(trials)} trials: {compare_url(base, experiment_id, trials)}")
     if outcome.failed:
         print(f"error: {len(outcome.failed)} of {len(sweep.trials)} trials failed", file=sys.stderr)
     return outcome.exit_code

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ PLACEMENT_GROUP_FILE = "placement_group"
 __all__ = [
     "PLACEMENT_GROUP_FILE",
     "WorkerFailed",
+    "current_node",
     "current_placement_group",
     "describe_failure",
     "fit",
+    "quiet_train_worker",
     "remove_placement_group",
     "report",
 ]
@@ -111,9 +114,19 @@ def _last_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     text = lines[-1] if lines else ""
     kind = type(err).__name__
+    if lost := re.search(r"its node has died\. Node Id: ([0-9a-f]+)", str(err)):  # a node lost (preempted, crashed)
+        return f"its node {lost[1][:12]} was lost ({kind}: {text})"
     if "ActorDied" in kind or "died" in text.lower():
         return f"worker process died ({kind}): {text}" if text else f"worker process died ({kind})"
     return text if text.startswith(kind) or not text else f"{kind}: {text}"
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: Ray Train logs every report at INFO under a logger named by its file's path, which
+    ``LoggingConfig`` does not reach; keep it to warnings."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def report(metrics: dict[str, float]) -> None:
@@ -121,6 +134,13 @@ def report(metrics: dict[str, float]) -> None:
     import ray.train
 
     ray.train.report(dict(metrics))
+
+
+def current_node() -> str:
+    """In a worker: the first 12 hex digits of its Ray node's id (several nodes may share a host name)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12]
 
 
 def current_placement_group() -> str | None:

@@ -92,10 +92,11 @@ def init(address: str | None, min_cpus: int = 1) -> bool:
 
     if ray.is_initialized():
         return False
+    quiet = {"worker_process_setup_hook": "harness.launch.raytune.quiet_worker"}
     address = cluster_address(address)
-    if address:
+    if address:  # every node imports the harness anyway (its trials run there)
         check_address(address)
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, runtime_env=quiet)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one node, never preempted (it warns on start)
@@ -104,7 +105,7 @@ def init(address: str | None, min_cpus: int = 1) -> bool:
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     context = ray.init(
         num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False, object_store_memory=2**28,
-        logging_level=logging.WARNING, runtime_env={"worker_process_setup_hook": "harness.launch.raytune.quiet_worker"},
+        logging_level=logging.WARNING, runtime_env=quiet,
     )  # fmt: skip
     session_dir = getattr(context, "address_info", {}).get("session_dir")
     if session_dir:  # its processes end with this one, even after kill -9
@@ -113,7 +114,7 @@ def init(address: str | None, min_cpus: int = 1) -> bool:
 
 
 def quiet_worker() -> None:
-    """Run by every worker process of a local instance: library log noise stays out of the terminal. Without a
+    """Run by every worker process of the harness's Ray jobs: library log noise stays out of the terminal. Without a
     dashboard (a local instance has none) Ray Train's placement-group cleaner cannot query actor states and would
     warn every few seconds; the instance's processes end with it anyway (:mod:`harness.launch.reaper`)."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

@@ -155,6 +155,7 @@ def worker_main(job: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(job["cpus"])))
+    raytrain.quiet_train_worker()
     world = distributed.current()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for logger in ("harness", "methods", "evaluations"):
@@ -167,7 +168,7 @@ def worker_main(job: dict[str, Any]) -> None:
     if restarted:
         cfg.pretrain.resume = checkpoint
     trial = prepare(cfg)
-    where = distributed.all_gather_object((socket.gethostname(), os.getpid()))
+    where = distributed.all_gather_object((socket.gethostname(), os.getpid(), raytrain.current_node()))
     tune = job["in_tune"]
     last: dict[str, float] = {}
 
@@ -181,9 +182,8 @@ def worker_main(job: dict[str, Any]) -> None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             (checkpoint.parent / raytrain.PLACEMENT_GROUP_FILE).write_text(group)
         mlrun = open_run(job["run_id"], job["uri"])
-        mlrun.set_tags(
-            {"harness.workers": ", ".join(f"rank {r}: pid {pid} on {host}" for r, (host, pid) in enumerate(where))}
-        )
+        ranks = [f"rank {r}: pid {pid} on {host} (node {node})" for r, (host, pid, node) in enumerate(where)]
+        mlrun.set_tags({"harness.workers": ", ".join(ranks)})
         if restarted:
             mlrun.set_tags({"harness.resumed": f"from {checkpoint} after a restart ({world.size} workers)"})
         metrics = execute(trial, mlrun, on_epoch_end=on_epoch_end if tune else None)

@@ -164,6 +164,9 @@ def _client(uri: str) -> Any:
 
     if not os.environ.get("HARNESS_DEBUG"):  # its store logs each failed query with a traceback; the error reaches us
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # Each run that ends on a tracking server would print two "View run ... at" lines (from every trial, through
+    # Ray's log forwarding): the sweep prints the UI's links itself.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     if uri in _READY:
         return MlflowClient(tracking_uri=uri)

@@ -19,7 +19,7 @@ import pytest
 from harness.cli import main
 from harness.sweep.driver import child_runs, latest_parent
 from harness.track.mlflow import metric_history, search_runs
-from tests.helpers.processes import answers, children, free_port, started, stop, wait_for_runs, wait_until
+from tests.helpers.processes import children, started, stop, wait_for_runs
 from tests.helpers.runs import env_for, harness_cmd, tiny_run, write_sweep
 
 pytestmark = pytest.mark.slow  # every test starts a local Ray (or two) and runs real trials
@@ -157,28 +157,6 @@ def test_sigint_sigterm_and_kill_9_each_then_resume_rerun_nothing_that_finished(
     table = (tmp_path / "results" / "unit" / "table.csv").read_text().splitlines()
     assert len(table) == 1 + 5 and all(",ok," in line for line in table[1:])
     assert json.loads((tmp_path / "outputs" / "sweeps" / "unit" / "state.json").read_text())["complete"] is True
-
-
-def test_a_sweep_logs_over_http_to_a_tracking_server(ray_address, tmp_path, monkeypatch) -> None:
-    """`harness server` (SQLite backend, local artifact root) on a loopback port; the trials log to it over HTTP."""
-    monkeypatch.chdir(tmp_path)
-    port, store, artifacts = free_port(), tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts"
-    store.parent.mkdir()
-    command = harness_cmd("server", "--port", str(port), "--store", f"sqlite:///{store}", "--artifacts", str(artifacts))
-    uri = f"http://127.0.0.1:{port}"
-    with started(command, cwd=tmp_path, env=env_for(), output=False) as server:
-        wait_until(lambda: answers(uri), 120, "the tracking server did not answer")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        path = write_sweep(tmp_path, space={"method.temperature": [0.2]}, seeds=[0, 1], max_concurrent=2)
-        assert main(["-q", "sweep", str(path), "--results", str(tmp_path / "results")]) == 0
-        runs = children_by_name("unit", uri)
-        assert len(runs) == 2 and all(r["status"] == "FINISHED" and "eval/knn/top1" in r["metrics"] for r in runs.values())
-        assert latest_parent("unit", uri)["status"] == "FINISHED"
-        assert len(list(artifacts.rglob("config.yaml"))) == 2  # the trials' artifacts went through the server
-        assert (tmp_path / "results" / "unit" / "table.md").is_file()
-        assert stop(server, signal.SIGTERM, 60)[0] == 143
-    assert {r["run_id"] for r in search_runs("unit", f"sqlite:///{store}")} >= {r["run_id"] for r in runs.values()}  # in the server's store
-
 
 
 def test_sigterm_to_a_trials_worker_leaves_it_killed_and_resumable(tmp_path, tracking_uri) -> None:
