@@ -13,7 +13,8 @@ the local crops; the EMA teacher sees the 2 global crops whole. Three terms:
 
 The teacher's targets are centred and sharpened as DINO's (``centering: center``) or Sinkhorn-Knopp normalised
 (``sinkhorn``, SwAV's :func:`methods.swav.sinkhorn` at the teacher temperature, DINOv2's default). With several workers
-the centres are the global batch's means.
+the centres are the global batch's means, Sinkhorn-Knopp runs over the global batch, and each sample's mask is the one
+it gets on one process; KoLeo's nearest neighbours are each worker's own, as in the paper's code.
 
 Differences from the paper's code: patches are masked at random (DINOv2 masks blocks, a ratio drawn from 0.1-0.5 for
 half the images); the teacher temperature is constant; the local crops go through the backbone as a whole (timm's
@@ -37,7 +38,7 @@ from core.views import View, check_area_range
 from methods import register
 from methods.base import Method
 from methods.dino import DINOHead
-from methods.distributed import gather_no_grad, world_size
+from methods.distributed import gather_no_grad, rank, world_size
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 from methods.multicrop import check_small_crops, multi_crop_views, per_view
 from methods.swav import sinkhorn
@@ -168,15 +169,19 @@ class DINOv2(Method):
     def _targets(self, logits: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         """The teacher's (N, K) targets: centred softmax, or Sinkhorn-Knopp at the teacher temperature."""
         p = self.params
-        if p.centering == "sinkhorn":
-            return sinkhorn(logits, epsilon=p.teacher_temp)
+        if p.centering == "sinkhorn":  # over the global batch (DINOv2's distributed Sinkhorn-Knopp); this worker's rows
+            n, workers = logits.shape[0], world_size()
+            if workers == 1:
+                return sinkhorn(logits, epsilon=p.teacher_temp)
+            return sinkhorn(gather_no_grad(logits.contiguous()), epsilon=p.teacher_temp)[rank() * n : (rank() + 1) * n]
         return F.softmax((logits.float() - center) / p.teacher_temp, dim=-1)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:
         p = self.params
         globals_ = torch.cat(views[:2])
-        b2, length = globals_.shape[0], self.parts.num_patches
-        _, mask, _ = random_masking(b2, length, p.mask_ratio, device=globals_.device)
+        length = self.parts.num_patches
+        # each global crop's masks drawn apart: its rows are the global batch's this worker holds (random_masking)
+        mask = torch.cat([random_masking(v.shape[0], length, p.mask_ratio, device=v.device)[1] for v in views[:2]])
         student = self._tokens(self.backbone, globals_, mask)
         prefix = self.parts.num_prefix_tokens
         local = per_view(self.backbone, views[2:]) if len(views) > 2 else []

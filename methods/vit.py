@@ -9,6 +9,7 @@ from torch import nn
 from core.backbones import ViTParts, vit_parts
 from core.errors import ConfigError
 from core.splits import DataSplits
+from methods.distributed import rank, world_size
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -39,7 +40,9 @@ def random_masking(
     """Per-sample random masking by argsort of uniform noise (MAE ``random_masking``).
 
     Exactly ``round(ratio * length)`` of the ``length`` positions are masked in each of the ``n`` samples; the
-    noise comes from ``generator`` (default: torch's global RNG, which the training loop seeds per epoch).
+    noise comes from ``generator`` (default: torch's global RNG, which the training loop seeds per epoch). With W
+    workers, each of ``n`` rows of the global batch's W * n, every worker draws the whole batch's noise (the same on
+    every worker: they draw alike) and keeps its own rows, so a sample gets the mask it gets on one process.
     Returns ``ids_keep`` (n, length - masked), the kept positions in shuffled order; ``mask`` (n, length) float,
     1 = masked, in the original order; ``ids_restore`` (n, length), the inverse of the shuffle:
     ``cat([kept, masked], 1).gather(1, ids_restore)`` puts every token back in place.
@@ -48,7 +51,8 @@ def random_masking(
     if not 0 <= num_masked <= length:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     keep = length - num_masked
-    noise = torch.rand(n, length, generator=generator, device=device)
+    workers, me = world_size(), rank()
+    noise = torch.rand(n * workers, length, generator=generator, device=device)[me * n : (me + 1) * n]
     ids_shuffle = noise.argsort(dim=1)  # ascending: the smallest noise values are kept
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = torch.ones(n, length, device=noise.device)

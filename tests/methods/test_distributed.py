@@ -1,6 +1,6 @@
 """Distributed correctness on the CPU: two gloo workers, each with half of a global batch, give the
-single-process loss and parameter gradients of that batch for every method that gathers, and the
-queues of MoCo v2 and NNCLR end equal to the single-process queue.
+single-process loss and parameter gradients of that batch for every method that gathers and every ViT method that
+masks patches at random, and the queues of MoCo v2 and NNCLR end equal to the single-process queue.
 
 BatchNorm makes per-worker statistics differ from global ones (SyncBatchNorm needs CUDA), so the
 methods are built on a small convolutional backbone with their BatchNorm layers removed; everything
@@ -18,12 +18,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from core.backbones import create_backbone
 from core.contract import StepInfo
 from methods import create_method, registry
 from methods.base import Method
 from methods.distributed import average_gradients, gather, gather_no_grad, is_distributed, rank, world_size
 from tests.helpers.ddp import run_distributed
-from tests.helpers.method_params import small_params
+from tests.helpers.method_params import small_backbone_spec, small_params
 
 WORLD = 2
 BATCH = 8
@@ -42,6 +43,11 @@ QUEUES = {"moco_v2": "queue.queue", "nnclr": "support.queue"}
 PER_SAMPLE = {"moco_v2", "dino"}
 """Losses that are a mean over samples and gather nothing: each worker's loss is its rows' mean (MoCo v2 gathers its
 keys for the queue, DINO the teacher's batch mean for the centre, after the step: test_dino.py checks it over two steps)."""
+MASKED_VIT = {"dinov2": {"koleo_weight": 0.0}, "mae": {}, "msn": {}, "simmim": {}}
+"""ViT methods whose patches are masked at random (:func:`methods.vit.random_masking`: a sample gets the mask it gets on
+one process) and whose loss is a mean over samples, with their test parameters here: DINOv2's KoLeo is left out, its
+nearest neighbours being each worker's own (as in the paper's code). Built on the small ViT of their test sizes, at the
+full size of their views; checked with :func:`average_gradients` (DDP would need ``find_unused_parameters``)."""
 SWAV_QUEUE = {"queue_length": BATCH, "queue_start_step": 0}
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 """Losses, in float32. Gradients: rtol 1e-4 and atol 1e-4 of the largest gradient entry of the method
@@ -72,7 +78,13 @@ def _without_batch_norm(module: nn.Module) -> None:
 def build(name: str, **params: Any) -> Method:
     """The same method, with the same weights, in every process."""
     torch.manual_seed(0)
-    method = create_method(name, TinyBackbone(), **small_params(name, **params))
+    if name in MASKED_VIT:
+        spec = small_backbone_spec(name)
+        backbone: nn.Module = create_backbone(spec.pop("name"), img_size=IMAGE_SIZE, **spec)
+        params = {**MASKED_VIT[name], **params}
+    else:
+        backbone = TinyBackbone()
+    method = create_method(name, backbone, **small_params(name, **params))
     _without_batch_norm(method)
     return method
 
@@ -81,7 +93,7 @@ def build(name: str, **params: Any) -> Method:
 def view_sizes(name: str) -> tuple[int, ...]:
     """Half the side of each view the method declares (built apart: the global random state is left as it was)."""
     with torch.random.fork_rng():
-        return tuple(view.size // 2 for view in build(name).views(IMAGE_SIZE))
+        return tuple(view.size // (1 if name in MASKED_VIT else 2) for view in build(name).views(IMAGE_SIZE))
 
 
 def global_views(name: str, step: int = 0) -> list[torch.Tensor]:
@@ -141,6 +153,8 @@ def run_all() -> dict[str, dict[str, Any]]:
         results[name] = step(build(name), name)
         results[f"{name}/ddp"] = step(build(name), name, ddp=True)
         results[f"{name}/no_gather"] = step(build(name, gather=False), name)
+    for name in MASKED_VIT:
+        results[name] = step(build(name), name)
     results["swav/queue"] = step(build("swav", **SWAV_QUEUE), "swav", steps=2)
     return results
 
@@ -201,6 +215,18 @@ def test_two_workers_give_the_single_process_loss_and_gradients(name: str, mode:
     _assert_same_loss([g["loss"] for g in got], expected["loss"], name)
     for r, g in enumerate(got):
         _assert_same_grads(g["grads"], expected["grads"], f"{name}{mode} rank {r}")
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_VIT))
+def test_two_workers_give_a_masked_vit_methods_single_process_loss_and_gradients(name: str, workers, single) -> None:
+    """The mean of the workers' losses is the single-process loss: their masks are the single process's rows."""
+    expected = single[name]
+    assert expected["grads"], name
+    got = [w[name] for w in workers]
+    torch.testing.assert_close(torch.stack([g["loss"] for g in got]).mean(), expected["loss"], **TOL)
+    assert not torch.allclose(got[0]["loss"], got[1]["loss"], **TOL)  # each worker's rows: two different losses
+    for r, g in enumerate(got):
+        _assert_same_grads(g["grads"], expected["grads"], f"{name} rank {r}")
 
 
 @pytest.mark.parametrize("name", [n for n in GATHERING if n not in PER_SAMPLE])
