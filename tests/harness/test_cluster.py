@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -124,34 +125,30 @@ def test_two_worker_trials_on_different_nodes_log_over_http_and_asha_stops_some(
     assert losses == pytest.approx(expected, rel=1e-5)
 
 
-def _trained_an_epoch(uri: str):
-    """For :func:`wait_for_runs`: the run, once it has named its workers and logged an epoch."""
+def _lose_a_node_mid_run(nodes, tmp_path: Path, uri: str, *overrides: str) -> tuple[int, str, dict, Any]:
+    """A 2-worker ``run`` on the cluster; once it has logged an epoch, a worker node (not the head) holding one of its
+    workers is removed, as a preempted machine. Returns (exit code, output, the run as it was then, the lost node)."""
+    search_runs("workers", uri)
+    cmd = harness_cmd("-q", "run", CONFIG, *TINY, *TWO, "distributed.workers=2", "pretrain.epochs=6", "data.num_train=256", "tracking.experiment=workers", *overrides)
 
-    def found(runs: list[dict]) -> dict | None:
+    def trained_an_epoch(runs: list[dict]) -> dict | None:
         ok = runs and workers_of(runs[0]) and metric_history(runs[0]["run_id"], "train/loss", uri)
         return runs[0] if ok else None
 
-    return found
-
-
-def _remove_a_worker_node(nodes, run: dict):
-    """Remove a worker node (not the head) holding one of the run's workers, as a preempted machine; returns it."""
-    held = {node for _, node in workers_of(run).values()}
-    lost = next(node for node in nodes.worker_nodes if node.node_id[:12] in held)
-    nodes.remove_node(lost)
-    return lost
+    with started(cmd, cwd=tmp_path, env=env_for(uri, OMP_NUM_THREADS="1", RAY_ADDRESS=nodes.address)) as proc:
+        run = wait_for_runs("workers", uri, proc, trained_an_epoch, 240, "the run logged no epoch")
+        held = {node for _, node in workers_of(run).values()}
+        lost = next(node for node in nodes.worker_nodes if node.node_id[:12] in held)
+        nodes.remove_node(lost)
+        out, _ = proc.communicate(timeout=400)
+    return proc.returncode, out, run, lost
 
 
 def test_a_node_lost_mid_run_restarts_its_workers_on_the_others_from_the_checkpoint(nodes, tmp_path, tracking_uri) -> None:
     """A worker node lost while the run trains (a preempted machine): with ``distributed.max_failures=1`` the worker
     group restarts on the remaining nodes from the last checkpoint and the run finishes, each epoch once."""
-    search_runs("workers", tracking_uri)
-    cmd = harness_cmd("-q", "run", CONFIG, *TINY, *TWO, "distributed.workers=2", "distributed.max_failures=1", "pretrain.epochs=6", "data.num_train=256", "tracking.experiment=workers")
-    with started(cmd, cwd=tmp_path, env=env_for(tracking_uri, OMP_NUM_THREADS="1", RAY_ADDRESS=nodes.address)) as proc:
-        run = wait_for_runs("workers", tracking_uri, proc, _trained_an_epoch(tracking_uri), 240, "the run logged no epoch")
-        lost = _remove_a_worker_node(nodes, run)
-        out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out
+    code, out, run, lost = _lose_a_node_mid_run(nodes, tmp_path, tracking_uri, "distributed.max_failures=1")
+    assert code == 0, out
     (after,) = search_runs("workers", tracking_uri)
     assert after["run_id"] == run["run_id"] and after["status"] == "FINISHED"
     assert "after a restart" in after["tags"]["harness.resumed"]
@@ -162,13 +159,8 @@ def test_a_node_lost_mid_run_restarts_its_workers_on_the_others_from_the_checkpo
 
 def test_a_node_lost_mid_run_without_restarts_fails_the_run_naming_the_node(nodes, tmp_path, tracking_uri) -> None:
     """The same loss with ``distributed.max_failures=0``: the run is FAILED, its error names the lost node."""
-    search_runs("workers", tracking_uri)
-    cmd = harness_cmd("-q", "run", CONFIG, *TINY, *TWO, "distributed.workers=2", "pretrain.epochs=6", "data.num_train=256", "tracking.experiment=workers")
-    with started(cmd, cwd=tmp_path, env=env_for(tracking_uri, OMP_NUM_THREADS="1", RAY_ADDRESS=nodes.address)) as proc:
-        run = wait_for_runs("workers", tracking_uri, proc, _trained_an_epoch(tracking_uri), 240, "the run logged no epoch")
-        lost = _remove_a_worker_node(nodes, run)
-        out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1, out
+    code, out, run, lost = _lose_a_node_mid_run(nodes, tmp_path, tracking_uri)
+    assert code == 1, out
     (failed,) = search_runs("workers", tracking_uri)
     assert failed["run_id"] == run["run_id"] and failed["status"] == "FAILED"
     error = failed["tags"]["harness.error"]
