@@ -85,7 +85,7 @@ def test_two_worker_trials_on_different_nodes_log_over_http_and_asha_stops_some(
     with started(command, cwd=tmp_path, env=env_for(), output=False) as server:
         wait_until(lambda: answers(uri), 120, "the tracking server did not answer")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        space = {"pretrain.base_lr": [0.4, 0.2, 0.1]}
+        space = {"pretrain.base_lr": [0.4, 0.1]}  # ASHA stops the second at its first rung
         scheduler = {"name": "asha", "metric": "train/lr", "mode": "max", "grace_period": 1, "reduction_factor": 2}
         storage = tmp_path / "shared"
         path = write_sweep(tmp_path, space=space, seeds=[0], max_concurrent=1, scheduler=scheduler, resources={"workers": 2, "cpus": 1}, address=nodes.address, storage=str(storage))
@@ -98,7 +98,7 @@ def test_two_worker_trials_on_different_nodes_log_over_http_and_asha_stops_some(
     assert f"browse: {uri}/#/experiments/" in out, out  # the server is the UI
     for noise in ("View run", "Reporting training result", "Loading faiss"):  # MLflow's, Ray Train's, FAISS's
         assert noise not in out, out
-    assert len(runs) == 3 and {r["status"] for r in runs.values()} <= {"FINISHED", "KILLED"}
+    assert len(runs) == 2 and {r["status"] for r in runs.values()} <= {"FINISHED", "KILLED"}
     assert any(r["status"] == "KILLED" for r in runs.values()), "ASHA stopped no trial"
     cluster_nodes = {node.node_id[:12] for node in nodes.list_all_nodes()}
     for run in runs.values():
