@@ -31,26 +31,40 @@ TWO = ["backbone.name=test_resnet", "eval.baselines=false", "eval.semi.enabled=f
 """Trials of timm's smallest ResNet (gloo's all-reduce between 1-thread workers is most of a resnet10t step)."""
 
 
-@pytest.fixture
-def nodes(monkeypatch):
-    """A head node and two worker nodes of 1 CPU each; no Ray connected in this process before or after."""
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and two worker nodes of 1 CPU each, started once for the module (3 raylets take 12-20 s)."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         pytest.skip("a Ray is already connected in this process")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        try:
+            yield made
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            made.shutdown()
+
+
+@pytest.fixture
+def nodes(cluster):
+    """The module's cluster with its two worker nodes (a test that removed one gets a new one); no Ray connected in
+    this process afterwards."""
+    import ray
+
+    while len(cluster.worker_nodes) < 2:
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
         yield cluster
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        cluster.shutdown()
 
 
 def workers_of(run: dict) -> dict[int, tuple[int, str]]:
