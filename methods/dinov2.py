@@ -38,7 +38,7 @@ from core.views import View, check_area_range
 from methods import register
 from methods.base import Method
 from methods.dino import DINOHead
-from methods.distributed import gather_no_grad, rank, world_size
+from methods.distributed import gather_no_grad, own_rows, world_size
 from methods.momentum import cosine_momentum, ema_update, frozen_copy
 from methods.multicrop import check_small_crops, multi_crop_views, per_view
 from methods.swav import sinkhorn
@@ -170,10 +170,7 @@ class DINOv2(Method):
         """The teacher's (N, K) targets: centred softmax, or Sinkhorn-Knopp at the teacher temperature."""
         p = self.params
         if p.centering == "sinkhorn":  # over the global batch (DINOv2's distributed Sinkhorn-Knopp); this worker's rows
-            n, workers = logits.shape[0], world_size()
-            if workers == 1:
-                return sinkhorn(logits, epsilon=p.teacher_temp)
-            return sinkhorn(gather_no_grad(logits.contiguous()), epsilon=p.teacher_temp)[rank() * n : (rank() + 1) * n]
+            return own_rows(sinkhorn(gather_no_grad(logits.contiguous()), epsilon=p.teacher_temp), logits.shape[0])
         return F.softmax((logits.float() - center) / p.teacher_temp, dim=-1)
 
     def training_step(self, views: list[torch.Tensor], step: StepInfo) -> StepOutput:

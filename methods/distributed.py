@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["average_gradients", "gather", "gather_no_grad", "is_distributed", "rank", "world_size"]
+__all__ = ["average_gradients", "gather", "gather_no_grad", "is_distributed", "own_rows", "rank", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -56,8 +56,7 @@ class _Gather(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place: not on autograd's buffer
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = dist.get_rank() * ctx.rows
-        return grad[start : start + ctx.rows]
+        return own_rows(grad, ctx.rows)
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +69,13 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """As :func:`gather`, detached: keys, codes, features to enqueue."""
     return _all_gather(x.detach()) if is_distributed() else x.detach()
+
+
+def own_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """This worker's ``n`` rows of ``x``, rows of the global batch in rank order (what :func:`gather` returns, or
+    what every worker draws alike); ``x[:n]`` with one worker."""
+    start = rank() * n
+    return x[start : start + n]
 
 
 _BUCKET_BYTES = 32 * 2**20

@@ -9,7 +9,7 @@ from torch import nn
 from core.backbones import ViTParts, vit_parts
 from core.errors import ConfigError
 from core.splits import DataSplits
-from methods.distributed import rank, world_size
+from methods.distributed import own_rows, world_size
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -51,8 +51,7 @@ def random_masking(
     if not 0 <= num_masked <= length:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     keep = length - num_masked
-    workers, me = world_size(), rank()
-    noise = torch.rand(n * workers, length, generator=generator, device=device)[me * n : (me + 1) * n]
+    noise = own_rows(torch.rand(n * world_size(), length, generator=generator, device=device), n)
     ids_shuffle = noise.argsort(dim=1)  # ascending: the smallest noise values are kept
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = torch.ones(n, length, device=noise.device)
