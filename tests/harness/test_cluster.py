@@ -22,7 +22,7 @@ import yaml
 from harness.cli import main
 from harness.sweep.driver import child_runs, latest_parent
 from harness.track.mlflow import metric_history, search_runs
-from tests.helpers.processes import answers, free_port, started, stop, wait_for_runs, wait_until
+from tests.helpers.processes import answers, children, free_port, started, stop, wait_for_runs, wait_until
 from tests.helpers.runs import CONFIG, TINY, env_for, harness_cmd, new_store, tiny_run, write_sweep
 
 pytestmark = pytest.mark.slow  # three raylets
@@ -88,8 +88,10 @@ def test_a_sweep_over_several_nodes_refuses_a_sqlite_store_before_any_run(nodes,
 def test_two_worker_trials_on_different_nodes_log_over_http_and_asha_stops_some(nodes, tmp_path, monkeypatch, capsys) -> None:
     """A sweep of 2-worker trials on the cluster: each trial's workers on two nodes, one MLflow run per trial logged
     through ``harness server`` bound to a loopback address other than localhost (the Host header the server must
-    allow), checkpoints in one storage folder, ASHA stopping trials whose Ray Train jobs then end. The first trial's
-    losses equal those of the same run on one node under torchrun (2 nodes x 1 worker == 1 node x 2 workers)."""
+    allow), checkpoints in one storage folder, ASHA stopping trials whose Ray Train jobs then end. The driver is killed
+    (kill -9) while the first trial trains and ``sweep --resume`` continues it from its checkpoint, each epoch once.
+    The first trial's losses equal those of the same run on one node under torchrun (2 nodes x 1 worker == 1 node x 2
+    workers)."""
     monkeypatch.chdir(tmp_path)
     host, port, store = "127.0.0.2", free_port(), tmp_path / "server" / "mlflow.db"
     store.parent.mkdir()
@@ -103,7 +105,17 @@ def test_two_worker_trials_on_different_nodes_log_over_http_and_asha_stops_some(
         scheduler = {"name": "asha", "metric": "train/lr", "mode": "max", "grace_period": 1, "reduction_factor": 2}
         storage = tmp_path / "shared"
         path = write_sweep(tmp_path, space=space, seeds=[0], max_concurrent=1, scheduler=scheduler, resources={"workers": 2, "cpus": 1}, address=nodes.address, storage=str(storage))
-        assert main(["-q", "sweep", str(path), "pretrain.epochs=3", *TWO, "--results", str(tmp_path / "results")]) == 0
+        sweep = ["-q", "sweep", str(path), "pretrain.epochs=3", *TWO, "--results", str(tmp_path / "results")]
+
+        def training(runs: list[dict]) -> dict | None:
+            running = children(runs, "RUNNING")
+            return running[0] if running and metric_history(running[0]["run_id"], "train/loss", uri) else None
+
+        with started(harness_cmd(*sweep), cwd=tmp_path, env=env_for(uri)) as driver:
+            killed = wait_for_runs("unit", uri, driver, training, 240, "no trial logged an epoch")
+            driver.kill()  # its Ray job ends with it: the trial and its Ray Train workers
+            driver.wait(timeout=30)
+        assert main([*sweep, "--resume"]) == 0
         parent = latest_parent("unit", uri)
         assert parent is not None and parent["status"] == "FINISHED"
         runs = {r["run_name"]: r for r in child_runs("unit", parent["run_id"], uri)}
@@ -124,7 +136,10 @@ def test_two_worker_trials_on_different_nodes_log_over_http_and_asha_stops_some(
 
     first = runs["pretrain.base_lr=0.4 seed=0"]
     assert first["status"] == "FINISHED", first["tags"].get("harness.error")
-    losses = [loss for _, loss in metric_history(first["run_id"], "train/loss", f"sqlite:///{store}")]
+    assert first["run_id"] == killed["run_id"] and "harness.resumed" in first["tags"], first["tags"]  # continued
+    history = metric_history(first["run_id"], "train/loss", f"sqlite:///{store}")
+    assert [step for step, _ in history] == [1, 2, 3]  # each epoch once
+    losses = [loss for _, loss in history]
     one_node = new_store(tmp_path / "one_node.db")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_run()))  # the sweep's run: section
@@ -139,44 +154,39 @@ def test_two_worker_trials_on_different_nodes_log_over_http_and_asha_stops_some(
     assert losses == pytest.approx(expected, rel=1e-5)
 
 
-def _lose_a_node_mid_run(nodes, tmp_path: Path, uri: str, *overrides: str) -> tuple[int, str, dict, Any]:
-    """A 2-worker ``run`` on the cluster; once it has logged an epoch, a worker node (not the head) holding one of its
-    workers is removed, as a preempted machine. Returns (exit code, output, the run as it was then, the lost node)."""
-    search_runs("workers", uri)
-    cmd = harness_cmd("-q", "run", CONFIG, *TINY, *TWO, "distributed.workers=2", "pretrain.epochs=6", "data.num_train=256", "tracking.experiment=workers", *overrides)
+def test_a_node_lost_mid_run_restarts_its_workers_on_the_others_and_a_second_loss_fails_it_naming_the_node(nodes, tmp_path, tracking_uri) -> None:
+    """Worker nodes lost while a 2-worker ``run`` trains (preempted machines), with ``distributed.max_failures=1``: after
+    the first loss the worker group restarts on the remaining nodes from the last checkpoint, each epoch once; the
+    second loss has no restart left, so the run is FAILED and its error names that node."""
+    cmd = harness_cmd("-q", "run", CONFIG, *TINY, *TWO, "distributed.workers=2", "distributed.max_failures=1", "pretrain.epochs=8", "data.num_train=256", "tracking.experiment=workers")
+    search_runs("workers", tracking_uri)
 
-    def trained_an_epoch(runs: list[dict]) -> dict | None:
-        ok = runs and workers_of(runs[0]) and metric_history(runs[0]["run_id"], "train/loss", uri)
-        return runs[0] if ok else None
+    def trained(runs: list[dict], restarted: bool = False) -> dict | None:
+        if not runs or not workers_of(runs[0]) or restarted != ("after a restart" in runs[0]["tags"].get("harness.resumed", "")):
+            return None
+        epochs = [step for step, _ in metric_history(runs[0]["run_id"], "train/loss", tracking_uri)]
+        return {**runs[0], "epochs": epochs} if epochs and (not restarted or len(epochs) > before) else None
 
-    with started(cmd, cwd=tmp_path, env=env_for(uri, OMP_NUM_THREADS="1", RAY_ADDRESS=nodes.address)) as proc:
-        run = wait_for_runs("workers", uri, proc, trained_an_epoch, 240, "the run logged no epoch")
+    def lose_a_node_of(run: dict) -> Any:
         held = {node for _, node in workers_of(run).values()}
         lost = next(node for node in nodes.worker_nodes if node.node_id[:12] in held)
         nodes.remove_node(lost)
+        return lost
+
+    with started(cmd, cwd=tmp_path, env=env_for(tracking_uri, OMP_NUM_THREADS="1", RAY_ADDRESS=nodes.address)) as proc:
+        run = wait_for_runs("workers", tracking_uri, proc, trained, 240, "the run logged no epoch")
+        before = len(run["epochs"])
+        first = lose_a_node_of(run)
+        restarted = wait_for_runs("workers", tracking_uri, proc, lambda runs: trained(runs, True), 240, "no epoch after a restart")
+        assert restarted["run_id"] == run["run_id"] and restarted["epochs"] == list(range(1, len(restarted["epochs"]) + 1))
+        assert first.node_id[:12] not in {node for _, node in workers_of(restarted).values()}  # restarted on the others
+        second = lose_a_node_of(restarted)
         out, _ = proc.communicate(timeout=400)
-    return proc.returncode, out, run, lost
-
-
-def test_a_node_lost_mid_run_restarts_its_workers_on_the_others_from_the_checkpoint(nodes, tmp_path, tracking_uri) -> None:
-    """A worker node lost while the run trains (a preempted machine): with ``distributed.max_failures=1`` the worker
-    group restarts on the remaining nodes from the last checkpoint and the run finishes, each epoch once."""
-    code, out, run, lost = _lose_a_node_mid_run(nodes, tmp_path, tracking_uri, "distributed.max_failures=1")
-    assert code == 0, out
-    (after,) = search_runs("workers", tracking_uri)
-    assert after["run_id"] == run["run_id"] and after["status"] == "FINISHED"
-    assert "after a restart" in after["tags"]["harness.resumed"]
-    assert lost.node_id[:12] not in {node for _, node in workers_of(after).values()}  # restarted on the others
-    assert [s for s, _ in metric_history(run["run_id"], "train/loss", tracking_uri)] == [1, 2, 3, 4, 5, 6]
-    assert "eval/knn/top1" in after["metrics"]
-
-
-def test_a_node_lost_mid_run_without_restarts_fails_the_run_naming_the_node(nodes, tmp_path, tracking_uri) -> None:
-    """The same loss with ``distributed.max_failures=0``: the run is FAILED, its error names the lost node."""
-    code, out, run, lost = _lose_a_node_mid_run(nodes, tmp_path, tracking_uri)
-    assert code == 1, out
+    assert proc.returncode == 1, out
     (failed,) = search_runs("workers", tracking_uri)
     assert failed["run_id"] == run["run_id"] and failed["status"] == "FAILED"
+    epochs = [step for step, _ in metric_history(run["run_id"], "train/loss", tracking_uri)]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 8, epochs  # each epoch once, the run cut short
     error = failed["tags"]["harness.error"]
-    assert re.fullmatch(rf"rank \d: its node {lost.node_id[:12]} was lost \(.+\)( \(1 other rank\(s\) failed with it\))?", error), error
+    assert re.fullmatch(rf"rank \d: its node {second.node_id[:12]} was lost \(.+\)( \(1 other rank\(s\) failed with it\))?", error), error
     assert out.strip().splitlines()[-1] == f"error: run failed: WorkerFailed: {error}", out
