@@ -556,6 +556,11 @@ def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int =
     return serve(ui_command(uri, host, port, workers))
 
 
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+"""Defaults of the servers started here, each overridden by the environment: no MLflow job runner (its 8 processes
+run GenAI evaluation jobs, which no run of the harness submits; a third of a server's start-up CPU)."""
+
+
 def serve(command: list[str], env: dict[str, str] | None = None) -> int:
     """Run an MLflow server process group in the foreground; whatever ends this process ends all of it.
 
@@ -563,9 +568,8 @@ def serve(command: list[str], env: dict[str, str] | None = None) -> int:
     exits, on Ctrl-C or SIGTERM, or on any error here; and on Linux it gets SIGTERM if this process is
     killed outright (``PR_SET_PDEATHSIG``). Returns the server's exit code; 0 after Ctrl-C, 143 after SIGTERM.
     """
-    proc = subprocess.Popen(
-        command, start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})}
-    )  # the hook calls prctl only
+    env = {**SERVER_ENV, **os.environ, **(env or {})}
+    proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent, env=env)  # prctl only
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -26,6 +26,30 @@ def test_allowed_hosts_are_the_given_names_or_this_machines_with_mlflows_default
     assert f"{socket.gethostname()}:5001" in derived and "0.0.0.0:5001" not in derived
 
 
+@pytest.mark.parametrize(("environment", "expected"), [(None, "false"), ("true", "true")])
+def test_a_server_runs_no_mlflow_job_runner_unless_the_environment_asks(monkeypatch, environment, expected) -> None:
+    """MLflow's job runner (8 processes for GenAI evaluation jobs, which the harness never submits) costs a server
+    three times the CPU of its start; it stays off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise."""
+    seen: list[dict[str, str]] = []
+
+    class Finished:
+        def __init__(self, command: list[str], **kwargs) -> None:
+            seen.append(kwargs["env"])
+            self.pid = -1
+
+        def wait(self) -> int:
+            return 0
+
+    if environment is None:
+        monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", environment)
+    monkeypatch.setattr(adapter.subprocess, "Popen", Finished)
+    monkeypatch.setattr(adapter, "stop_group", lambda proc: None)
+    assert adapter.serve(["mlflow", "server"], {"OTHER": "1"}) == 0
+    assert seen[0]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == expected and seen[0]["OTHER"] == "1"
+
+
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [
